@@ -1,0 +1,152 @@
+"""Base configuration: every field the trainer reads, with its default and meaning.
+
+Variants (`configs/shapes.py`, ...) import this and override a few lines.
+Launch (any config file works the same way):
+
+  python train.py --config=configs/shapes.py:cpu --workdir=runs/shapes_cpu \
+      --config.optim.num_steps=2000
+"""
+
+import ml_collections
+
+
+def get_config(arg=None):
+  """Returns the base ConfigDict. `arg` is unused here (variants parse it)."""
+  del arg
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # Seeds parameter init and the per-step RNG (fold_in(seed, step)).
+
+  # --- data ---------------------------------------------------------------
+  config.data = data = ml_collections.ConfigDict()
+  data.dataset = 'shapes'  # 'shapes' (TFDS builder, offline) or 'shapes_rendered' (same examples, no TFDS).
+  data.image_size = 32  # Side S of the square images, in pixels.
+  data.num_train = 50_000  # Examples in the train split (Shapes: generated once into data_dir).
+  data.num_test = 1_000  # Examples in the test split.
+  data.data_dir = ''  # TFDS data_dir; '' = the TFDS default (~/tensorflow_datasets).
+  data.seed = 0  # Shuffle seed: the batch at step s is a pure function of (seed, s).
+  data.global_batch_size = 64  # Examples per step over all processes.
+  data.prefetch = 2  # Host batches prepared ahead in a background thread (0 = off).
+
+  # --- text encoder ---------------------------------------------------------
+  config.text = text = ml_collections.ConfigDict()
+  text.encoder = 'scratch'  # 'scratch' (trained jointly) or 'pretrained' (frozen BERT/T5 folder).
+  text.max_len = 16  # Tokens per caption, [BOS] included; longer captions are truncated.
+  text.vocab = 'shapes'  # Scratch tokenizer vocabulary: 'shapes' or a path to a one-word-per-line file.
+  text.width = 128  # Scratch encoder width (token embedding size).
+  text.depth = 2  # Scratch encoder transformer blocks.
+  text.num_heads = 4  # Scratch encoder attention heads.
+  text.dtype = 'float32'  # Compute dtype of the encoder ('float32' or 'bfloat16').
+  text.param_dtype = 'float32'  # Parameter dtype of the scratch encoder.
+  text.pretrained_path = ''  # Pretrained: local HF folder or hub name; '' = packaged all-MiniLM-L6-v2.
+  text.cache_embeddings = False  # Pretrained: precompute caption embeddings once (finite datasets).
+  text.cond_drop_prob = 0.1  # Probability of replacing a caption by the empty one (CFG training).
+
+  # --- model (U-Net) --------------------------------------------------------
+  config.model = model = ml_collections.ConfigDict()
+  model.patch_size = 1  # Fold p x p pixel patches into channels first (p=2: 4x cheaper convs).
+  model.channels = 64  # Base channel width.
+  model.channel_mult = (1, 2, 2)  # Width multiplier per resolution level.
+  model.num_res_blocks = 2  # Residual blocks per level.
+  model.attn_resolutions = (16, 8)  # Spatial sizes with self- and cross-attention.
+  model.num_heads = 4  # Attention heads.
+  model.dropout = 0.0  # Dropout rate inside residual blocks.
+  model.norm_groups = 32  # GroupNorm groups (clamped to a divisor of the channel count).
+  model.dtype = 'float32'  # Compute dtype ('bfloat16' on accelerators).
+  model.param_dtype = 'float32'  # Parameter dtype.
+  model.remat = False  # Rematerialise blocks in the backward pass (saves memory, costs compute).
+
+  # --- diffusion ------------------------------------------------------------
+  config.diffusion = diff = ml_collections.ConfigDict()
+  diff.schedule = 'cosine'  # 'linear', 'scaled_linear', 'cosine', 'sigmoid' or 'edm'.
+  diff.num_train_timesteps = 1000  # T of the discrete schedules.
+  diff.beta_start = 0.0001  # First beta of 'linear'/'scaled_linear'.
+  diff.beta_end = 0.02  # Last beta of 'linear'/'scaled_linear'.
+  diff.zero_terminal_snr = False  # Rescale so alpha_bar_T = 0 (Lin et al. 2023); use with v/x0.
+  diff.logsnr_shift = 0.0  # Added to log-SNR (resolution shift, Hoogeboom et al. 2023).
+  diff.sigma_min = 0.002  # EDM: smallest sigma.
+  diff.sigma_max = 80.0  # EDM: largest sigma.
+  diff.rho = 7.0  # EDM: Karras grid exponent.
+  diff.sigma_data = 0.5  # EDM: data standard deviation.
+  diff.p_mean = -1.2  # EDM log-normal training sigma: mean of ln sigma.
+  diff.p_std = 1.2  # EDM log-normal training sigma: std of ln sigma.
+  diff.noise_sampling = 'uniform'  # Training noise levels: 'uniform' (in t) or 'lognormal' (EDM).
+  diff.sampling_grid = 'auto'  # Sampler grid: 'uniform_t', 'karras', 'auto' (karras for edm).
+  diff.prediction = 'v'  # Network output: 'eps', 'x0', 'v' or 'edm'.
+  diff.loss_target = 'auto'  # Loss space: 'eps', 'x0', 'v'; 'auto' = same as prediction.
+  diff.loss_weighting = 'auto'  # 'none', 'min_snr', 'edm'; 'auto' = edm for edm, else none.
+  diff.min_snr_gamma = 5.0  # Min-SNR-gamma clip (Hang et al. 2023).
+
+  # --- sampler (eval grids during training; sample.py defaults) -------------
+  config.sampler = sampler = ml_collections.ConfigDict()
+  sampler.name = 'ddim'  # 'ddpm', 'ddim', 'euler', 'heun', 'dpmpp_2m' or 'dpmpp_2m_sde'.
+  sampler.num_steps = 50  # Sampler steps (network evaluations for first-order samplers).
+  sampler.guidance_scale = 3.0  # CFG scale w: 1 = conditional only, 0 = unconditional.
+  sampler.eta = 0.0  # DDIM eta (0 deterministic, 1 = DDPM-like).
+  sampler.guidance_rescale = 0.0  # Guidance rescale phi (Lin et al. 2023); 0 = plain CFG.
+  sampler.use_ema = True  # Sample with the EMA parameters.
+
+  # --- optimiser ------------------------------------------------------------
+  config.optim = optim = ml_collections.ConfigDict()
+  optim.num_steps = 10_000  # Total training steps.
+  optim.learning_rate = 1e-4  # Peak learning rate (AdamW).
+  optim.warmup_steps = 500  # Linear warmup from 0 to the peak.
+  optim.end_lr_factor = 0.1  # Cosine decay ends at learning_rate * end_lr_factor.
+  optim.b1 = 0.9  # AdamW beta1.
+  optim.b2 = 0.99  # AdamW beta2.
+  optim.eps = 1e-8  # AdamW epsilon.
+  optim.weight_decay = 0.0  # AdamW decoupled weight decay (not applied to norms/biases).
+  optim.grad_clip = 1.0  # Global-norm gradient clipping; 0 = off.
+  optim.ema_decay = 0.9999  # EMA of parameters kept in the train state; 0 = no EMA.
+  optim.ema_warmup = True  # EMA decay min(decay, (1+step)/(10+step)) early on.
+
+  # --- device mesh ----------------------------------------------------------
+  config.mesh = mesh = ml_collections.ConfigDict()
+  mesh.data = -1  # Data-parallel axis size; -1 = all remaining devices.
+  mesh.fsdp = 1  # Parameter-sharding (ZeRO-3) axis size; the batch is split over it too.
+  mesh.tensor = 1  # Tensor-parallel axis size (attention heads, MLP, conv output channels).
+  mesh.dcn_data = 1  # Of `data`, the part across hosts (slower network); 1 = within-host only.
+  mesh.dcn_fsdp = 1  # Of `fsdp`, the part across hosts.
+  # Logical axis -> mesh axes. A dimension not divisible by its mesh axes stays replicated.
+  mesh.logical_axis_rules = (
+      ('batch', ('data', 'fsdp')),
+      ('embed', 'fsdp'),
+      ('text_embed', 'fsdp'),
+      ('conv_in', 'fsdp'),
+      ('conv_out', 'tensor'),
+      ('mlp', 'tensor'),
+      ('heads', 'tensor'),
+      ('kv', None),
+      ('vocab', None),
+      ('norm', None),
+      ('height', None),
+      ('width', None),
+      ('channels', None),
+  )
+
+  # --- multi-process set-up (training/distributed.py; env vars override) ----
+  config.distributed = dist = ml_collections.ConfigDict()
+  dist.coordinator_address = ''  # host:port of process 0; '' = detect (SLURM, TPU, JAXDIFF_*).
+  dist.num_processes = 0  # 0 = detect.
+  dist.process_id = -1  # -1 = detect.
+  dist.heartbeat_timeout_s = 30.0  # A process silent this long is reported lost; the others exit.
+  dist.initialization_timeout_s = 300  # Wait this long for all processes to join.
+  dist.shutdown_timeout_s = 300  # Wait this long for all processes at exit.
+  dist.watchdog = True  # Heartbeat/failure-report thread (JAXDIFF_WATCHDOG=0 turns it off).
+  dist.watchdog_interval_s = 1.0  # Seconds between watchdog rounds.
+
+  # --- checkpoints ----------------------------------------------------------
+  config.checkpoint = ckpt = ml_collections.ConfigDict()
+  ckpt.every_steps = 1000  # Save every N steps (and at the end).
+  ckpt.keep = 3  # Keep the last K checkpoints.
+  ckpt.async_save = True  # Write in the background; the loop waits only at exit.
+
+  # --- logging and evaluation -----------------------------------------------
+  config.logging = log = ml_collections.ConfigDict()
+  log.every_steps = 50  # Write train metrics every N steps.
+  log.eval_every_steps = 1000  # Sample grid (+ Shapes score) every N steps; 0 = never during training.
+  log.eval_at_end = True  # Also sample (and score) the eval grid when training ends.
+  log.eval_prompts = 'shapes_benchmark'  # 'shapes_benchmark' or a path to a text file of prompts.
+  log.eval_samples_per_prompt = 1  # Samples per prompt in the eval grid.
+  log.eval_max_prompts = 63  # Cap on prompts sampled at each eval.
+  log.profile_steps = 0  # Profile this many steps after step 10 (process 0, TensorBoard); 0 = off.
+  return config

@@ -1,0 +1,97 @@
+"""Shapes benchmark (32 px), in three sizes: `cpu` (the quickstart), `gpu` and `tiny` (tests).
+
+Launch:
+
+  # Quickstart: a 2-core CPU, about 10 minutes of training.
+  python train.py --config=configs/shapes.py:cpu --workdir=runs/shapes_cpu
+  # One accelerator (or a host of 8: the batch is split over all devices).
+  python train.py --config=configs/shapes.py:gpu --workdir=runs/shapes_gpu
+  # Smoke test: 16 px, a few steps.
+  python train.py --config=configs/shapes.py:tiny --workdir=/tmp/tiny
+"""
+
+from configs import base
+
+VARIANTS = ('cpu', 'gpu', 'tiny')
+
+
+def get_config(arg='cpu'):
+  """Returns the Shapes config for variant `arg` (one of VARIANTS)."""
+  arg = arg or 'cpu'
+  if arg not in VARIANTS:
+    raise ValueError(f'Unknown variant {arg!r} of configs/shapes.py; use one of {VARIANTS} '
+                     '(e.g. --config=configs/shapes.py:cpu).')
+  config = base.get_config()
+  config.data.dataset = 'shapes'
+  config.data.image_size = 32
+  config.text.vocab = 'shapes'
+  config.text.max_len = 12  # [BOS] + at most 10 words.
+
+  if arg == 'cpu':
+    # Tuned for 2 CPU cores: small and shallow, large learning rate, short EMA.
+    config.data.num_train = 20_000
+    config.data.global_batch_size = 32
+    config.text.width = 64
+    config.text.depth = 2
+    config.model.channels = 32
+    config.model.channel_mult = (1, 2, 2)
+    config.model.num_res_blocks = 1
+    config.model.attn_resolutions = (8,)
+    config.model.norm_groups = 8
+    config.optim.num_steps = 3000
+    config.optim.learning_rate = 2e-3
+    config.optim.warmup_steps = 100
+    config.optim.ema_decay = 0.995
+    config.checkpoint.every_steps = 500
+    config.logging.every_steps = 50
+    config.logging.eval_every_steps = 0
+    config.sampler.num_steps = 25
+  elif arg == 'gpu':
+    config.data.num_train = 200_000
+    config.data.global_batch_size = 256
+    config.model.channels = 128
+    config.model.channel_mult = (1, 2, 2)
+    config.model.num_res_blocks = 2
+    config.model.attn_resolutions = (16, 8)
+    config.model.dtype = 'bfloat16'
+    config.text.width = 256
+    config.text.depth = 4
+    config.optim.num_steps = 30_000
+    config.optim.learning_rate = 3e-4
+    config.optim.warmup_steps = 1000
+    config.optim.ema_decay = 0.9995
+    config.checkpoint.every_steps = 2000
+    config.logging.eval_every_steps = 5000
+  elif arg == 'tiny':
+    config.data.image_size = 16
+    config.data.num_train = 256
+    config.data.num_test = 64
+    config.data.global_batch_size = 8
+    config.data.prefetch = 0
+    config.text.width = 32
+    config.text.depth = 1
+    config.text.num_heads = 2
+    config.model.channels = 16
+    config.model.channel_mult = (1, 2)
+    config.model.num_res_blocks = 1
+    config.model.attn_resolutions = (8,)
+    config.model.num_heads = 2
+    config.model.norm_groups = 4
+    config.optim.num_steps = 4
+    config.optim.learning_rate = 1e-3
+    config.optim.warmup_steps = 2
+    config.optim.ema_decay = 0.9
+    config.checkpoint.every_steps = 2
+    config.checkpoint.async_save = False
+    config.logging.every_steps = 1
+    config.logging.eval_every_steps = 0
+    config.logging.eval_max_prompts = 4
+    config.sampler.num_steps = 3
+  return config
+
+
+def get_sweep(arg='cpu'):
+  """The sweep `python -m launch.sweep --config=configs/shapes.py:cpu --from_config` runs."""
+  del arg
+  return [{'optim.learning_rate': lr, 'text.cond_drop_prob': p}
+          for lr in (1e-3, 2e-3) for p in (0.1, 0.2)]

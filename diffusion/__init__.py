@@ -1,0 +1,1 @@
+"""Diffusion math as pure functions: schedules, parameterisation, losses, guidance, samplers."""

@@ -1,0 +1,278 @@
+"""Noise schedules, expressed as log-SNR: discrete beta tables, EDM, grids for samplers.
+
+Every noise level in jaxdiff is a log-SNR value `logsnr = log(alpha^2 / sigma^2)` for the
+variance-preserving process x_t = alpha * x0 + sigma * eps (Kingma et al. 2021, VDM).
+Time t in [0, 1] runs from clean (t = 0, logsnr = +inf) to noisiest (t = 1).
+
+Discrete (DDPM-style) tables are static functions of the config and are computed once in float64
+numpy; everything that sees traced values (`get_logsnr_fn`, `sample_train_logsnr`) is jnp and
+jittable.
+"""
+from collections.abc import Callable
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SCHEDULES = ('linear', 'scaled_linear', 'cosine', 'sigmoid', 'edm')
+DISCRETE_SCHEDULES = ('linear', 'scaled_linear', 'cosine', 'sigmoid')
+SAMPLING_GRIDS = ('auto', 'uniform_t', 'karras')
+NOISE_SAMPLINGS = ('uniform', 'lognormal')
+_MAX_BETA = 0.999  # Nichol & Dhariwal 2021 sec 3.2: clip betas to avoid singularities at t = T.
+
+
+def cfg_value(cfg, name, default):
+  """`cfg.name` if present and not None, else `default` (ConfigDict, dataclass or namespace)."""
+  value = getattr(cfg, name, None)
+  return default if value is None else value
+
+
+def cfg_choice(cfg, name, default, choices):
+  """`cfg_value`, checked against `choices`; the ValueError names `diffusion.<name>`."""
+  value = cfg_value(cfg, name, default)
+  if value not in choices:
+    raise ValueError(
+        f'diffusion.{name}={value!r} is not supported; choose one of {", ".join(choices)}.')
+  return value
+
+
+# ------------------------------------------------------------------ log-SNR <-> alpha, sigma
+def alpha_sigma(logsnr):
+  """VDM (Kingma et al. 2021): alpha^2 = sigmoid(logsnr), sigma^2 = sigmoid(-logsnr)."""
+  logsnr = jnp.asarray(logsnr)
+  return jnp.sqrt(jax.nn.sigmoid(logsnr)), jnp.sqrt(jax.nn.sigmoid(-logsnr))
+
+
+def logsnr_from_alpha_bar(alpha_bar):
+  """logsnr = log(alpha_bar / (1 - alpha_bar)) (Ho et al. 2020 alpha_bar_t = alpha_t^2)."""
+  return logsnr_from_log_alpha_bar(jnp.log(alpha_bar))
+
+
+def logsnr_from_log_alpha_bar(log_alpha_bar):
+  """logsnr from log(alpha_bar), accurate near alpha_bar = 1 (returns +inf at 0, -inf at -inf)."""
+  return log_alpha_bar - jnp.log(-jnp.expm1(log_alpha_bar))
+
+
+def alpha_bar_from_logsnr(logsnr):
+  """Inverse of `logsnr_from_alpha_bar`: alpha_bar = sigmoid(logsnr)."""
+  return jax.nn.sigmoid(logsnr)
+
+
+def logsnr_from_sigma_ve(sigma_ve):
+  """VE/EDM noise level s to log-SNR: logsnr = -2 log s (Karras et al. 2022, x_ve = x_t / alpha)."""
+  return -2.0 * jnp.log(sigma_ve)
+
+
+def sigma_ve_from_logsnr(logsnr):
+  """EDM sigma of a log-SNR: s = sigma / alpha = exp(-logsnr / 2)."""
+  return jnp.exp(-0.5 * jnp.asarray(logsnr))
+
+
+def resolution_logsnr_shift(res: int, base_res: int = 64) -> float:
+  """Hoogeboom et al. 2023 (simple diffusion) sec 3: shift logsnr by 2 log(base_res / res)."""
+  if res <= 0 or base_res <= 0:
+    raise ValueError(f'resolution_logsnr_shift needs positive resolutions, got {res}, {base_res}.')
+  return 2.0 * math.log(base_res / res)
+
+
+# ------------------------------------------------------------------ discrete beta schedules
+def betas_linear(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
+  """Ho et al. 2020 sec 4: betas linear from beta_start to beta_end over T steps."""
+  return np.linspace(beta_start, beta_end, T, dtype=np.float64)
+
+
+def betas_scaled_linear(T: int, beta_start: float = 0.00085, beta_end: float = 0.012) -> np.ndarray:
+  """Stable Diffusion (Rombach et al. 2022): sqrt(beta) linear, i.e. betas = linspace(sqrt b)^2."""
+  return np.linspace(beta_start**0.5, beta_end**0.5, T, dtype=np.float64) ** 2
+
+
+def _betas_from_alpha_bar_fn(f, T: int) -> np.ndarray:
+  """beta_k = 1 - abar(k/T) / abar((k-1)/T), clipped at 0.999 (Nichol & Dhariwal 2021 eq. 17)."""
+  t = np.arange(T + 1, dtype=np.float64) / T
+  abar = f(t)
+  return np.minimum(1.0 - abar[1:] / abar[:-1], _MAX_BETA)
+
+
+def betas_cosine(T: int, s: float = 0.008) -> np.ndarray:
+  """Nichol & Dhariwal 2021 eq. 17: alpha_bar(t) = cos^2(pi/2 (t + s) / (1 + s)) / f(0)."""
+  return _betas_from_alpha_bar_fn(lambda t: np.cos((t + s) / (1 + s) * np.pi / 2) ** 2, T)
+
+
+def betas_sigmoid(T: int, start: float = -3.0, end: float = 3.0, tau: float = 1.0) -> np.ndarray:
+  """Chen 2023 ("On the importance of noise scheduling") Alg. 1 sigmoid alpha_bar(t)."""
+  v_start, v_end = 1 / (1 + np.exp(-start / tau)), 1 / (1 + np.exp(-end / tau))
+
+  def abar(t):
+    v = 1 / (1 + np.exp(-(t * (end - start) + start) / tau))
+    return np.clip((v_end - v) / (v_end - v_start), 1e-9, 1.0)
+
+  return _betas_from_alpha_bar_fn(abar, T)
+
+
+def rescale_zero_terminal_snr(alpha_bar: np.ndarray) -> np.ndarray:
+  """Lin et al. 2023 Alg. 1: shift/scale sqrt(alpha_bar) so alpha_bar_T = 0, alpha_bar_1 fixed."""
+  sqrt_ab = np.sqrt(np.asarray(alpha_bar, dtype=np.float64))
+  first, last = sqrt_ab[0], sqrt_ab[-1]
+  sqrt_ab = (sqrt_ab - last) * (first / (first - last))
+  return sqrt_ab**2
+
+
+def betas(cfg) -> np.ndarray:
+  """The T betas of a discrete schedule named by `diffusion.schedule` (float64, static)."""
+  name = cfg_choice(cfg, 'schedule', 'linear', SCHEDULES)
+  T = int(cfg_value(cfg, 'num_train_timesteps', 1000))
+  if name == 'edm':
+    raise ValueError("diffusion.schedule='edm' is continuous and has no beta table; "
+                     'use get_logsnr_fn / sampling_logsnrs instead.')
+  if T < 1:
+    raise ValueError(f'diffusion.num_train_timesteps must be >= 1, got {T}.')
+  start = float(cfg_value(cfg, 'beta_start', 1e-4))
+  end = float(cfg_value(cfg, 'beta_end', 0.02))
+  if name == 'linear':
+    return betas_linear(T, start, end)
+  if name == 'scaled_linear':
+    return betas_scaled_linear(T, start, end)
+  if name == 'cosine':
+    return betas_cosine(T)
+  return betas_sigmoid(T, float(cfg_value(cfg, 'sigmoid_start', -3.0)),
+                       float(cfg_value(cfg, 'sigmoid_end', 3.0)),
+                       float(cfg_value(cfg, 'sigmoid_tau', 1.0)))
+
+
+def alpha_bar_table(cfg) -> np.ndarray:
+  """alpha_bar_k = prod_{i<=k} (1 - beta_i) for k = 1..T (Ho et al. 2020 eq. 4), [T] float64.
+
+  With `diffusion.zero_terminal_snr` the table is rescaled so alpha_bar_T = 0 (Lin et al. 2023).
+  """
+  alpha_bar = np.cumprod(1.0 - betas(cfg))
+  if cfg_value(cfg, 'zero_terminal_snr', False):
+    alpha_bar = rescale_zero_terminal_snr(alpha_bar)
+  return alpha_bar
+
+
+def discrete_logsnrs(cfg) -> np.ndarray:
+  """[T+1] float64 log-SNR of timesteps k = 0..T; k = 0 is clean (+inf). No shift applied."""
+  alpha_bar = np.concatenate([[1.0], alpha_bar_table(cfg)])
+  with np.errstate(divide='ignore'):
+    return np.log(alpha_bar) - np.log1p(-alpha_bar)
+
+
+# ------------------------------------------------------------------ EDM / Karras
+def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0):
+  """Karras et al. 2022 eq. 5: n sigmas from sigma_max down to sigma_min, equal in sigma^(1/rho)."""
+  if n < 1:
+    raise ValueError(f'karras_sigmas needs n >= 1, got {n}.')
+  if not 0 < sigma_min <= sigma_max < np.inf:
+    raise ValueError(f'karras_sigmas needs 0 < sigma_min <= sigma_max < inf, got '
+                     f'{sigma_min}, {sigma_max} (diffusion.sigma_min / diffusion.sigma_max).')
+  frac = np.arange(n, dtype=np.float64) / max(n - 1, 1)
+  inv_rho = 1.0 / rho
+  return (sigma_max**inv_rho + frac * (sigma_min**inv_rho - sigma_max**inv_rho)) ** rho
+
+
+def _edm_range(cfg):
+  return (float(cfg_value(cfg, 'sigma_min', 0.002)), float(cfg_value(cfg, 'sigma_max', 80.0)),
+          float(cfg_value(cfg, 'rho', 7.0)))
+
+
+# ------------------------------------------------------------------ continuous view
+def get_logsnr_fn(cfg) -> Callable[[jax.Array], jax.Array]:
+  """t in [0, 1] -> logsnr (plus `diffusion.logsnr_shift`); continuous, decreasing in t.
+
+  Discrete schedules interpolate log(alpha_bar) linearly in t*T between table entries
+  (alpha_bar_0 = 1 at t = 0, so logsnr(0) = +inf; t = k/T reproduces timestep k). A terminal
+  alpha_bar_T = 0 (zero terminal SNR) is reached by interpolating alpha_bar itself on the last
+  interval. 'edm' maps t to sigma by eq. 5 of Karras et al. 2022: t = 0 -> sigma_min, t = 1 ->
+  sigma_max (so its logsnr(0) is finite).
+  """
+  name = cfg_choice(cfg, 'schedule', 'linear', SCHEDULES)
+  shift = float(cfg_value(cfg, 'logsnr_shift', 0.0))
+  if name == 'edm':
+    sigma_min, sigma_max, rho = _edm_range(cfg)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+
+    def edm_logsnr(t):
+      sigma = (lo + jnp.clip(t, 0.0, 1.0) * (hi - lo)) ** rho
+      return logsnr_from_sigma_ve(sigma) + shift
+
+    return edm_logsnr
+
+  T = int(cfg_value(cfg, 'num_train_timesteps', 1000))
+  with np.errstate(divide='ignore'):
+    log_ab = np.log(np.concatenate([[1.0], alpha_bar_table(cfg)]))
+
+  def discrete_logsnr(t):
+    table = jnp.asarray(log_ab, dtype=jnp.result_type(float))
+    pos = jnp.clip(jnp.asarray(t, table.dtype), 0.0, 1.0) * T
+    k = jnp.clip(jnp.floor(pos), 0, T - 1).astype(jnp.int32)
+    f = pos - k
+    lo, hi = table[k], table[k + 1]
+    hi_finite = jnp.isfinite(hi)
+    geometric = lo + f * (jnp.where(hi_finite, hi, lo) - lo)
+    to_zero = lo + jnp.log1p(-f)  # log((1 - f) * alpha_bar_lo): linear to alpha_bar = 0.
+    return logsnr_from_log_alpha_bar(jnp.where(hi_finite, geometric, to_zero)) + shift
+
+  return discrete_logsnr
+
+
+# ------------------------------------------------------------------ grids and training levels
+def sampling_logsnrs(cfg, num_steps: int) -> jax.Array:
+  """The [num_steps + 1] log-SNR grid a sampler walks: noisiest first, last entry +inf (clean).
+
+  `diffusion.sampling_grid`:
+    'uniform_t' -- discrete schedules: "trailing" timesteps k_i = round(T (1 - i/N)), i = 0..N
+      (Lin et al. 2023 sec 3.3; starts at k = T, so a zero-terminal-SNR grid starts at -inf);
+      'edm': t = 1 - i/(N-1) through `get_logsnr_fn`, which is the Karras grid.
+    'karras' -- Karras et al. 2022 eq. 5 between the schedule's smallest and largest finite
+      sigma (for a zero-terminal-SNR table: -inf, then N-1 Karras levels).
+    'auto' (default) -- 'karras' for 'edm', 'uniform_t' otherwise.
+  `diffusion.logsnr_shift` is added to every entry.
+  """
+  name = cfg_choice(cfg, 'schedule', 'linear', SCHEDULES)
+  grid = cfg_choice(cfg, 'sampling_grid', 'auto', SAMPLING_GRIDS)
+  N = int(num_steps)
+  if N < 1:
+    raise ValueError(f'sampler.num_steps must be >= 1, got {num_steps}.')
+  shift = float(cfg_value(cfg, 'logsnr_shift', 0.0))
+  if name == 'edm':
+    sigma_min, sigma_max, rho = _edm_range(cfg)
+    finite = logsnr_from_sigma_ve(jnp.asarray(karras_sigmas(N, sigma_min, sigma_max, rho)))
+    return jnp.concatenate([finite + shift, jnp.array([jnp.inf])])
+
+  table = discrete_logsnrs(cfg)  # [T+1], table[0] = +inf.
+  T = len(table) - 1
+  if grid in ('auto', 'uniform_t'):
+    if N > T:
+      raise ValueError(f'sampler.num_steps={N} exceeds diffusion.num_train_timesteps={T}; the '
+                       "'uniform_t' grid would repeat timesteps. Use fewer steps or "
+                       "diffusion.sampling_grid='karras'.")
+    k = np.round(np.linspace(T, 0, N + 1)).astype(np.int64)
+    return jnp.asarray(table[k] + shift)
+  finite = table[1:][np.isfinite(table[1:])]
+  sigma = np.exp(-0.5 * finite)
+  lead = [] if np.isfinite(table[T]) else [-np.inf]
+  n_karras = N - len(lead)
+  levels = ([] if n_karras == 0 else
+            list(-2 * np.log(karras_sigmas(n_karras, sigma.min(), sigma.max(),
+                                           float(cfg_value(cfg, 'rho', 7.0))))))
+  return jnp.asarray(np.array(lead + levels + [np.inf]) + shift)
+
+
+def sample_train_logsnr(rng: jax.Array, shape, cfg) -> jax.Array:
+  """Training noise levels: uniform timesteps k in {1..T} (Ho et al. 2020 Alg. 1) or EDM's
+
+  log-normal ln(sigma) ~ N(P_mean, P_std^2) (Karras et al. 2022 sec 5) when
+  `diffusion.schedule == 'edm'` or `diffusion.noise_sampling == 'lognormal'`.
+  """
+  name = cfg_choice(cfg, 'schedule', 'linear', SCHEDULES)
+  sampling = cfg_choice(cfg, 'noise_sampling', 'uniform', NOISE_SAMPLINGS)
+  shift = float(cfg_value(cfg, 'logsnr_shift', 0.0))
+  dtype = jnp.result_type(float)
+  if name == 'edm' or sampling == 'lognormal':
+    p_mean, p_std = float(cfg_value(cfg, 'p_mean', -1.2)), float(cfg_value(cfg, 'p_std', 1.2))
+    ln_sigma = p_mean + p_std * jax.random.normal(rng, shape, dtype)
+    return -2.0 * ln_sigma + shift
+  table = jnp.asarray(discrete_logsnrs(cfg), dtype)
+  k = jax.random.randint(rng, shape, 1, table.shape[0])
+  return table[k] + shift

@@ -1,0 +1,30 @@
+"""Scores a folder of generated samples on the Shapes benchmark (docs/shapes.md).
+
+  python evaluate.py --samples DIR [--out results.json]
+
+DIR holds manifest.jsonl (one JSON object per line with "file", a PNG path relative
+to DIR, and "prompt") and the PNGs. Prints a table; writes JSON (default DIR/scores.json).
+"""
+import argparse
+import json
+import os
+
+from data import scoring
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--samples', required=True, help='folder with manifest.jsonl and PNGs')
+  parser.add_argument('--out', default=None, help='results JSON (default: SAMPLES/scores.json)')
+  args = parser.parse_args(argv)
+  results = scoring.score_folder(args.samples)
+  print(scoring.format_table(results))
+  out = args.out or os.path.join(args.samples, 'scores.json')
+  with open(out, 'w') as f:
+    json.dump(results, f, indent=2)
+  print(f'Wrote {out}')
+  return results
+
+
+if __name__ == '__main__':
+  main()

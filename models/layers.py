@@ -1,0 +1,161 @@
+"""U-Net building blocks: dtype/norm helpers, noise embedding, residual block, resampling.
+
+Every parameter is created through `nn.with_logical_partitioning` so that `init` returns
+`nn.Partitioned` boxes; the axis vocabulary is the project's (see docs/models.md).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+# Logical axis names of the main activations at block boundaries.
+ACTIVATION_AXES = ('batch', 'height', 'width', 'channels')
+
+CONV_AXES = (None, None, 'conv_in', 'conv_out')
+
+
+def resolve_dtype(name: Any, field: str) -> Dtype:
+  """Maps a config dtype string ('float32' | 'bfloat16' | 'float16') to a jnp dtype."""
+  if not isinstance(name, str) or name not in _DTYPES:
+    raise ValueError(
+        f'{field} must be one of {sorted(_DTYPES)}, got {name!r}; set it in the config.')
+  return _DTYPES[name]
+
+
+def group_count(channels: int, groups: int) -> int:
+  """Largest divisor of `channels` that is <= `groups` (GroupNorm needs groups | channels)."""
+  groups = max(1, min(int(groups), int(channels)))
+  while channels % groups:
+    groups -= 1
+  return groups
+
+
+def sinusoidal_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+  """Transformer sinusoidal features [cos | sin] of a [B] array (Vaswani et al. 2017, sec. 3.5)."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = t.astype(jnp.float32)[:, None] * freqs[None, :]
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+def partitioned(init: Any, names: tuple[str | None, ...]) -> Any:
+  """Initializer returning an `nn.Partitioned` box with the given logical axis names."""
+  return nn.with_logical_partitioning(init, names)
+
+
+def constrain(h: jax.Array) -> jax.Array:
+  """Logical sharding constraint on an NHWC activation (a no-op without axis rules)."""
+  return nn.with_logical_constraint(h, ACTIVATION_AXES)
+
+
+def conv(features: int, kernel: int, dtype: Dtype, param_dtype: Dtype, *, strides: int = 1,
+         zero_init: bool = False, name: str | None = None) -> nn.Conv:
+  """Conv with 'SAME' padding and logical axes (None, None, 'conv_in', 'conv_out')."""
+  kernel_init = nn.initializers.zeros if zero_init else nn.initializers.lecun_normal()
+  return nn.Conv(
+      features, (kernel, kernel), strides=(strides, strides), padding='SAME', dtype=dtype,
+      param_dtype=param_dtype, kernel_init=partitioned(kernel_init, CONV_AXES),
+      bias_init=partitioned(nn.initializers.zeros, ('conv_out',)), name=name)
+
+
+def dense(features: int, axes: tuple[str, str], dtype: Dtype, param_dtype: Dtype,
+          name: str | None = None) -> nn.Dense:
+  """Dense layer whose kernel carries `axes` and whose bias carries `axes[1]`."""
+  return nn.Dense(
+      features, dtype=dtype, param_dtype=param_dtype,
+      kernel_init=partitioned(nn.initializers.lecun_normal(), axes),
+      bias_init=partitioned(nn.initializers.zeros, (axes[1],)), name=name)
+
+
+def group_norm(channels: int, groups: int, dtype: Dtype, param_dtype: Dtype,
+               name: str | None = None) -> nn.GroupNorm:
+  """GroupNorm with float32 statistics, groups clamped to a divisor of `channels`."""
+  return nn.GroupNorm(
+      num_groups=group_count(channels, groups), epsilon=1e-5, dtype=dtype,
+      param_dtype=param_dtype, force_float32_reductions=True,
+      scale_init=partitioned(nn.initializers.ones, ('norm',)),
+      bias_init=partitioned(nn.initializers.zeros, ('norm',)), name=name)
+
+
+def layer_norm(dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
+  """LayerNorm over the last axis with float32 statistics and ('norm',) parameters."""
+  return nn.LayerNorm(
+      epsilon=1e-5, dtype=dtype, param_dtype=param_dtype, force_float32_reductions=True,
+      scale_init=partitioned(nn.initializers.ones, ('norm',)),
+      bias_init=partitioned(nn.initializers.zeros, ('norm',)), name=name)
+
+
+class NoiseEmbedding(nn.Module):
+  """sinusoid(100 * c_noise) -> Dense-SiLU-Dense to 4*channels (DDPM, Ho et al. 2020, App. B)."""
+  channels: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, c_noise: jax.Array) -> jax.Array:
+    emb = sinusoidal_embedding(100.0 * c_noise, self.channels)
+    emb = dense(4 * self.channels, ('embed', 'mlp'), self.dtype, self.param_dtype,
+                name='dense_0')(emb)
+    emb = nn.silu(emb)
+    return dense(4 * self.channels, ('mlp', 'embed'), self.dtype, self.param_dtype,
+                 name='dense_1')(emb)
+
+
+class ResBlock(nn.Module):
+  """GN-SiLU-conv, FiLM by the noise embedding, GN-SiLU-dropout-conv, 1x1 skip (ADM, Dhariwal & Nichol 2021)."""
+  out_channels: int
+  norm_groups: int = 32
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, emb: jax.Array, train: bool) -> jax.Array:
+    c_in, c_out = x.shape[-1], self.out_channels
+    h = group_norm(c_in, self.norm_groups, self.dtype, self.param_dtype, name='norm_0')(x)
+    h = conv(c_out, 3, self.dtype, self.param_dtype, name='conv_0')(nn.silu(h))
+    # FiLM: per-channel scale and shift predicted from the noise (+ pooled text) embedding.
+    film = dense(2 * c_out, ('mlp', 'embed'), self.dtype, self.param_dtype,
+                 name='film')(nn.silu(emb))
+    scale, shift = jnp.split(film[:, None, None, :], 2, axis=-1)
+    h = group_norm(c_out, self.norm_groups, self.dtype, self.param_dtype, name='norm_1')(h)
+    h = nn.silu(h * (1.0 + scale) + shift)
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    h = conv(c_out, 3, self.dtype, self.param_dtype, name='conv_1')(h)
+    if c_in != c_out:
+      x = conv(c_out, 1, self.dtype, self.param_dtype, name='skip')(x)
+    return constrain(x + h)
+
+
+class Downsample(nn.Module):
+  """Halves height and width with a stride-2 3x3 conv."""
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = conv(x.shape[-1], 3, self.dtype, self.param_dtype, strides=2, name='conv')(x)
+    return constrain(h)
+
+
+class Upsample(nn.Module):
+  """Doubles height and width: nearest-neighbour resize, then a 3x3 conv."""
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, h, w, c = x.shape
+    x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
+    return constrain(conv(c, 3, self.dtype, self.param_dtype, name='conv')(x))

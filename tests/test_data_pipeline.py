@@ -1,0 +1,126 @@
+"""Batch pipeline: deterministic shuffled epochs, process slices, exact resume, prefetch."""
+import itertools
+import threading
+
+import ml_collections
+import numpy as np
+import pytest
+
+from data import pipeline
+from data import shapes
+
+
+def data_config(**overrides):
+  cfg = ml_collections.ConfigDict(dict(
+      dataset='shapes_rendered', image_size=16, num_train=40, num_test=8, data_dir='',
+      seed=3, global_batch_size=8, prefetch=0))
+  cfg.update(overrides)
+  return cfg
+
+
+def take(iterator, n):
+  return list(itertools.islice(iterator, n))
+
+
+def test_global_batch_indices_are_a_pure_function_of_their_arguments():
+  a = pipeline.global_batch_indices(5, 7, 16, 100)
+  assert a.dtype == np.int64 and a.shape == (16,)
+  np.testing.assert_array_equal(a, pipeline.global_batch_indices(5, 7, 16, 100))
+  assert not np.array_equal(a, pipeline.global_batch_indices(6, 7, 16, 100))
+  assert not np.array_equal(a, pipeline.global_batch_indices(5, 8, 16, 100))
+
+
+def test_every_example_appears_once_per_epoch_and_epochs_are_reshuffled():
+  n, b = 10, 4  # Batches straddle epoch boundaries.
+  stream = np.concatenate([pipeline.global_batch_indices(0, s, b, n) for s in range(10)])
+  epochs = stream.reshape(4, n)
+  for epoch in epochs:
+    assert sorted(epoch) == list(range(n))
+  assert len({tuple(e) for e in epochs}) == 4
+  assert not np.array_equal(epochs[0], np.arange(n))
+
+
+def test_shuffle_is_unbiased_over_seeds():
+  first = [pipeline.global_batch_indices(seed, 0, 1, 5)[0] for seed in range(2000)]
+  counts = np.bincount(first, minlength=5)
+  assert counts.min() > 330 and counts.max() < 470  # 400 expected each.
+
+
+def test_process_slices():
+  assert pipeline.process_slice(12, 2, 3) == slice(8, 12)
+  with pytest.raises(ValueError, match='data.global_batch_size'):
+    pipeline.process_slice(10, 0, 4)
+  with pytest.raises(ValueError, match='process_index'):
+    pipeline.process_slice(8, 4, 4)
+
+
+def test_get_batch_is_model_ready():
+  source = pipeline.make_source(data_config())
+  assert len(source) == 40
+  batch = source.get_batch([3, 0, 3])
+  assert batch['image'].dtype == np.float32 and batch['image'].shape == (3, 16, 16, 3)
+  assert batch['image'].min() >= -1 and batch['image'].max() <= 1
+  assert set(np.unique(batch['image'])) <= {-1.0, 1.0}  # Palette channels are 0 or 255.
+  image, text = shapes.example('train', 3, 16)
+  np.testing.assert_array_equal(batch['image'][0], image / 127.5 - 1)
+  assert batch['caption'].dtype.kind == 'U' and list(batch['caption']) == [
+      text, shapes.example('train', 0, 16)[1], text]
+  np.testing.assert_array_equal(batch['index'], [3, 0, 3])
+  test_source = pipeline.make_source(data_config(), split='test')
+  assert len(test_source) == 8
+  assert test_source.get_batch([1])['caption'][0] == shapes.example('test', 1, 16)[1]
+
+
+def test_process_batches_concatenate_to_the_global_batch():
+  cfg = data_config()
+  source = pipeline.make_source(cfg)
+  whole = take(pipeline.iterate(source, cfg.seed, 0, 8), 6)
+  parts = [take(pipeline.iterate(source, cfg.seed, 0, 8, p, 4), 6) for p in range(4)]
+  for step in range(6):
+    assert whole[step][0] == step and all(part[step][0] == step for part in parts)
+    for key in ('image', 'caption', 'index'):
+      np.testing.assert_array_equal(
+          np.concatenate([part[step][1][key] for part in parts]), whole[step][1][key])
+
+
+@pytest.mark.parametrize('prefetch', [0, 2])
+def test_resuming_replays_the_same_batches(prefetch):
+  cfg = data_config()
+  source = pipeline.make_source(cfg)
+  through = take(pipeline.iterate(source, cfg.seed, 0, 8, prefetch=prefetch), 9)
+  resumed = take(pipeline.iterate(source, cfg.seed, 5, 8, prefetch=prefetch), 4)
+  assert [s for s, _ in resumed] == [5, 6, 7, 8]
+  for (s1, b1), (s2, b2) in zip(through[5:], resumed):
+    assert s1 == s2
+    np.testing.assert_array_equal(b1['index'], b2['index'])
+    np.testing.assert_array_equal(b1['image'], b2['image'])
+  # One epoch (40 examples = 5 batches) shows every example once.
+  assert sorted(np.concatenate([b['index'] for _, b in through[:5]])) == list(range(40))
+
+
+def test_prefetch_thread_stops_when_closed_and_reraises_errors():
+  source = pipeline.make_source(data_config())
+  it = pipeline.iterate(source, 0, 0, 8, prefetch=2)
+  take(it, 3)
+  it.close()
+  assert not any(t.name == 'batch-prefetch' for t in threading.enumerate())
+
+  class Broken(pipeline.BatchSource):
+    def get_batch(self, indices):
+      raise RuntimeError('disk on fire')
+  with pytest.raises(RuntimeError, match='disk on fire'):
+    take(pipeline.iterate(Broken(source.records), 0, 0, 8, prefetch=1), 1)
+
+
+def test_config_errors_name_the_field():
+  with pytest.raises(ValueError, match='data.dataset'):
+    pipeline.make_source(data_config(dataset='imagenet'))
+  with pytest.raises(ValueError, match='data.image_size'):
+    pipeline.make_source(data_config(image_size=20))
+  with pytest.raises(ValueError, match='data.num_train'):
+    pipeline.make_source(data_config(num_train=0))
+  source = pipeline.make_source(data_config())
+  with pytest.raises(ValueError, match='data.seed'):
+    pipeline.iterate(source, -1, 0, 8)
+  with pytest.raises(ValueError, match='data.global_batch_size'):
+    pipeline.iterate(source, 0, 0, 6, 0, 4)

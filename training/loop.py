@@ -1,0 +1,281 @@
+"""The training loop, top to bottom: helpers, `train_step`, state creation, `train_and_evaluate`.
+
+`train_step(state, batch, rng) -> (state, metrics)` is pure and jitted with explicit
+shardings over the ('data', 'fsdp', 'tensor') mesh, with the state donated. Its
+randomness is `fold_in(rng, step)`, and the batch at step s is a pure function of
+(data.seed, s), so a resumed run replays exactly what an uninterrupted one does.
+"""
+
+import functools
+import signal
+import threading
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import struct
+
+from configs import validation
+from data import pipeline
+from diffusion import losses
+from models import denoiser
+from models.unet import UNet
+from text import encoders
+from training import checkpoint, distributed, reporting, sharding
+from training import text_inputs as text_inputs_lib
+
+
+class TrainResult(NamedTuple):
+  state: Any  # The final TrainState.
+  history: list  # (step, loss) for every step this run took, as process 0 saw them.
+
+
+class NonFiniteError(FloatingPointError):
+  """Raised when the loss or gradient norm stops being finite."""
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any  # {'unet': ..., 'text': ...}: what the optimiser trains.
+  opt_state: Any
+  ema_params: Any  # Exponential moving average of `params` (sampling uses it by default).
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def make_optimizer(cfg) -> optax.GradientTransformation:
+  """AdamW with linear warmup + cosine decay, global-norm clipping, no decay on norms/biases."""
+  lr = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+      decay_steps=max(cfg.num_steps, cfg.warmup_steps + 1),
+      end_value=cfg.learning_rate * cfg.end_lr_factor)
+  decay_mask = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)
+  chain = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
+  chain.append(optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                           weight_decay=cfg.weight_decay, mask=decay_mask))
+  return optax.chain(*chain), lr
+
+
+def ema_decay(cfg, step):
+  """EMA decay at `step`; with warmup min(decay, (1+step)/(10+step)) so early averages move."""
+  d = jnp.float32(cfg.ema_decay)
+  return jnp.minimum(d, (1.0 + step) / (10.0 + step)) if cfg.ema_warmup else d
+
+
+def text_condition(text_encoder, params, frozen_text_params, inputs):
+  """Text embeddings of a batch: encoded from 'tokens', or precomputed ('emb', 'mask', 'pooled')."""
+  if 'tokens' not in inputs:
+    return {k: inputs[k] for k in ('emb', 'mask', 'pooled')}
+  text_params = params['text'] if text_encoder.trainable else frozen_text_params
+  emb, mask, pooled = text_encoder.encode(text_params, inputs['tokens'])
+  return {'emb': emb, 'mask': mask, 'pooled': pooled}
+
+
+def drop_condition(cond, null, keep):
+  """Classifier-free guidance training: where keep is False, use the null (empty caption) condition."""
+  def pick(c, n):
+    k = keep.reshape(keep.shape + (1,) * (c.ndim - 1))
+    return jnp.where(k, c, n.astype(c.dtype))
+  return jax.tree.map(pick, cond, null)
+
+
+# ----------------------------------------------------------------------------- train step
+
+
+def train_step(state: TrainState, batch, rng, frozen_text_params, *, unet, text_encoder,
+               null_inputs, tx, config):
+  """One optimiser step; returns the new state and this step's scalar metrics."""
+  rng = jax.random.fold_in(rng, state.step)
+  rng_drop, rng_loss, rng_dropout = jax.random.split(rng, 3)
+  batch_size = batch['image'].shape[0]
+
+  def loss_fn(params):
+    cond = text_condition(text_encoder, params, frozen_text_params, batch)
+    null = text_condition(text_encoder, params, frozen_text_params, null_inputs)
+    keep = jax.random.bernoulli(rng_drop, 1.0 - config.text.cond_drop_prob, (batch_size,))
+    cond = drop_condition(cond, null, keep)
+    pred_fn = lambda x_t, logsnr: denoiser.apply_network(
+        unet, params['unet'], x_t, logsnr, cond, config.diffusion, train=True,
+        rngs={'dropout': rng_dropout})
+    per_example, _ = losses.diffusion_loss(pred_fn, batch['image'], rng_loss, config.diffusion)
+    return jnp.mean(per_example)
+
+  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  grad_norm = optax.global_norm(grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  decay = ema_decay(config.optim, state.step)
+  ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+  # A non-finite step is not applied: the state (and so every checkpoint) stays the last good one.
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
+  return new_state, {'loss': loss, 'grad_norm': grad_norm, 'finite': finite}
+
+
+# ----------------------------------------------------------------------------- state creation
+
+
+def build_models(config):
+  """The U-Net and the text encoder named by the config."""
+  unet = UNet(config=ml_collections.FrozenConfigDict(config.model))
+  text_encoder = encoders.build(config.text)
+  return unet, text_encoder
+
+
+def init_state(rng, *, unet, text_encoder, tx, config) -> TrainState:
+  """Initial (boxed, i.e. logically annotated) train state; jit/eval_shape it, do not call eagerly."""
+  rng_unet, rng_text = jax.random.split(rng)
+  s, length = config.data.image_size, text_encoder.max_len
+  unet_params = unet.init(
+      {'params': rng_unet}, jnp.zeros((1, s, s, 3)), jnp.zeros((1,)),
+      jnp.zeros((1, length, text_encoder.dim)), jnp.ones((1, length), bool),
+      jnp.zeros((1, text_encoder.dim)), train=False)['params']
+  params = {'unet': unet_params}
+  if text_encoder.trainable:
+    params['text'] = text_encoder.init(rng_text)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    ema_params=params)
+
+
+def create_sharded_state(config, mesh, *, unet, text_encoder, tx):
+  """Abstract state + its shardings (from logical axis names), and the jitted initialiser."""
+  init = functools.partial(init_state, unet=unet, text_encoder=text_encoder, tx=tx, config=config)
+  boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
+  shardings = sharding.tree_shardings(boxed, mesh, config.mesh.logical_axis_rules)
+  abstract = nn.meta.unbox(boxed)
+  init_fn = jax.jit(lambda rng: nn.meta.unbox(init(rng)), out_shardings=shardings)
+  return abstract, shardings, init_fn
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
+                       stop_at: int | None = None) -> TrainResult:
+  """Trains per `config`, writing checkpoints, metrics and sample grids to `workdir`.
+
+  `devices` restricts the mesh to some devices (tests); `stop_at` ends the run early at that
+  step, as a pre-emption would (the schedule still targets `optim.num_steps`).
+  """
+  distributed.initialize(config)
+  validation.validate(config)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  rules = config.mesh.logical_axis_rules
+  writer = reporting.Reporter(workdir, config, is_main=jax.process_index() == 0)
+  logging.info('Mesh %s over %d devices, %d processes.', dict(mesh.shape), jax.device_count(),
+               jax.process_count())
+
+  unet, text_encoder = build_models(config)
+  tx, lr_schedule = make_optimizer(config.optim)
+  abstract, shardings, init_fn = create_sharded_state(
+      config, mesh, unet=unet, text_encoder=text_encoder, tx=tx)
+  frozen_text = None
+  if not text_encoder.trainable:
+    frozen_text = jax.device_put(text_encoder.init(None),
+                                 sharding.NamedSharding(mesh, sharding.P()))
+
+  ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
+  if ckpt.latest_step() is not None:
+    checkpoint.check_compatible(ckpt.restore_config(), config, ckpt.directory)
+    state, position = ckpt.restore(checkpoint.abstract_with_shardings(abstract, shardings))
+    logging.info('Resumed from step %d in %s.', int(state.step), ckpt.directory)
+  else:
+    state = init_fn(jax.random.PRNGKey(config.seed))
+    position = {'step': 0}
+  start_step = int(position['step'])
+  writer.start(state, start_step)
+
+  source = pipeline.make_source(config.data)
+  text_inputs = text_inputs_lib.TextInputs(text_encoder, config, workdir, source)
+  batch_shardings = {k: sharding.batch_sharding(mesh, np.ndim(v))
+                     for k, v in {'image': np.zeros((1,) * 4), **text_inputs.null}.items()}
+  step_fn = jax.jit(
+      functools.partial(train_step, unet=unet, text_encoder=text_encoder,
+                        null_inputs=text_inputs.null, tx=tx, config=config),
+      in_shardings=(shardings, batch_shardings, None, None), out_shardings=(shardings, None),
+      donate_argnums=(0,))
+  rng = jax.random.PRNGKey(config.seed)
+  batches = pipeline.iterate(source, config.data.seed, start_step, config.data.global_batch_size,
+                             jax.process_index(), jax.process_count(),
+                             prefetch=config.data.prefetch)
+  num_steps = config.optim.num_steps
+  pending = None  # The previous step's metrics, read while the current step runs.
+  step = start_step
+  # SIGTERM (pre-emption, scancel, kubectl delete): save, then exit. With several processes,
+  # jax's pre-emption service catches the signal and orbax agrees on the step across processes.
+  stop = _StopOnSignal(enabled=jax.process_count() == 1)
+  try:
+    for step, local in batches:
+      if step >= num_steps or (stop_at is not None and step >= stop_at):
+        break
+      if stop.requested or ckpt.reached_preemption(step):
+        if pending is not None:
+          _record(writer, *pending)
+          pending = None
+        if step > start_step and step not in ckpt.all_steps():
+          ckpt.save(step, state, config, {'step': step, 'seed': config.data.seed}, force=True)
+        logging.warning('Stopping at step %d on request; the checkpoint is saved.', step)
+        break
+      local = {'image': local['image'], **text_inputs(local['caption'])}
+      with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        state, metrics = step_fn(state, sharding.global_batch(mesh, local), rng, frozen_text)
+      if pending is not None:
+        _record(writer, *pending)
+      pending = (step, metrics, float(lr_schedule(step)))
+      done = step + 1
+      if done % config.checkpoint.every_steps == 0 or done == num_steps:
+        _record(writer, *pending)  # Never save a state whose last step was not finite.
+        pending = None
+        ckpt.save(done, state, config, {'step': done, 'seed': config.data.seed})
+      if config.logging.eval_every_steps and done % config.logging.eval_every_steps == 0:
+        writer.evaluate(done, state, unet, text_encoder, frozen_text, mesh)
+    if pending is not None:
+      _record(writer, *pending)
+    final_step = int(jax.device_get(state.step))
+    if (config.logging.eval_at_end and final_step == num_steps
+        and final_step not in (writer.last_eval_step, start_step)):
+      writer.evaluate(final_step, state, unet, text_encoder, frozen_text, mesh)
+  finally:
+    stop.restore()
+    ckpt.close()  # Waits for async saves: nothing written is lost on the way out.
+    writer.close()
+    if hasattr(batches, 'close'):
+      batches.close()
+  return TrainResult(state, writer.history)
+
+
+class _StopOnSignal:
+  """Turns SIGTERM into a flag the loop checks between steps (restored on exit)."""
+
+  def __init__(self, enabled: bool = True):
+    self.requested = False
+    self._previous = None
+    if enabled and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def restore(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _record(writer, step, metrics, lr):
+  """Checks finiteness (raising NonFiniteError) and merges the step's metrics into the report."""
+  m = jax.device_get(metrics)
+  if not bool(m['finite']):
+    raise NonFiniteError(
+        f'Non-finite loss ({float(m["loss"])}) or gradient norm ({float(m["grad_norm"])}) at step '
+        f'{step}; the step was not applied and the last checkpoint is intact. Lower '
+        'optim.learning_rate, set optim.grad_clip, or use model.dtype=float32.')
+  writer.step(step, float(m['loss']), float(m['grad_norm']), lr)
