@@ -37,6 +37,8 @@ flags.mark_flags_as_required(['workdir'])
 def main(argv):
   del argv
   from sampling import from_checkpoint
+  from training import reporting
+  reporting.quiet_library_logs()
   prompts = list(_PROMPT.value)
   if _BENCH.value:
     from data import scoring

@@ -23,7 +23,8 @@ flags.mark_flags_as_required(['workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  from training import loop  # Heavy imports after flag parsing.
+  from training import loop, reporting  # Heavy imports after flag parsing.
+  reporting.quiet_library_logs()
   logging.info('Config:\n%s', _CONFIG.value)
   loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 

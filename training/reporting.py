@@ -4,6 +4,7 @@ scored against the Shapes benchmark. Only process 0 writes.
 """
 
 import json
+import logging as pylogging
 import os
 import time
 
@@ -20,6 +21,19 @@ from sampling import generate, images
 class TrainMetrics(metrics.Collection):
   loss: metrics.Average.from_output('loss')
   grad_norm: metrics.Average.from_output('grad_norm')
+
+
+class _QuietLibraries(pylogging.Filter):
+  """Drops INFO chatter of orbax and TFDS (their warnings and errors still show)."""
+  NOISY = ('/orbax/', '/tensorflow_datasets/', '/etils/')
+
+  def filter(self, record):
+    return record.levelno >= pylogging.WARNING or not any(n in record.pathname for n in self.NOISY)
+
+
+def quiet_library_logs():
+  """Keeps the console to our own progress lines; call once from an entry point."""
+  logging.get_absl_handler().addFilter(_QuietLibraries())
 
 
 def eval_prompts(config) -> list[str]:
