@@ -246,3 +246,12 @@ def test_watchdog_thread_exits_with_peer_failed_status():
   dog.stop()
   time.sleep(0.1)
   assert kv.store['jaxdiff_watchdog/done/0'] == '1'
+
+
+def test_environment_overrides_the_config_section():
+  from configs import shapes
+  config = shapes.get_config('tiny')  # Has a `distributed` section with the defaults.
+  s = dist.settings_from(config, env={'JAXDIFF_HEARTBEAT_TIMEOUT_S': '10',
+                                             'JAXDIFF_WATCHDOG': '0'})
+  assert s.heartbeat_timeout_s == 10.0 and s.watchdog is False
+  assert dist.settings_from(config, env={}).heartbeat_timeout_s == 30.0

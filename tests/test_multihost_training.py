@@ -1,5 +1,5 @@
-"""The real trainer (`train.py`) over several JAX processes on CPU: same losses, portable checkpoints,
-and a lost process that fails the job instead of hanging it.
+"""The real trainer (`train.py`) over several JAX processes on CPU: same losses, portable
+checkpoints, and a lost process that fails the job instead of hanging it.
 
 Every run is a subprocess (clean JAX state, its own simulated device count). One 2-process x
 4-device run of the tiny config (mesh data=4, fsdp=2, a checkpoint every 2 steps) is shared by
@@ -179,11 +179,12 @@ def test_sigkilled_process_fails_the_real_trainer_within_a_minute(tmp_path):
       time.sleep(0.1)
     seconds = time.monotonic() - killed
     log = _read(logs[0])
-    assert survivor.poll() is not None, f'process 0 still running {seconds:.0f} s later:\n' + log[-5000:]
+    tail = log[-5000:]
+    assert survivor.poll() is not None, f'process 0 still running {seconds:.0f} s later:\n' + tail
     print(f'process 0 exited with status {survivor.returncode} {seconds:.1f} s after process 1 '
           f'was SIGKILLed (heartbeat_timeout_s=10)')
-    assert survivor.returncode == distributed.EXIT_PEER_FAILED, log[-5000:]
-    assert 'jaxdiff.distributed: process 1 (host ' in log and 'stopped heartbeating' in log, log[-5000:]
+    assert survivor.returncode == distributed.EXIT_PEER_FAILED, tail
+    assert 'jaxdiff.distributed: process 1 (host ' in log and 'stopped heartbeating' in log, tail
     assert seconds < 60
   finally:
     for proc in procs:

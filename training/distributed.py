@@ -17,7 +17,7 @@ error then blames the healthy process. So a multi-process run also starts a `Wat
 beats through the coordination service's key-value store, publishes an uncaught exception before
 its process exits, and ends every other process with `EXIT_PEER_FAILED` and a message naming the
 lost or failed process within `heartbeat_timeout_s` seconds (jax's own heartbeat stays on as a
-backstop, `_BACKSTOP_S` later). One small RPC per second per process: no measurable cost.
+backstop, at twice our timeout plus `_BACKSTOP_S`). One small RPC per second per process: no measurable cost.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ ENV_HEARTBEAT_TIMEOUT = 'JAXDIFF_HEARTBEAT_TIMEOUT_S'
 ENV_WATCHDOG = 'JAXDIFF_WATCHDOG'  # '0' turns the watchdog off.
 
 EXIT_PEER_FAILED = 3  # Exit status of a process stopped because another one failed or was lost.
-_BACKSTOP_S = 15  # jax's own heartbeat timeout is ours plus this.
+_BACKSTOP_S = 15  # jax's own heartbeat timeout is twice ours plus this (it can fire early).
 _KV_PREFIX = 'jaxdiff_watchdog/'
 _TPU_ENV = ('TPU_WORKER_HOSTNAMES', 'TPU_PROCESS_ADDRESSES', 'MEGASCALE_COORDINATOR_ADDRESS',
             'TPU_WORKER_ID')
@@ -107,10 +107,6 @@ def settings_from(config_or_flags: Any = None, env: Mapping[str, str] = os.envir
     src = None  # A whole config without a `distributed` section: defaults.
   fields = {f.name: f for f in dataclasses.fields(Settings)}
   values: dict[str, Any] = {}
-  if ENV_HEARTBEAT_TIMEOUT in env:
-    values['heartbeat_timeout_s'] = _number(env[ENV_HEARTBEAT_TIMEOUT], ENV_HEARTBEAT_TIMEOUT)
-  if ENV_WATCHDOG in env:
-    values['watchdog'] = env[ENV_WATCHDOG].strip().lower() not in ('0', 'false', 'no', 'off')
   if isinstance(src, Mapping) or hasattr(src, 'to_dict'):
     items = dict(src.items())
     unknown = sorted(set(items) - set(fields))
@@ -120,6 +116,11 @@ def settings_from(config_or_flags: Any = None, env: Mapping[str, str] = os.envir
     values.update(items)
   elif src is not None:  # argparse.Namespace, absl flags, ...: read only the fields we know.
     values.update({k: getattr(src, k) for k in fields if _has(src, k)})
+  # The environment (what a launcher or a user sets for one job) overrides the config.
+  if ENV_HEARTBEAT_TIMEOUT in env:
+    values['heartbeat_timeout_s'] = _number(env[ENV_HEARTBEAT_TIMEOUT], ENV_HEARTBEAT_TIMEOUT)
+  if ENV_WATCHDOG in env:
+    values['watchdog'] = env[ENV_WATCHDOG].strip().lower() not in ('0', 'false', 'no', 'off')
   s = Settings(**values)
   if not s.heartbeat_timeout_s > 0:
     raise ValueError(f'config.distributed.heartbeat_timeout_s must be > 0, got '
@@ -417,7 +418,7 @@ def initialize(config_or_flags: Any = None) -> ProcessInfo:
       local_device_ids=list(plan.local_device_ids) if plan.local_device_ids else None,
       cluster_detection_method=None if plan.num_processes is None else 'deactivate',
       initialization_timeout=int(settings.initialization_timeout_s),
-      heartbeat_timeout_seconds=int(settings.heartbeat_timeout_s) + _BACKSTOP_S,
+      heartbeat_timeout_seconds=2 * int(settings.heartbeat_timeout_s) + _BACKSTOP_S,
       shutdown_timeout_seconds=int(settings.shutdown_timeout_s))
   info = _info(jax, plan.environment, plan.coordinator_address)
   _STATE = _State(info)

@@ -60,6 +60,7 @@ class JsonlWriter(metric_writers.MetricWriter):
   def write_scalars(self, step, scalars):
     self._file.write(json.dumps({'step': int(step), **{k: float(v) for k, v in scalars.items()}})
                      + '\n')
+    self._file.flush()  # Readable while training runs, and nothing lost if the process dies.
 
   def write_summaries(self, step, values, metadata=None):
     pass
