@@ -27,6 +27,13 @@ _SAMPLER = flags.DEFINE_enum('sampler', None, ['ddpm', 'ddim', 'euler', 'heun', 
 _STEPS = flags.DEFINE_integer('steps', None, 'Sampler steps (default: the config).')
 _GUIDANCE = flags.DEFINE_float('guidance', None, 'CFG scale w (1 = conditional only).')
 _ETA = flags.DEFINE_float('eta', None, 'DDIM eta.')
+_GRID = flags.DEFINE_enum('grid', None, ['auto', 'uniform_t', 'karras'],
+                          'Noise-level grid (default: the config).')
+_RESCALE = flags.DEFINE_float('guidance_rescale', 0.0, 'Guidance rescale phi (Lin et al. 2023).')
+_INTERVAL = flags.DEFINE_list('guidance_interval', None,
+                              'lo,hi: apply w only for log-SNR in [lo, hi] (Kynkaanniemi 2024).')
+_THRESHOLD = flags.DEFINE_float('threshold', None, 'Dynamic thresholding percentile (e.g. 99.5).')
+_CHURN = flags.DEFINE_float('churn', None, 'S_churn for euler/heun (Karras et al. 2022).')
 _SEED = flags.DEFINE_integer('seed', 0, 'Base seed; sample k of the run gets seed + k.')
 _NUM = flags.DEFINE_integer('num', 1, 'Samples per prompt.')
 _BATCH = flags.DEFINE_integer('batch_size', 64, 'Images per device program.')
@@ -48,7 +55,10 @@ def main(argv):
   summary = from_checkpoint.sample_to_folder(
       _WORKDIR.value, out, prompts, step=_STEP.value, sampler=_SAMPLER.value,
       num_steps=_STEPS.value, guidance_scale=_GUIDANCE.value, eta=_ETA.value, seed=_SEED.value,
-      samples_per_prompt=_NUM.value, batch_size=_BATCH.value, use_ema=_EMA.value)
+      samples_per_prompt=_NUM.value, batch_size=_BATCH.value, use_ema=_EMA.value,
+      sampling_grid=_GRID.value, guidance_rescale=_RESCALE.value,
+      guidance_interval=tuple(float(v) for v in _INTERVAL.value) if _INTERVAL.value else None,
+      threshold_percentile=_THRESHOLD.value, s_churn=_CHURN.value)
   print(json.dumps(summary))
 
 

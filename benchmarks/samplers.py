@@ -13,7 +13,6 @@ import json
 import os
 import time
 
-import numpy as np
 
 from data import scoring
 from diffusion import samplers

@@ -44,6 +44,8 @@ def get_config(arg=None):
   # --- model (U-Net) --------------------------------------------------------
   config.model = model = ml_collections.ConfigDict()
   model.patch_size = 1  # Fold p x p pixel patches into channels first (p=2: 4x cheaper convs).
+  model.coord_channels = True  # Append (x, y) coordinate channels: absolute position for "left of".
+  model.pooled_conditioning = True  # Add the pooled text vector to the noise embedding (Imagen).
   model.channels = 64  # Base channel width.
   model.channel_mult = (1, 2, 2)  # Width multiplier per resolution level.
   model.num_res_blocks = 2  # Residual blocks per level.

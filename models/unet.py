@@ -38,6 +38,8 @@ class UNetSpec:
   param_dtype: Any
   remat: bool
   patch_size: int = 1
+  coord_channels: bool = False
+  pooled_conditioning: bool = True
 
 
 def _field(cfg: Any, name: str, default: Any = dataclasses.MISSING) -> Any:
@@ -87,7 +89,9 @@ def parse_config(cfg: Any) -> UNetSpec:
       param_dtype=layers.resolve_dtype(_field(cfg, 'param_dtype', 'float32'),
                                        'model.param_dtype'),
       remat=remat,
-      patch_size=_positive_int(_field(cfg, 'patch_size', 1), 'patch_size'))
+      patch_size=_positive_int(_field(cfg, 'patch_size', 1), 'patch_size'),
+      coord_channels=bool(_field(cfg, 'coord_channels', False)),
+      pooled_conditioning=bool(_field(cfg, 'pooled_conditioning', True)))
 
 
 def _heads(spec: UNetSpec, width: int) -> tuple[int, int]:
@@ -165,12 +169,15 @@ class UNet(nn.Module):
     # Conditioning: noise embedding + projected pooled text (Imagen, Saharia et al. 2022, sec. 2.2).
     context = layers.layer_norm(dt, pdt, name='context_norm')(context.astype(dt))
     context_mask = context_mask.astype(bool)
-    pooled = layers.layer_norm(dt, pdt, name='pooled_norm')(pooled.astype(dt))
     emb = layers.NoiseEmbedding(ch, dt, pdt, name='noise_embed')(c_noise)
-    emb = emb + layers.dense(4 * ch, ('text_embed', 'mlp'), dt, pdt, name='pooled_proj')(pooled)
+    if spec.pooled_conditioning:  # Global (spatially uniform) text signal in every ResBlock.
+      pooled = layers.layer_norm(dt, pdt, name='pooled_norm')(pooled.astype(dt))
+      emb = emb + layers.dense(4 * ch, ('text_embed', 'mlp'), dt, pdt, name='pooled_proj')(pooled)
 
     out_channels, p = x.shape[-1], spec.patch_size
     x = space_to_depth(x, p)  # patch_size > 1: the U-Net runs at 1/p resolution (cheaper).
+    if spec.coord_channels:
+      x = add_coordinates(x)
     h = layers.constrain(layers.conv(ch, 3, dt, pdt, name='conv_in')(x.astype(dt)))
     skips = [h]
     last = len(spec.channel_mult) - 1
@@ -202,6 +209,19 @@ class UNet(nn.Module):
                                   name='norm_out')(h))
     out = layers.conv(out_channels * p * p, 3, jnp.float32, pdt, zero_init=True, name='conv_out')(h)
     return depth_to_space(out, p).astype(jnp.float32)
+
+
+def add_coordinates(x: jax.Array) -> jax.Array:
+  """Appends (x, y) pixel-centre coordinates in [-1, 1] as two channels (Liu et al. 2018, CoordConv).
+
+  Convolutions and attention are translation-equivariant; prompts such as "a red square to the
+  left of a blue circle" need absolute position, which these two channels give at no cost.
+  """
+  b, h, w, _ = x.shape
+  ys = (jnp.arange(h, dtype=x.dtype) + 0.5) / h * 2 - 1
+  xs = (jnp.arange(w, dtype=x.dtype) + 0.5) / w * 2 - 1
+  grid = jnp.stack(jnp.meshgrid(xs, ys, indexing='xy'), axis=-1)  # [h, w, 2]: (x, y)
+  return jnp.concatenate([x, jnp.broadcast_to(grid, (b, h, w, 2))], axis=-1)
 
 
 def space_to_depth(x: jax.Array, p: int) -> jax.Array:

@@ -49,7 +49,9 @@ def read_prompts(prompts: Sequence[str], prompt_file: str | None) -> list[str]:
 
 def sample_to_folder(workdir: str, out_dir: str, prompts: Sequence[str], *, step=None,
                      sampler=None, num_steps=None, guidance_scale=None, eta=None, seed=0,
-                     samples_per_prompt=1, batch_size=64, use_ema=True) -> dict:
+                     samples_per_prompt=1, batch_size=64, use_ema=True, sampling_grid=None,
+                     guidance_rescale=0.0, guidance_interval=None, threshold_percentile=None,
+                     s_churn=None) -> dict:
   """Writes one PNG per sample, grid.png and manifest.jsonl into out_dir; returns a summary."""
   config, unet, text_encoder, unet_params, text_params, ckpt_step, mesh = load(
       workdir, step, use_ema=use_ema)
@@ -57,6 +59,9 @@ def sample_to_folder(workdir: str, out_dir: str, prompts: Sequence[str], *, step
   num_steps = int(num_steps or config.sampler.num_steps)
   w = float(config.sampler.guidance_scale if guidance_scale is None else guidance_scale)
   eta = float(config.sampler.eta if eta is None else eta)
+  if sampling_grid:
+    config.diffusion.sampling_grid = sampling_grid
+  extra = {'s_churn': s_churn} if s_churn is not None and sampler in ('euler', 'heun') else {}
   gen = generate.Generator(unet, text_encoder, config, mesh)
   jobs = [(p, seed + i * samples_per_prompt + j) for i, p in enumerate(prompts)
           for j in range(samples_per_prompt)]
@@ -67,13 +72,16 @@ def sample_to_folder(workdir: str, out_dir: str, prompts: Sequence[str], *, step
       chunk = jobs[start:start + batch_size]
       pad = chunk + [chunk[-1]] * (batch_size - len(chunk)) if len(jobs) > batch_size else chunk
       out = gen(unet_params, text_params, [p for p, _ in pad], seed=[s for _, s in pad],
-                sampler=sampler, num_steps=num_steps, guidance_scale=w, eta=eta)
+                sampler=sampler, num_steps=num_steps, guidance_scale=w, eta=eta,
+                guidance_rescale=guidance_rescale, guidance_interval=guidance_interval,
+                threshold_percentile=threshold_percentile, extra_opts=extra)
       imgs = images.to_uint8(out[:len(chunk)])
       for k, ((prompt, s), img) in enumerate(zip(chunk, imgs)):
         name = f'{start + k:05d}.png'
         images.save_png(img, os.path.join(out_dir, name))
         manifest.write(json.dumps({'file': name, 'prompt': prompt, 'seed': s, 'sampler': sampler,
                                    'steps': num_steps, 'guidance': w, 'eta': eta,
+                                   'grid': config.diffusion.sampling_grid,
                                    'checkpoint_step': ckpt_step}) + '\n')
       all_images.append(imgs)
       logging.info('Sampled %d/%d images (%.1fs).', min(start + batch_size, len(jobs)), len(jobs),

@@ -32,16 +32,19 @@ class Generator:
     self.image_shape = (config.data.image_size, config.data.image_size, 3)
     self.null_ids = np.asarray(text_encoder.tokenize([NULL_CAPTION]))
     out_sharding = NamedSharding(mesh, P()) if mesh is not None else None
-    self._jitted = jax.jit(self._sample, static_argnames=('sampler_name',),
+    self._jitted = jax.jit(self._sample, static_argnames=('sampler_name', 'thresholding'),
                            out_shardings=out_sharding)
 
-  def _sample(self, unet_params, text_params, ids, logsnrs, seeds, w, phi, opts, *, sampler_name):
+  def _sample(self, unet_params, text_params, ids, logsnrs, seeds, w, phi, interval, percentile,
+              opts, *, sampler_name, thresholding):
     diff_cfg = self.config.diffusion
     cond = _cond(self.text.encode, text_params, ids)
     null = jnp.broadcast_to(self.null_ids, ids.shape)
     uncond = _cond(self.text.encode, text_params, null)
     model_fn = denoiser.x0_model(self.unet, unet_params, diff_cfg)
-    denoise_fn = guidance.guided_denoiser(model_fn, cond, uncond, w, rescale_phi=phi)
+    denoise_fn = guidance.guided_denoiser(
+        model_fn, cond, uncond, w, rescale_phi=phi, interval=interval,
+        threshold_percentile=percentile if thresholding else None)
     # One key per example (its seed), so a deterministic sampler's image depends on its seed alone.
     keys = jax.vmap(jax.random.PRNGKey)(seeds)
     noise = jax.vmap(lambda k: jax.random.normal(k, self.image_shape, jnp.float32))(keys)
@@ -51,10 +54,14 @@ class Generator:
 
   def __call__(self, unet_params, text_params, prompts: Sequence[str], *, seed,
                sampler: str, num_steps: int, guidance_scale: float, eta: float = 0.0,
-               guidance_rescale: float = 0.0, extra_opts: dict | None = None) -> np.ndarray:
+               guidance_rescale: float = 0.0, guidance_interval=None, threshold_percentile=None,
+               extra_opts: dict | None = None) -> np.ndarray:
     """Samples one image per prompt; returns float32 [len(prompts), S, S, 3] in [-1, 1].
 
     `seed` is an int (example i gets seed + i) or a sequence of per-example seeds.
+    `guidance_interval=(lo, hi)`: apply w only for log-SNR in [lo, hi] (None: everywhere).
+    `threshold_percentile`: Imagen dynamic thresholding at that percentile (None: off).
+    All of these are traced: new values reuse the compiled program.
     """
     samplers.get_sampler(sampler)  # Validates the name with a clear error before compiling.
     ids = np.asarray(self.text.tokenize(list(prompts)))
@@ -62,9 +69,12 @@ class Generator:
     opts = sampler_options(sampler, eta=eta, **(extra_opts or {}))
     seeds = np.asarray(seed, np.int32) if np.ndim(seed) else np.int32(seed) + np.arange(
         len(ids), dtype=np.int32)
+    lo, hi = guidance_interval if guidance_interval is not None else (-np.inf, np.inf)
     out = self._jitted(unet_params, text_params, ids, logsnrs, seeds,
-                       jnp.float32(guidance_scale), jnp.float32(guidance_rescale), opts,
-                       sampler_name=sampler)
+                       jnp.float32(guidance_scale), jnp.float32(guidance_rescale),
+                       (jnp.float32(lo), jnp.float32(hi)),
+                       jnp.float32(threshold_percentile or 99.5), opts, sampler_name=sampler,
+                       thresholding=threshold_percentile is not None)
     return np.asarray(jax.device_get(out))
 
   def compiled_count(self) -> int:

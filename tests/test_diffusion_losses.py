@@ -9,7 +9,6 @@ import pytest
 
 from diffusion import losses
 from diffusion import parameterization as param
-from diffusion import schedules
 
 
 def make_cfg(**kw):

@@ -64,9 +64,10 @@ def test_multi_head_attention_kernel_axes_and_shapes():
   x, ctx = jnp.ones((1, 3, 6)), jnp.ones((1, 5, 10))
   variables = mha.init(jax.random.key(0), x, ctx, jnp.ones((1, 5), bool))
   specs = nn.get_partition_spec(variables)['params']
-  assert tuple(specs['key']['kernel']) == ('text_embed', 'heads', 'kv')
-  assert nn.unbox(variables)['params']['key']['kernel'].shape == (10, 2, 4)
-  assert tuple(specs['out']['kernel']) == ('heads', 'kv', 'embed')
+  assert tuple(specs['key']) == ('text_embed', 'heads', 'kv')
+  assert nn.unbox(variables)['params']['key'].shape == (10, 2, 4)
+  assert tuple(specs['out']) == ('heads', 'kv', 'embed')
+  assert tuple(specs['out_bias']) == ('embed',)
   assert mha.apply(variables, x, ctx, jnp.ones((1, 5), bool)).shape == (1, 3, 6)
 
 

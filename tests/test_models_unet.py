@@ -156,9 +156,9 @@ def test_every_param_has_logical_axes_of_its_rank(boxed_variables):
   specs = nn.get_partition_spec(boxed_variables)['params']
   assert tuple(specs['conv_in']['kernel']) == (None, None, 'conv_in', 'conv_out')
   attn = specs['down_1_attn_0']
-  assert tuple(attn['self_attn']['query']['kernel']) == ('embed', 'heads', 'kv')
-  assert tuple(attn['cross_attn']['key']['kernel']) == ('text_embed', 'heads', 'kv')
-  assert tuple(attn['cross_attn']['out']['kernel']) == ('heads', 'kv', 'embed')
+  assert tuple(attn['self_attn']['query']) == ('embed', 'heads', 'kv')
+  assert tuple(attn['cross_attn']['key']) == ('text_embed', 'heads', 'kv')
+  assert tuple(attn['cross_attn']['out']) == ('heads', 'kv', 'embed')
   assert tuple(specs['down_0_res_0']['norm_0']['scale']) == ('norm',)
   assert tuple(specs['noise_embed']['dense_0']['kernel']) == ('embed', 'mlp')
 
@@ -195,3 +195,23 @@ def test_missing_field_raises_naming_field():
   model = UNet(ml_collections.ConfigDict(cfg))
   with pytest.raises(ValueError, match=r'model\.channels'):
     jax.eval_shape(lambda k: model.init(k, *inputs(), train=False), jax.random.key(0))
+
+
+def test_coordinate_channels_encode_absolute_position():
+  from models import unet as unet_lib
+  x = jnp.zeros((2, 4, 6, 3))
+  out = unet_lib.add_coordinates(x)
+  assert out.shape == (2, 4, 6, 5)
+  np.testing.assert_allclose(out[0, 0, :, 3], (np.arange(6) + 0.5) / 6 * 2 - 1, atol=1e-6)  # x: W
+  np.testing.assert_allclose(out[0, :, 0, 4], (np.arange(4) + 0.5) / 4 * 2 - 1, atol=1e-6)  # y: H
+  assert float(out[0, 0, 0, 3]) < 0 < float(out[0, 0, -1, 3])  # left is negative x
+
+
+def test_patch_size_round_trips_space_to_depth():
+  from models import unet as unet_lib
+  x = jnp.arange(2 * 8 * 8 * 3, dtype=jnp.float32).reshape(2, 8, 8, 3)
+  y = unet_lib.space_to_depth(x, 2)
+  assert y.shape == (2, 4, 4, 12)
+  np.testing.assert_array_equal(unet_lib.depth_to_space(y, 2), x)
+  np.testing.assert_array_equal(y[0, 0, 0, :3], x[0, 0, 0])  # patch order: row-major pixels
+  np.testing.assert_array_equal(y[0, 0, 0, 3:6], x[0, 0, 1])

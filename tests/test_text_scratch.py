@@ -125,7 +125,7 @@ def test_encoder_logical_axes(encoder_and_vars):
   specs = nn.get_partition_spec(variables)['params']
   assert tuple(specs['token_embed']['embedding']) == ('vocab', 'text_embed')
   block = specs['block_0']
-  assert tuple(block['attn']['query']['kernel']) == ('text_embed', 'heads', 'kv')
+  assert tuple(block['attn']['query']) == ('text_embed', 'heads', 'kv')
   assert tuple(block['mlp_in']['kernel']) == ('text_embed', 'mlp')
   assert tuple(block['mlp_out']['kernel']) == ('mlp', 'text_embed')
   assert tuple(block['norm_attn']['scale']) == ('norm',)
