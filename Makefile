@@ -1,11 +1,12 @@
 # The two commands of the README. Both create .venv and install the pinned stack on first use.
 #   make quickstart   set-up, then train the CPU-sized Shapes model, sample the benchmark prompts, score them
 #   make test         set-up, then the test suite (what CI runs)
+#   make test-slow    the slow tests (multi-process training, convergence orders); CI runs them too
 PY ?= python3
 VENV ?= .venv
 WORKDIR ?= runs/quickstart
 CONFIG ?= configs/shapes.py:cpu
-GUIDANCE ?= 3.0
+GUIDANCE ?= 2.0
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
 $(VENV)/.installed: requirements.txt
@@ -25,4 +26,7 @@ quickstart: setup
 test: setup
 	$(VENV)/bin/python -m pytest -q
 
-.PHONY: setup quickstart test
+test-slow: setup
+	$(VENV)/bin/python -m pytest -q -m slow
+
+.PHONY: setup quickstart test test-slow

@@ -45,7 +45,8 @@ def get_config(arg=None):
   config.model = model = ml_collections.ConfigDict()
   model.patch_size = 1  # Fold p x p pixel patches into channels first (p=2: 4x cheaper convs).
   model.coord_channels = True  # Append (x, y) coordinate channels: absolute position for "left of".
-  model.pooled_conditioning = True  # Add the pooled text vector to the noise embedding (Imagen).
+  model.pooled_conditioning = False  # Add the pooled text vector to the noise embedding (Imagen);
+  # off by default: its spatially uniform signal mixed the colours of two-object prompts (BENCHMARKS.md).
   model.channels = 64  # Base channel width.
   model.channel_mult = (1, 2, 2)  # Width multiplier per resolution level.
   model.num_res_blocks = 2  # Residual blocks per level.

@@ -48,6 +48,7 @@ def get_config(arg='cpu'):
     config.logging.every_steps = 50
     config.logging.eval_every_steps = 0
     config.sampler.num_steps = 25
+    config.sampler.guidance_scale = 2.0
   elif arg == 'gpu':
     config.data.num_train = 200_000
     config.data.global_batch_size = 256
