@@ -47,9 +47,12 @@ def main(argv=None):
   parser.add_argument('--guidance', type=float, default=3.0)
   parser.add_argument('--guidance_sweep', default='1,2,3,4,6', help='w values (ddim, 20 steps)')
   parser.add_argument('--samples_per_prompt', type=int, default=2)
+  parser.add_argument('--grid', default='', help='override diffusion.sampling_grid (e.g. karras)')
   args = parser.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
   config, unet, text, unet_params, text_params, step, mesh = from_checkpoint.load(args.workdir)
+  if args.grid:
+    config.diffusion.sampling_grid = args.grid
   gen = generate.Generator(unet, text, config, mesh)
   prompts = scoring.benchmark_prompts()
   per = args.samples_per_prompt
@@ -69,7 +72,8 @@ def main(argv=None):
     rows.append(row)
     print(json.dumps(row), flush=True)
     with open(os.path.join(args.out, 'results.json'), 'w') as f:
-      json.dump({'workdir': args.workdir, 'checkpoint_step': step, 'rows': rows}, f, indent=1)
+      json.dump({'workdir': args.workdir, 'checkpoint_step': step,
+                 'grid': config.diffusion.sampling_grid, 'rows': rows}, f, indent=1)
     return imgs
 
   nfes = [int(n) for n in args.nfe.split(',')]

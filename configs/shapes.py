@@ -2,7 +2,7 @@
 
 Launch:
 
-  # Quickstart: a 2-core CPU, about 10 minutes of training.
+  # Quickstart: a 2-core CPU, about 11.5 minutes of training (BENCHMARKS.md).
   python train.py --config=configs/shapes.py:cpu --workdir=runs/shapes_cpu
   # One accelerator (or a host of 8: the batch is split over all devices).
   python train.py --config=configs/shapes.py:gpu --workdir=runs/shapes_gpu

@@ -27,14 +27,31 @@ def params_of(result):
   return jax.tree.leaves(jax.device_get(result.state.params))
 
 
-def test_one_device_and_8_devices_4x2_give_the_same_losses(tmp_path):
+def test_one_device_and_8_devices_give_the_same_losses(tmp_path):
   one = loop.train_and_evaluate(tiny_config(tmp_path, data=1, fsdp=1), str(tmp_path / 'one'),
                                 devices=jax.devices()[:1])
-  eight = loop.train_and_evaluate(tiny_config(tmp_path, data=4, fsdp=2), str(tmp_path / 'eight'))
-  assert len(one.history) == 4
-  np.testing.assert_allclose(losses(one), losses(eight), rtol=2e-4, atol=2e-5)
-  for a, b in zip(params_of(one), params_of(eight)):
-    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+  assert len(one.history) == 4 and len(set(losses(one).tolist())) == 4
+  # 4 x 2 (data x fsdp), and 2 x 2 x 2 with tensor parallelism over heads, MLP and conv outputs.
+  for name, mesh in (('dp_fsdp', dict(data=4, fsdp=2)), ('tp', dict(data=2, fsdp=2, tensor=2))):
+    eight = loop.train_and_evaluate(tiny_config(tmp_path, **mesh), str(tmp_path / name))
+    np.testing.assert_allclose(losses(one), losses(eight), rtol=2e-4, atol=2e-5)
+    for a, b in zip(params_of(one), params_of(eight)):
+      np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_tensor_parallel_rules_shard_heads_and_mlp(tmp_path):
+  config = tiny_config(tmp_path, data=2, fsdp=2, tensor=2)
+  mesh = sharding.make_mesh(config.mesh)
+  unet, text_encoder = loop.build_models(config)
+  tx, _ = loop.make_optimizer(config.optim)
+  _, shardings, _ = loop.create_sharded_state(config, mesh, unet=unet, text_encoder=text_encoder,
+                                              tx=tx)
+  specs = {jax.tree_util.keystr(k): normalized(s.spec)
+           for k, s in jax.tree_util.tree_leaves_with_path(shardings.params)}
+  query = [v for k, v in specs.items() if k.endswith("['self_attn']['query']")]
+  assert query and all(v == P('fsdp', 'tensor') for v in query), query
+  mlp = [v for k, v in specs.items() if "['noise_embed']" in k and k.endswith("['kernel']")]
+  assert P('fsdp', 'tensor') in mlp and P('tensor', 'fsdp') in mlp, mlp
 
 
 def test_named_parameters_are_really_sharded(tmp_path):

@@ -13,9 +13,11 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-# Config sections whose change makes a checkpoint unusable (architecture and meaning of params).
+# Config fields whose change makes a checkpoint unusable (architecture and meaning of params).
+# `model`: every field but these (which change how the same parameters are computed with).
+_MODEL_FREE = ('dtype', 'param_dtype', 'remat', 'dropout')
 _ARCH_FIELDS = {
-    'model': ('channels', 'channel_mult', 'num_res_blocks', 'attn_resolutions', 'num_heads'),
+    'model': None,  # All of config.model except _MODEL_FREE.
     'text': ('encoder', 'width', 'depth', 'num_heads', 'max_len', 'vocab', 'pretrained_path'),
     'data': ('image_size',),
     'diffusion': ('prediction',),
@@ -107,6 +109,9 @@ def check_compatible(saved: ml_collections.ConfigDict, current: ml_collections.C
   """Raises if the checkpoint was written by a config with another architecture."""
   diffs = []
   for section, fields in _ARCH_FIELDS.items():
+    if fields is None:
+      names = set(saved.get(section, {}).keys()) | set(current[section].keys())
+      fields = sorted(names - set(_MODEL_FREE))
     for f in fields:
       a = saved.get(section, {}).get(f) if section in saved else None
       b = current[section].get(f) if section in current else None

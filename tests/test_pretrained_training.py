@@ -1,0 +1,37 @@
+"""A Shapes run with the frozen MiniLM encoder and cached caption embeddings, end to end."""
+
+import json
+import os
+
+import jax
+import numpy as np
+
+from configs import shapes
+from sampling import from_checkpoint
+from training import checkpoint, loop
+
+
+def test_pretrained_cached_encoder_trains_resumes_and_samples(tmp_path):
+  config = shapes.get_config('tiny')
+  config.data.dataset = 'shapes_rendered'
+  config.text.encoder = 'pretrained'
+  config.text.max_len = 16
+  config.text.cache_embeddings = True
+  config.logging.eval_at_end = False
+  workdir = str(tmp_path / 'run')
+  first = loop.train_and_evaluate(config, workdir, devices=jax.devices()[:2], stop_at=2)
+  assert np.isfinite([l for _, l in first.history]).all()
+  # Frozen: the encoder is not in the trained (and checkpointed) parameters.
+  assert set(first.state.params) == {'unet'} and set(first.state.ema_params) == {'unet'}
+  index = json.load(open(os.path.join(workdir, 'text_cache', 'index.json')))
+  assert '' in index['captions']  # The CFG null caption is cached too.
+  assert len(index['captions']) <= config.data.num_train + 1
+  mtime = os.path.getmtime(os.path.join(workdir, 'text_cache', 'emb.npy'))
+  second = loop.train_and_evaluate(config, workdir, devices=jax.devices()[:2])
+  assert [s for s, _ in second.history] == [3, 4]
+  assert os.path.getmtime(os.path.join(workdir, 'text_cache', 'emb.npy')) == mtime  # Reused.
+  assert checkpoint.Checkpointer(workdir, read_only=True).latest_step() == 4
+  out = str(tmp_path / 'samples')
+  summary = from_checkpoint.sample_to_folder(workdir, out, ['a red square'], num_steps=2,
+                                             guidance_scale=2.0)
+  assert summary['num_images'] == 1 and os.path.exists(os.path.join(out, '00000.png'))
