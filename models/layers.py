@@ -159,3 +159,34 @@ class Upsample(nn.Module):
     b, h, w, c = x.shape
     x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
     return constrain(conv(c, 3, self.dtype, self.param_dtype, name='conv')(x))
+
+
+class DenseGeneral(nn.Module):
+  """nn.DenseGeneral's math and parameter layout ('kernel' [*in, *features], 'bias' [*features]),
+  but the kernel is initialised in its final shape with logical axis names.
+
+  flax's DenseGeneral initialises a flat kernel and reshapes it, which fails once a mesh and
+  logical rules are active (the flat kernel has fewer dimensions than its names).
+  """
+  features: int | tuple[int, ...]
+  names: tuple[str | None, ...]
+  axis: int | tuple[int, ...] = -1
+  use_bias: bool = True
+  kernel_init: Any = nn.initializers.normal(0.02)
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    feats = self.features if isinstance(self.features, tuple) else (self.features,)
+    axes = self.axis if isinstance(self.axis, tuple) else (self.axis,)
+    axes = tuple(a % x.ndim for a in axes)
+    kernel = self.param('kernel', partitioned(self.kernel_init, self.names),
+                        tuple(x.shape[a] for a in axes) + feats, self.param_dtype)
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                            ((axes, tuple(range(len(axes)))), ((), ())))
+    if self.use_bias:
+      bias = self.param('bias', partitioned(nn.initializers.zeros_init(), self.names[-len(feats):]),
+                        feats, self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y

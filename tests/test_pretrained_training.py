@@ -35,3 +35,16 @@ def test_pretrained_cached_encoder_trains_resumes_and_samples(tmp_path):
   summary = from_checkpoint.sample_to_folder(workdir, out, ['a red square'], num_steps=2,
                                              guidance_scale=2.0)
   assert summary['num_images'] == 1 and os.path.exists(os.path.join(out, '00000.png'))
+
+
+def test_pretrained_encoder_runs_inside_the_sharded_train_step(tmp_path):
+  """Without the cache the frozen encoder runs in the jitted step, under the mesh and rules."""
+  config = shapes.get_config('tiny')
+  config.data.dataset = 'shapes_rendered'
+  config.text.encoder = 'pretrained'
+  config.text.max_len = 16
+  config.logging.eval_at_end = False
+  config.mesh.data, config.mesh.fsdp = 2, 2
+  result = loop.train_and_evaluate(config, str(tmp_path / 'run'), devices=jax.devices()[:4],
+                                   stop_at=2)
+  assert len(result.history) == 2 and np.isfinite([l for _, l in result.history]).all()

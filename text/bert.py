@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models import layers
+
 Dtype = Any
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -66,13 +68,10 @@ class BertConfig:
 
 
 def _dense(features, names, dtype, param_dtype, axis=-1, name=None):
-  """DenseGeneral with logically partitioned kernel and bias."""
-  features_t = features if isinstance(features, tuple) else (features,)
-  return nn.DenseGeneral(
-      features=features, axis=axis, dtype=dtype, param_dtype=param_dtype, name=name,
-      kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), names),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
-                                             names[-len(features_t):]))
+  """DenseGeneral with logically partitioned kernel and bias (BERT init: normal(0.02))."""
+  return layers.DenseGeneral(features=features, names=names, axis=axis, dtype=dtype,
+                             param_dtype=param_dtype, kernel_init=nn.initializers.normal(0.02),
+                             name=name)
 
 
 def _layer_norm(eps, param_dtype, name):

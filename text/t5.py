@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models import layers
+
 Dtype = Any
 Getter = Callable[[str | tuple[str, ...], tuple[int, ...]], np.ndarray]
 
@@ -103,10 +105,9 @@ class RMSNorm(nn.Module):
 
 def _dense(features, names, dtype, param_dtype, axis=-1, name=None):
   """Bias-free DenseGeneral with a logically partitioned kernel."""
-  return nn.DenseGeneral(
-      features=features, axis=axis, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-      name=name,
-      kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.05), names))
+  return layers.DenseGeneral(features=features, names=names, axis=axis, use_bias=False,
+                             dtype=dtype, param_dtype=param_dtype,
+                             kernel_init=nn.initializers.normal(0.05), name=name)
 
 
 class T5Block(nn.Module):
