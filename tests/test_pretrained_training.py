@@ -11,13 +11,19 @@ from sampling import from_checkpoint
 from training import checkpoint, loop
 
 
-def test_pretrained_cached_encoder_trains_resumes_and_samples(tmp_path):
+def pretrained_tiny_config(**text):
+  """The tiny config with the packaged MiniLM encoder (rendered data: no TFDS files)."""
   config = shapes.get_config('tiny')
   config.data.dataset = 'shapes_rendered'
   config.text.encoder = 'pretrained'
   config.text.max_len = 16
-  config.text.cache_embeddings = True
   config.logging.eval_at_end = False
+  config.text.update(text)
+  return config
+
+
+def test_pretrained_cached_encoder_trains_resumes_and_samples(tmp_path):
+  config = pretrained_tiny_config(cache_embeddings=True)
   workdir = str(tmp_path / 'run')
   first = loop.train_and_evaluate(config, workdir, devices=jax.devices()[:2], stop_at=2)
   assert np.isfinite([l for _, l in first.history]).all()
@@ -39,11 +45,7 @@ def test_pretrained_cached_encoder_trains_resumes_and_samples(tmp_path):
 
 def test_pretrained_encoder_runs_inside_the_sharded_train_step(tmp_path):
   """Without the cache the frozen encoder runs in the jitted step, under the mesh and rules."""
-  config = shapes.get_config('tiny')
-  config.data.dataset = 'shapes_rendered'
-  config.text.encoder = 'pretrained'
-  config.text.max_len = 16
-  config.logging.eval_at_end = False
+  config = pretrained_tiny_config()
   config.mesh.data, config.mesh.fsdp = 2, 2
   result = loop.train_and_evaluate(config, str(tmp_path / 'run'), devices=jax.devices()[:4],
                                    stop_at=2)
