@@ -27,7 +27,7 @@ _SAMPLER = flags.DEFINE_enum('sampler', None, ['ddpm', 'ddim', 'euler', 'heun', 
 _STEPS = flags.DEFINE_integer('steps', None, 'Sampler steps (default: the config).')
 _GUIDANCE = flags.DEFINE_float('guidance', None, 'CFG scale w (1 = conditional only).')
 _ETA = flags.DEFINE_float('eta', None, 'DDIM eta.')
-_GRID = flags.DEFINE_enum('grid', None, ['auto', 'uniform_t', 'karras'],
+_GRID = flags.DEFINE_enum('grid', None, ['auto', 'uniform_t', 'karras', 'uniform_logsnr'],
                           'Noise-level grid (default: the config).')
 _RESCALE = flags.DEFINE_float('guidance_rescale', 0.0, 'Guidance rescale phi (Lin et al. 2023).')
 _INTERVAL = flags.DEFINE_list('guidance_interval', None,

@@ -1,18 +1,21 @@
 """Shapes accuracy against network evaluations for each sampler, and against guidance scale.
 
   .venv/bin/python -m benchmarks.samplers --workdir=runs/quickstart --out=runs/quickstart/bench \
-      --nfe=5,10,20,50,100 --ddpm_nfe=250 --samples_per_prompt=2
+      --nfe=5,10,20,50 --extra=ddpm:100,ddpm:250,ddim:100 --samples_per_prompt=4
 
 Samples the fixed benchmark prompt set from a trained workdir's EMA weights with every
 sampler at (about) each number of network evaluations (Heun's N steps cost 2N-1), scores
-them with the Shapes scorer, prints a markdown table and writes results.json.
+them with the Shapes scorer, prints a markdown table (full accuracy, its binomial standard
+error in brackets) and writes results.json after every row.
 """
 
 import argparse
 import json
+import math
 import os
 import time
 
+import numpy as np
 
 from data import scoring
 from diffusion import samplers
@@ -42,12 +45,21 @@ def main(argv=None):
   parser.add_argument('--workdir', required=True)
   parser.add_argument('--out', required=True)
   parser.add_argument('--nfe', default='5,10,20,50,100')
-  parser.add_argument('--ddpm_nfe', default='250', help='extra NFE values for ddpm only')
+  parser.add_argument('--extra', default='ddpm:250',
+                      help='further sampler:NFE cells, e.g. ddpm:250,ddim:100 (an ODE reference)')
   parser.add_argument('--samplers', default=','.join(SAMPLER_ORDER))
   parser.add_argument('--guidance', type=float, default=3.0)
-  parser.add_argument('--guidance_sweep', default='1,2,3,4,6', help='w values (ddim, 20 steps)')
+  parser.add_argument('--guidance_sweep', default='1,2,3,4,6',
+                      help='w values for --sweep_sampler at --sweep_nfe')
+  parser.add_argument('--sweep_sampler', default='dpmpp_2m')
+  parser.add_argument('--sweep_nfe', type=int, default=20)
   parser.add_argument('--samples_per_prompt', type=int, default=2)
   parser.add_argument('--grid', default='', help='override diffusion.sampling_grid (e.g. karras)')
+  parser.add_argument('--seed', type=int, default=0, help='sample k uses seed + k')
+  parser.add_argument('--ode_reference', default='ddim:100',
+                      help='sampler:NFE whose images approximate the exact probability-flow ODE '
+                           'solution (run it through --extra); each deterministic cell gets its '
+                           'mean absolute pixel distance to them (ode_ref_mad, 8-bit levels)')
   args = parser.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
   config, unet, text, unet_params, text_params, step, mesh = from_checkpoint.load(args.workdir)
@@ -56,38 +68,69 @@ def main(argv=None):
   gen = generate.Generator(unet, text, config, mesh)
   prompts = scoring.benchmark_prompts()
   per = args.samples_per_prompt
-  rows = []
+  rows, row_images = [], []
+
+  def save():
+    with open(os.path.join(args.out, 'results.json'), 'w') as f:
+      json.dump({'workdir': args.workdir, 'checkpoint_step': step,
+                 'grid': config.diffusion.sampling_grid, 'rows': rows}, f, indent=1)
 
   def run(sampler, nfe, w):
     steps = steps_for_nfe(sampler, nfe)
     if any((r['sampler'], r['steps'], r['w']) == (sampler, steps, w) for r in rows):
       return None
     agg, seconds, imgs = score(gen, unet_params, text_params, prompts, per, sampler=sampler,
-                               steps=steps, w=w)
+                               steps=steps, w=w, seed=args.seed)
+    full, n = agg['all']['full'], agg['all']['n']
     row = {'sampler': sampler, 'steps': steps, 'nfe': samplers.nfe(sampler, steps), 'w': w,
-           'full': agg['all']['full'], 'colour': agg['all']['colour'],
+           'full': full, 'se': math.sqrt(full * (1 - full) / n), 'colour': agg['all']['colour'],
            'shape': agg['all']['shape'], 'count': agg['all']['count'],
            'left_right': agg['all']['left_right'], 'held_out_full': agg['held_out']['full'],
            'n': agg['all']['n'], 'seconds': round(seconds, 1)}
     rows.append(row)
+    row_images.append(imgs)
     print(json.dumps(row), flush=True)
-    with open(os.path.join(args.out, 'results.json'), 'w') as f:
-      json.dump({'workdir': args.workdir, 'checkpoint_step': step,
-                 'grid': config.diffusion.sampling_grid, 'rows': rows}, f, indent=1)
-    return imgs
+    save()
 
   nfes = [int(n) for n in args.nfe.split(',')]
+  extra = [(name, int(n)) for name, _, n in (e.partition(':') for e in args.extra.split(',') if e)]
+  for name, _ in extra:
+    samplers.get_sampler(name)  # A clear error before hours of sampling.
   for sampler in args.samplers.split(','):
-    extra = [int(n) for n in args.ddpm_nfe.split(',') if n] if sampler == 'ddpm' else []
-    for nfe in nfes + extra:
+    for nfe in nfes + [n for name, n in extra if name == sampler]:
       run(sampler, nfe, args.guidance)
+  for name, nfe in extra:
+    run(name, nfe, args.guidance)  # Samplers not in --samplers.
   for w in [float(x) for x in args.guidance_sweep.split(',') if x]:
-    run('ddim', 20, w)
-  print(markdown(rows, nfes + [int(n) for n in args.ddpm_nfe.split(',') if n]))
+    run(args.sweep_sampler, args.sweep_nfe, w)
+  if args.ode_reference:
+    add_ode_distances(rows, row_images, args.ode_reference)
+    save()
+  print(markdown(rows, nfes + [n for _, n in extra],
+                 args.sweep_sampler, args.sweep_nfe))
 
 
-def markdown(rows, nfes) -> str:
-  """Full accuracy by sampler x NFE, then by guidance scale."""
+DETERMINISTIC = ('ddim', 'euler', 'heun', 'dpmpp_2m')  # at their defaults (eta = 0, no churn)
+
+
+def add_ode_distances(rows, images, reference: str) -> None:
+  """Sets row['ode_ref_mad'] on deterministic rows: mean |image - reference image| (0-255).
+
+  All rows share the seeds, hence the initial noise, so deterministic samplers that solve the
+  probability-flow ODE accurately land on the same images as a fine-stepped reference.
+  """
+  name, _, nfe = reference.partition(':')
+  ref = [i for i, r in enumerate(rows) if r['sampler'] == name
+         and r['steps'] == steps_for_nfe(name, int(nfe))]
+  for i in ref:
+    for row, imgs in zip(rows, images):
+      if row['sampler'] in DETERMINISTIC and row['w'] == rows[i]['w']:
+        diff = np.abs(imgs.astype(np.float32) - images[i].astype(np.float32))
+        row['ode_ref_mad'] = round(float(diff.mean()), 2)
+
+
+def markdown(rows, nfes, sweep_sampler='dpmpp_2m', sweep_nfe=20) -> str:
+  """Full accuracy (standard error) by sampler x NFE, then by guidance scale."""
   nfes = sorted(set(nfes))
   lines = ['| sampler | ' + ' | '.join(f'NFE {n}' for n in nfes) + ' |',
            '|---|' + '---|' * len(nfes)]
@@ -95,16 +138,26 @@ def markdown(rows, nfes) -> str:
   for r in rows:
     by.setdefault(r['sampler'], {})[(r['nfe'], r['w'])] = r
   w0 = rows[0]['w'] if rows else 3.0
-  for sampler, table in by.items():
-    cells = []
-    for n in nfes:
-      match = [r for (nfe, w), r in table.items() if w == w0 and abs(nfe - n) <= 1]
-      cells.append(f"{100 * match[0]['full']:.1f}" if match else '')
-    lines.append(f'| {sampler} | ' + ' | '.join(cells) + ' |')
-  lines += ['', '| w (ddim, 20 steps) | full | colour | shape | count | left/right |',
+
+  def table_of(cell, samplers_):
+    for sampler in samplers_:
+      cells = []
+      for n in nfes:
+        match = [r for (nfe, w), r in by[sampler].items() if w == w0 and abs(nfe - n) <= 1]
+        cells.append(cell(match[0]) if match and cell(match[0]) is not None else '')
+      lines.append(f'| {sampler} | ' + ' | '.join(cells) + ' |')
+
+  table_of(lambda r: f"{100 * r['full']:.1f} ({100 * r['se']:.1f})", by)
+  with_mad = [s for s in by if any('ode_ref_mad' in r for r in by[s].values())]
+  if with_mad:
+    lines += ['', '| distance to the ODE reference (mean abs, 0-255) | ' +
+              ' | '.join(f'NFE {n}' for n in nfes) + ' |', '|---|' + '---|' * len(nfes)]
+    table_of(lambda r: None if 'ode_ref_mad' not in r else f"{r['ode_ref_mad']:.2f}", with_mad)
+  lines += ['', f'| w ({sweep_sampler}, {sweep_nfe} NFE) | full | colour | shape | count | '
+            'left/right |',
             '|---|---|---|---|---|---|']
   for r in rows:
-    if r['sampler'] == 'ddim' and r['nfe'] == 20:
+    if r['sampler'] == sweep_sampler and abs(r['nfe'] - sweep_nfe) <= 1:
       fmt = lambda v: '' if v is None else f'{100 * v:.1f}'
       lines.append(f"| {r['w']} | {fmt(r['full'])} | {fmt(r['colour'])} | {fmt(r['shape'])} | "
                    f"{fmt(r['count'])} | {fmt(r['left_right'])} |")

@@ -66,14 +66,14 @@ def get_config(arg=None):
   diff.beta_end = 0.02  # Last beta of 'linear'/'scaled_linear'.
   diff.zero_terminal_snr = False  # Rescale so alpha_bar_T = 0 (Lin et al. 2023); use with v/x0.
   diff.logsnr_shift = 0.0  # Added to log-SNR (resolution shift, Hoogeboom et al. 2023).
-  diff.sigma_min = 0.002  # EDM: smallest sigma.
-  diff.sigma_max = 80.0  # EDM: largest sigma.
+  diff.sigma_min = 0.002  # EDM: smallest sigma; also the floor of 'karras'/'uniform_logsnr' grids.
+  diff.sigma_max = 80.0  # EDM: largest sigma; also caps 'karras'/'uniform_logsnr' grids.
   diff.rho = 7.0  # EDM: Karras grid exponent.
   diff.sigma_data = 0.5  # EDM: data standard deviation.
   diff.p_mean = -1.2  # EDM log-normal training sigma: mean of ln sigma.
   diff.p_std = 1.2  # EDM log-normal training sigma: std of ln sigma.
   diff.noise_sampling = 'uniform'  # Training noise levels: 'uniform' (in t) or 'lognormal' (EDM).
-  diff.sampling_grid = 'auto'  # Sampler grid: 'uniform_t', 'karras', 'auto' (karras for edm).
+  diff.sampling_grid = 'auto'  # 'uniform_t', 'karras', 'uniform_logsnr'; 'auto': karras for edm.
   diff.prediction = 'v'  # Network output: 'eps', 'x0', 'v' or 'edm'.
   diff.loss_target = 'auto'  # Loss space: 'eps', 'x0', 'v'; 'auto' = same as prediction.
   diff.loss_weighting = 'auto'  # 'none', 'min_snr', 'edm'; 'auto' = edm for edm, else none.

@@ -215,16 +215,15 @@ def get_sampler(name: str) -> Callable:
   return SAMPLERS[name]
 
 
-def sampler_options(cfg) -> dict:
-  """{option: value} for `cfg.name` from the fields of `cfg` (= config.sampler) it defines."""
-  name = schedules.cfg_value(cfg, 'name', None)
+def sampler_options(name: str, **options) -> dict:
+  """`options` as float32 scalars (traced: new values do not recompile), checked against `name`."""
   get_sampler(name)
-  options = {}
-  for key in SAMPLER_OPTIONS[name]:
-    value = schedules.cfg_value(cfg, key, None)
-    if value is not None:
-      options[key] = float(value)
-  return options
+  unknown = sorted(set(options) - set(SAMPLER_OPTIONS[name]))
+  if unknown:
+    takes = ', '.join(SAMPLER_OPTIONS[name]) or 'none'
+    raise ValueError(f'sampler {name!r} takes no option {", ".join(unknown)}; its options: '
+                     f'{takes}.')
+  return {k: jnp.float32(v) for k, v in options.items()}
 
 
 def nfe(name: str, num_steps: int) -> int:

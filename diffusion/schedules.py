@@ -17,7 +17,7 @@ import numpy as np
 
 SCHEDULES = ('linear', 'scaled_linear', 'cosine', 'sigmoid', 'edm')
 DISCRETE_SCHEDULES = ('linear', 'scaled_linear', 'cosine', 'sigmoid')
-SAMPLING_GRIDS = ('auto', 'uniform_t', 'karras')
+SAMPLING_GRIDS = ('auto', 'uniform_t', 'karras', 'uniform_logsnr')
 NOISE_SAMPLINGS = ('uniform', 'lognormal')
 _MAX_BETA = 0.999  # Nichol & Dhariwal 2021 sec 3.2: clip betas to avoid singularities at t = T.
 
@@ -217,45 +217,60 @@ def get_logsnr_fn(cfg) -> Callable[[jax.Array], jax.Array]:
 
 
 # ------------------------------------------------------------------ grids and training levels
-def sampling_logsnrs(cfg, num_steps: int) -> jax.Array:
+def sampling_logsnrs(cfg, num_steps: int, sampler: str | None = None) -> jax.Array:
   """The [num_steps + 1] log-SNR grid a sampler walks: noisiest first, last entry +inf (clean).
 
   `diffusion.sampling_grid`:
     'uniform_t' -- discrete schedules: "trailing" timesteps k_i = round(T (1 - i/N)), i = 0..N
       (Lin et al. 2023 sec 3.3; starts at k = T, so a zero-terminal-SNR grid starts at -inf);
       'edm': t = 1 - i/(N-1) through `get_logsnr_fn`, which is the Karras grid.
-    'karras' -- Karras et al. 2022 eq. 5 between the schedule's smallest and largest finite
-      sigma (for a zero-terminal-SNR table: -inf, then N-1 Karras levels).
-    'auto' (default) -- 'karras' for 'edm', 'uniform_t' otherwise.
+    'karras' -- Karras et al. 2022 eq. 5 over the schedule's finite sigma_ve range clipped to
+      [diffusion.sigma_min, diffusion.sigma_max] (for a zero-terminal-SNR table: -inf, then N-1
+      levels). The clip matters for 'cosine', whose last level is sigma_ve ~ 2e4: starting from
+      sigma_max = 80 (EDM's choice) instead keeps the first step's sigma ratio moderate.
+    'uniform_logsnr' -- equal steps in log-SNR over the same clipped range (Lu et al. 2022,
+      DPM-Solver's 'logSNR' spacing).
+    'auto' (default) -- 'karras' for 'edm' or when `sampler` is 'heun' (its trapezoid in
+      sigma_ve is inaccurate across the uniform grid's first step from sigma_ve ~ 2e4 on
+      'cosine'), 'uniform_t' otherwise.
   `diffusion.logsnr_shift` is added to every entry.
   """
   name = cfg_choice(cfg, 'schedule', 'linear', SCHEDULES)
   grid = cfg_choice(cfg, 'sampling_grid', 'auto', SAMPLING_GRIDS)
+  if grid == 'auto' and sampler == 'heun':
+    grid = 'karras'
   N = int(num_steps)
   if N < 1:
     raise ValueError(f'sampler.num_steps must be >= 1, got {num_steps}.')
   shift = float(cfg_value(cfg, 'logsnr_shift', 0.0))
+  sigma_min, sigma_max, rho = _edm_range(cfg)
   if name == 'edm':
-    sigma_min, sigma_max, rho = _edm_range(cfg)
-    finite = logsnr_from_sigma_ve(jnp.asarray(karras_sigmas(N, sigma_min, sigma_max, rho)))
-    return jnp.concatenate([finite + shift, jnp.array([jnp.inf])])
-
-  table = discrete_logsnrs(cfg)  # [T+1], table[0] = +inf.
-  T = len(table) - 1
-  if grid in ('auto', 'uniform_t'):
-    if N > T:
-      raise ValueError(f'sampler.num_steps={N} exceeds diffusion.num_train_timesteps={T}; the '
-                       "'uniform_t' grid would repeat timesteps. Use fewer steps or "
-                       "diffusion.sampling_grid='karras'.")
-    k = np.round(np.linspace(T, 0, N + 1)).astype(np.int64)
-    return jnp.asarray(table[k] + shift)
-  finite = table[1:][np.isfinite(table[1:])]
-  sigma = np.exp(-0.5 * finite)
-  lead = [] if np.isfinite(table[T]) else [-np.inf]
-  n_karras = N - len(lead)
-  levels = ([] if n_karras == 0 else
-            list(-2 * np.log(karras_sigmas(n_karras, sigma.min(), sigma.max(),
-                                           float(cfg_value(cfg, 'rho', 7.0))))))
+    lead = []
+  else:
+    table = discrete_logsnrs(cfg)  # [T+1], table[0] = +inf.
+    T = len(table) - 1
+    if grid in ('auto', 'uniform_t'):
+      if N > T:
+        raise ValueError(f'sampler.num_steps={N} exceeds diffusion.num_train_timesteps={T}; '
+                         "the 'uniform_t' grid would repeat timesteps. Use fewer steps or "
+                         "diffusion.sampling_grid='karras'.")
+      k = np.round(np.linspace(T, 0, N + 1)).astype(np.int64)
+      return jnp.asarray(table[k] + shift)
+    finite = np.exp(-0.5 * table[1:][np.isfinite(table[1:])])
+    lo, hi = max(finite.min(), sigma_min), min(finite.max(), sigma_max)
+    if lo > hi:
+      raise ValueError(f'diffusion.sigma_min={sigma_min} / sigma_max={sigma_max} leave no part of '
+                       f'the schedule\'s sigma range [{finite.min():.4g}, {finite.max():.4g}] for '
+                       f'the {grid!r} grid; widen them.')
+    sigma_min, sigma_max = lo, hi
+    lead = [] if np.isfinite(table[T]) else [-np.inf]
+  n = N - len(lead)
+  if n == 0:
+    levels = []
+  elif grid == 'uniform_logsnr':
+    levels = list(np.linspace(-2 * np.log(sigma_max), -2 * np.log(sigma_min), n))
+  else:  # 'karras', and 'auto' / 'uniform_t' for 'edm' (the same curve, t = 1 - i/(N-1)).
+    levels = list(-2 * np.log(karras_sigmas(n, sigma_min, sigma_max, rho)))
   return jnp.asarray(np.array(lead + levels + [np.inf]) + shift)
 
 

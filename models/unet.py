@@ -12,7 +12,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from models import layers
 from models.attention import SpatialAttention
@@ -141,8 +140,7 @@ class UNet(nn.Module):
   config: Any
 
   def __post_init__(self):
-    if isinstance(self.config, ml_collections.ConfigDict):
-      object.__setattr__(self, 'config', ml_collections.FrozenConfigDict(self.config))
+    layers.freeze_config(self)
     super().__post_init__()
 
   @nn.compact

@@ -5,7 +5,7 @@ them reuses the compiled program; the step count (the grid's length), the batch
 shape and the sampler name are what compile.
 """
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -65,8 +65,10 @@ class Generator:
     """
     samplers.get_sampler(sampler)  # Validates the name with a clear error before compiling.
     ids = np.asarray(self.text.tokenize(list(prompts)))
-    logsnrs = schedules.sampling_logsnrs(self.config.diffusion, int(num_steps))
-    opts = sampler_options(sampler, eta=eta, **(extra_opts or {}))
+    logsnrs = schedules.sampling_logsnrs(self.config.diffusion, int(num_steps), sampler)
+    # `eta` is DDIM's (config field sampler.eta); other samplers' options come in extra_opts.
+    opts = samplers.sampler_options(sampler, **{**({'eta': eta} if sampler == 'ddim' else {}),
+                                                **(extra_opts or {})})
     seeds = np.asarray(seed, np.int32) if np.ndim(seed) else np.int32(seed) + np.arange(
         len(ids), dtype=np.int32)
     lo, hi = guidance_interval if guidance_interval is not None else (-np.inf, np.inf)
@@ -80,11 +82,4 @@ class Generator:
   def compiled_count(self) -> int:
     """How many programs have been compiled (tests check that w and seed do not add any)."""
     return self._jitted._cache_size()  # pylint: disable=protected-access
-
-
-def sampler_options(name: str, *, eta: float = 0.0, **extra) -> dict[str, Any]:
-  """The traced options each sampler takes (as float32 scalars, so new values do not recompile)."""
-  opts = {'eta': eta} if name == 'ddim' else {}
-  opts.update(extra)
-  return {k: jnp.float32(v) for k, v in opts.items()}
 

@@ -214,7 +214,8 @@ def test_registry_and_options():
   assert samplers.nfe('heun', 10) == 19 and samplers.nfe('dpmpp_2m', 10) == 10
   with pytest.raises(ValueError, match=r'sampler\.name.*ddpm'):
     samplers.get_sampler('plms')
-  cfg = ml_collections.ConfigDict(dict(name='heun', num_steps=10, s_churn=5, eta=1.0))
-  assert samplers.sampler_options(cfg) == {'s_churn': 5.0}
+  assert samplers.sampler_options('heun', s_churn=5) == {'s_churn': 5.0}
+  with pytest.raises(ValueError, match=r"'dpmpp_2m' takes no option eta; its options: none"):
+    samplers.sampler_options('dpmpp_2m', eta=1.0)
   with pytest.raises(ValueError, match='logsnrs'):
     samplers.ddim(lambda x, l: x, jnp.zeros((2, 2)), jnp.zeros(1), jax.random.PRNGKey(0))

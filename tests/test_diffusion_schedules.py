@@ -141,9 +141,33 @@ def test_sampling_grid_discrete(zero_terminal_snr):
   karras = np.asarray(schedules.sampling_logsnrs(cfg, 6))
   assert karras.shape == (7,) and karras[-1] == np.inf and np.all(np.diff(karras) > 0)
   finite = table[1:][np.isfinite(table[1:])]
-  np.testing.assert_allclose([karras[1 if zero_terminal_snr else 0], karras[-2]],
-                             [finite.min(), finite.max()], rtol=1e-5)
+  # The linear schedule's sigma_ve range (0.01 .. 157 at T = 100) clipped to sigma_max = 80.
+  first = 1 if zero_terminal_snr else 0
+  np.testing.assert_allclose([karras[first], karras[-2]],
+                             [-2 * np.log(min(np.exp(-finite.min() / 2), 80.0)), finite.max()],
+                             rtol=1e-5)
   assert (karras[0] == -np.inf) == zero_terminal_snr
+  # Karras spacing: sigma^(1/rho) equally spaced.
+  steps = np.diff(np.exp(-karras[first:-1].astype(np.float64) / 2) ** (1 / 7.0))
+  np.testing.assert_allclose(steps, steps[0], rtol=1e-4)
+  cfg.sampling_grid = 'uniform_logsnr'
+  uniform = np.asarray(schedules.sampling_logsnrs(cfg, 6), np.float64)
+  np.testing.assert_allclose(uniform[[first, -2]], karras[[first, -2]], rtol=1e-5)
+  np.testing.assert_allclose(np.diff(uniform[first:-1]), np.diff(uniform[first:-1])[0], rtol=1e-4)
+  assert uniform[-1] == np.inf and (uniform[0] == -np.inf) == zero_terminal_snr
+
+
+def test_karras_grid_of_cosine_is_capped_at_sigma_max():
+  cfg = make_cfg(schedule='cosine', sampling_grid='karras')
+  sigma = np.exp(-np.asarray(schedules.sampling_logsnrs(cfg, 10), np.float64)[:-1] / 2)
+  assert np.exp(-schedules.discrete_logsnrs(cfg)[-1] / 2) > 1e4  # the uncapped cosine sigma_T
+  np.testing.assert_allclose(sigma[0], 80.0, rtol=1e-5)
+  cfg.sigma_max = 1e6  # a cap above the schedule's range leaves the schedule's own maximum
+  sigma = np.exp(-np.asarray(schedules.sampling_logsnrs(cfg, 10), np.float64)[:-1] / 2)
+  np.testing.assert_allclose(sigma[0], np.exp(-schedules.discrete_logsnrs(cfg)[-1] / 2), rtol=1e-4)
+  cfg.sigma_min, cfg.sigma_max = 1e5, 2e5  # entirely above the schedule's largest sigma
+  with pytest.raises(ValueError, match='diffusion.sigma_min'):
+    schedules.sampling_logsnrs(cfg, 10)
 
 
 def test_sampling_grid_with_one_step_and_bad_values():
@@ -175,3 +199,15 @@ def test_sample_train_logsnr_lognormal(overrides):
   ln_sigma = -np.asarray(logsnr) / 2
   assert abs(ln_sigma.mean() + 1.2) < 5 * 1.2 / np.sqrt(n)
   assert abs(ln_sigma.std() - 1.2) < 5 * 1.2 / np.sqrt(2 * n)
+
+
+def test_auto_grid_is_karras_for_heun_only():
+  cfg = make_cfg(schedule='cosine')
+  uniform = np.asarray(schedules.sampling_logsnrs(cfg, 8))
+  np.testing.assert_array_equal(np.asarray(schedules.sampling_logsnrs(cfg, 8, 'ddim')), uniform)
+  heun = np.asarray(schedules.sampling_logsnrs(cfg, 8, 'heun'))
+  cfg.sampling_grid = 'karras'
+  np.testing.assert_array_equal(heun, np.asarray(schedules.sampling_logsnrs(cfg, 8)))
+  assert not np.allclose(heun[:-1], uniform[:-1])
+  cfg.sampling_grid = 'uniform_t'  # an explicit grid is kept for heun too
+  np.testing.assert_array_equal(np.asarray(schedules.sampling_logsnrs(cfg, 8, 'heun')), uniform)

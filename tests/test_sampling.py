@@ -91,3 +91,38 @@ def test_guidance_scale_one_is_the_conditional_model(workdir):
   ref = samplers.get_sampler('ddim')(lambda x, l: model_fn(x, l, cond), noise, logsnrs,
                                      jax.random.fold_in(keys[0], 1), eta=jnp.float32(0.0))
   np.testing.assert_allclose(guided, np.clip(ref, -1, 1), atol=2e-5)
+
+
+def test_sample_cli_choices_match_the_library():
+  import sample  # pylint: disable=import-outside-toplevel
+  del sample
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  assert flags.FLAGS['sampler'].parser.enum_values == list(samplers.SAMPLERS)
+  assert flags.FLAGS['grid'].parser.enum_values == list(schedules.SAMPLING_GRIDS)
+
+
+def test_sampler_benchmark_runs_on_a_workdir(workdir, tmp_path):
+  from benchmarks import samplers as bench  # pylint: disable=import-outside-toplevel
+  assert [bench.steps_for_nfe('heun', n) for n in (5, 10, 20)] == [3, 5, 10]  # 2N-1 NFE
+  assert bench.steps_for_nfe('ddpm', 20) == 20
+  out = str(tmp_path / 'bench')
+  bench.main([f'--workdir={workdir}', f'--out={out}', '--nfe=2', '--extra=ddpm:3', '--guidance=2',
+              '--samplers=ddim,heun', '--guidance_sweep=1', '--sweep_sampler=ddim',
+              '--sweep_nfe=2', '--samples_per_prompt=1', '--ode_reference=ddim:2'])
+  with open(os.path.join(out, 'results.json')) as f:
+    rows = json.load(f)['rows']
+  assert [(r['sampler'], r['steps'], r['nfe'], r['w']) for r in rows] == [
+      ('ddim', 2, 2, 2.0), ('heun', 1, 1, 2.0), ('ddpm', 3, 3, 2.0), ('ddim', 2, 2, 1.0)]
+  for r in rows:
+    assert r['n'] == len(scoring.benchmark_prompts()) and 0 <= r['full'] <= 1
+    np.testing.assert_allclose(r['se'], np.sqrt(r['full'] * (1 - r['full']) / r['n']))
+  with pytest.raises(ValueError, match='sampler.name'):
+    bench.main([f'--workdir={workdir}', f'--out={out}', '--extra=plms:20'])
+  # Deterministic cells get their distance to the ODE reference (ddim at 2 NFE here: itself).
+  assert rows[0]['ode_ref_mad'] == 0.0 and rows[1]['ode_ref_mad'] > 0.0
+  assert 'ode_ref_mad' not in rows[2]  # ddpm is stochastic
+  assert rows[3]['ode_ref_mad'] == 0.0  # ddim at w = 1 is the reference for w = 1
+  table = bench.markdown(rows, [2, 3], 'ddim', 2)
+  assert '| distance to the ODE reference' in table and '| heun | ' in table
+  assert f"| ddim | {100 * rows[0]['full']:.1f} ({100 * rows[0]['se']:.1f}) |" in table
+  assert '| w (ddim, 2 NFE) |' in table and table.count('\n| 1.0 |') == 1

@@ -32,7 +32,6 @@ class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` for this project's three items."""
 
   def __init__(self, workdir: str, cfg=None, *, read_only: bool = False):
-    every = int(cfg.every_steps) if cfg is not None else 1
     options = ocp.CheckpointManagerOptions(
         max_to_keep=int(cfg.keep) if cfg is not None else None,
         save_interval_steps=1,  # The loop decides when; the manager must not skip our calls.
@@ -40,7 +39,6 @@ class Checkpointer:
         create=not read_only,
         read_only=read_only,
     )
-    self.every_steps = every
     self.directory = state_dir(workdir)
     if read_only and not os.path.isdir(self.directory):
       raise FileNotFoundError(f'No checkpoints under {self.directory}: train first '
