@@ -256,11 +256,11 @@ def sampling_logsnrs(cfg, num_steps: int, sampler: str | None = None) -> jax.Arr
                          "diffusion.sampling_grid='karras'.")
       k = np.round(np.linspace(T, 0, N + 1)).astype(np.int64)
       return jnp.asarray(table[k] + shift)
-    finite = np.exp(-0.5 * table[1:][np.isfinite(table[1:])])
-    lo, hi = max(finite.min(), sigma_min), min(finite.max(), sigma_max)
+    sigmas = np.exp(-0.5 * table[1:][np.isfinite(table[1:])])  # the trained finite sigma_ve
+    lo, hi = max(sigmas.min(), sigma_min), min(sigmas.max(), sigma_max)
     if lo > hi:
       raise ValueError(f'diffusion.sigma_min={sigma_min} / sigma_max={sigma_max} leave no part of '
-                       f'the schedule\'s sigma range [{finite.min():.4g}, {finite.max():.4g}] for '
+                       f'the schedule\'s sigma range [{sigmas.min():.4g}, {sigmas.max():.4g}] for '
                        f'the {grid!r} grid; widen them.')
     sigma_min, sigma_max = lo, hi
     lead = [] if np.isfinite(table[T]) else [-np.inf]
