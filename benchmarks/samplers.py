@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from data import scoring
-from diffusion import samplers
+from diffusion import samplers, schedules
 from sampling import from_checkpoint, generate, images
 
 SAMPLER_ORDER = ('ddpm', 'ddim', 'euler', 'heun', 'dpmpp_2m', 'dpmpp_2m_sde')
@@ -83,6 +83,7 @@ def main(argv=None):
                                steps=steps, w=w, seed=args.seed)
     full, n = agg['all']['full'], agg['all']['n']
     row = {'sampler': sampler, 'steps': steps, 'nfe': samplers.nfe(sampler, steps), 'w': w,
+           'grid': schedules.effective_grid(config.diffusion, sampler),
            'full': full, 'se': math.sqrt(full * (1 - full) / n), 'colour': agg['all']['colour'],
            'shape': agg['all']['shape'], 'count': agg['all']['count'],
            'left_right': agg['all']['left_right'], 'held_out_full': agg['held_out']['full'],

@@ -217,6 +217,15 @@ def get_logsnr_fn(cfg) -> Callable[[jax.Array], jax.Array]:
 
 
 # ------------------------------------------------------------------ grids and training levels
+def effective_grid(cfg, sampler: str | None = None) -> str:
+  """`diffusion.sampling_grid` with 'auto' resolved: 'karras' for 'edm' or 'heun', else 'uniform_t'."""
+  grid = cfg_choice(cfg, 'sampling_grid', 'auto', SAMPLING_GRIDS)
+  if grid != 'auto':
+    return grid
+  edm = cfg_choice(cfg, 'schedule', 'linear', SCHEDULES) == 'edm'
+  return 'karras' if edm or sampler == 'heun' else 'uniform_t'
+
+
 def sampling_logsnrs(cfg, num_steps: int, sampler: str | None = None) -> jax.Array:
   """The [num_steps + 1] log-SNR grid a sampler walks: noisiest first, last entry +inf (clean).
 
@@ -236,9 +245,7 @@ def sampling_logsnrs(cfg, num_steps: int, sampler: str | None = None) -> jax.Arr
   `diffusion.logsnr_shift` is added to every entry.
   """
   name = cfg_choice(cfg, 'schedule', 'linear', SCHEDULES)
-  grid = cfg_choice(cfg, 'sampling_grid', 'auto', SAMPLING_GRIDS)
-  if grid == 'auto' and sampler == 'heun':
-    grid = 'karras'
+  grid = effective_grid(cfg, sampler)
   N = int(num_steps)
   if N < 1:
     raise ValueError(f'sampler.num_steps must be >= 1, got {num_steps}.')
@@ -249,7 +256,7 @@ def sampling_logsnrs(cfg, num_steps: int, sampler: str | None = None) -> jax.Arr
   else:
     table = discrete_logsnrs(cfg)  # [T+1], table[0] = +inf.
     T = len(table) - 1
-    if grid in ('auto', 'uniform_t'):
+    if grid == 'uniform_t':
       if N > T:
         raise ValueError(f'sampler.num_steps={N} exceeds diffusion.num_train_timesteps={T}; '
                          "the 'uniform_t' grid would repeat timesteps. Use fewer steps or "
@@ -269,7 +276,7 @@ def sampling_logsnrs(cfg, num_steps: int, sampler: str | None = None) -> jax.Arr
     levels = []
   elif grid == 'uniform_logsnr':
     levels = list(np.linspace(-2 * np.log(sigma_max), -2 * np.log(sigma_min), n))
-  else:  # 'karras', and 'auto' / 'uniform_t' for 'edm' (the same curve, t = 1 - i/(N-1)).
+  else:  # 'karras', and 'uniform_t' for 'edm' (the same curve, t = 1 - i/(N-1)).
     levels = list(-2 * np.log(karras_sigmas(n, sigma_min, sigma_max, rho)))
   return jnp.asarray(np.array(lead + levels + [np.inf]) + shift)
 

@@ -209,5 +209,8 @@ def test_auto_grid_is_karras_for_heun_only():
   cfg.sampling_grid = 'karras'
   np.testing.assert_array_equal(heun, np.asarray(schedules.sampling_logsnrs(cfg, 8)))
   assert not np.allclose(heun[:-1], uniform[:-1])
+  auto = make_cfg(schedule='cosine')
+  assert [schedules.effective_grid(auto, s) for s in ('ddim', 'heun')] == ['uniform_t', 'karras']
+  assert schedules.effective_grid(make_cfg(schedule='edm'), 'ddim') == 'karras'
   cfg.sampling_grid = 'uniform_t'  # an explicit grid is kept for heun too
   np.testing.assert_array_equal(np.asarray(schedules.sampling_logsnrs(cfg, 8, 'heun')), uniform)

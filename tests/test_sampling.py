@@ -113,6 +113,7 @@ def test_sampler_benchmark_runs_on_a_workdir(workdir, tmp_path):
     rows = json.load(f)['rows']
   assert [(r['sampler'], r['steps'], r['nfe'], r['w']) for r in rows] == [
       ('ddim', 2, 2, 2.0), ('heun', 1, 1, 2.0), ('ddpm', 3, 3, 2.0), ('ddim', 2, 2, 1.0)]
+  assert [r['grid'] for r in rows] == ['uniform_t', 'karras', 'uniform_t', 'uniform_t']
   for r in rows:
     assert r['n'] == len(scoring.benchmark_prompts()) and 0 <= r['full'] <= 1
     np.testing.assert_allclose(r['se'], np.sqrt(r['full'] * (1 - r['full']) / r['n']))
