@@ -6,7 +6,8 @@
   python sample.py --workdir=runs/shapes_cpu --shapes_benchmark --out=/tmp/bench  # then evaluate.py
 
 Writes one PNG per sample, grid.png and manifest.jsonl (file, prompt, seed, sampler,
-steps, guidance, checkpoint step). Uses the EMA parameters unless --noema.
+steps, guidance settings, sampler options, grid, checkpoint step). Uses the EMA parameters
+unless --noema. A sampler option the sampler does not take (e.g. --eta with heun) is an error.
 """
 
 import json
@@ -26,14 +27,21 @@ _SAMPLER = flags.DEFINE_enum('sampler', None, ['ddpm', 'ddim', 'euler', 'heun', 
                                                'dpmpp_2m_sde'], 'Sampler (default: the config).')
 _STEPS = flags.DEFINE_integer('steps', None, 'Sampler steps (default: the config).')
 _GUIDANCE = flags.DEFINE_float('guidance', None, 'CFG scale w (1 = conditional only).')
-_ETA = flags.DEFINE_float('eta', None, 'DDIM eta.')
+_ETA = flags.DEFINE_float('eta', None, 'eta of ddim (default: the config\'s sampler.eta) or '
+                          'dpmpp_2m_sde (default 1; 0 is dpmpp_2m).')
 _GRID = flags.DEFINE_enum('grid', None, ['auto', 'uniform_t', 'karras', 'uniform_logsnr'],
                           'Noise-level grid (default: the config).')
 _RESCALE = flags.DEFINE_float('guidance_rescale', 0.0, 'Guidance rescale phi (Lin et al. 2023).')
 _INTERVAL = flags.DEFINE_list('guidance_interval', None,
                               'lo,hi: apply w only for log-SNR in [lo, hi] (Kynkaanniemi 2024).')
 _THRESHOLD = flags.DEFINE_float('threshold', None, 'Dynamic thresholding percentile (e.g. 99.5).')
-_CHURN = flags.DEFINE_float('churn', None, 'S_churn for euler/heun (Karras et al. 2022).')
+# Euler/Heun churn (Karras et al. 2022 Alg. 2); s_noise also for dpmpp_2m_sde.
+_CHURN = flags.DEFINE_float('s_churn', None, 'S_churn of euler/heun (default 0).')
+flags.DEFINE_alias('churn', 's_churn')
+_TMIN = flags.DEFINE_float('s_tmin', None,
+                           'Churn only where sigma_ve = sigma/alpha >= s_tmin (euler/heun).')
+_TMAX = flags.DEFINE_float('s_tmax', None, 'Churn only where sigma_ve <= s_tmax (euler/heun).')
+_SNOISE = flags.DEFINE_float('s_noise', None, 'Scale of the added noise (euler/heun/dpmpp_2m_sde).')
 _SEED = flags.DEFINE_integer('seed', 0, 'Base seed; sample k of the run gets seed + k.')
 _NUM = flags.DEFINE_integer('num', 1, 'Samples per prompt.')
 _BATCH = flags.DEFINE_integer('batch_size', 64, 'Images per device program.')
@@ -58,7 +66,9 @@ def main(argv):
       samples_per_prompt=_NUM.value, batch_size=_BATCH.value, use_ema=_EMA.value,
       sampling_grid=_GRID.value, guidance_rescale=_RESCALE.value,
       guidance_interval=tuple(float(v) for v in _INTERVAL.value) if _INTERVAL.value else None,
-      threshold_percentile=_THRESHOLD.value, s_churn=_CHURN.value)
+      threshold_percentile=_THRESHOLD.value,
+      sampler_opts={'s_churn': _CHURN.value, 's_tmin': _TMIN.value, 's_tmax': _TMAX.value,
+                    's_noise': _SNOISE.value})
   print(json.dumps(summary))
 
 

@@ -3,10 +3,11 @@
   .venv/bin/python -m benchmarks.samplers --workdir=runs/quickstart --out=runs/quickstart/bench \
       --nfe=5,10,20,50 --extra=ddpm:100,ddpm:250,ddim:100 --samples_per_prompt=4
 
-Samples the fixed benchmark prompt set from a trained workdir's EMA weights with every
-sampler at (about) each number of network evaluations (Heun's N steps cost 2N-1), scores
-them with the Shapes scorer, prints a markdown table (full accuracy, its binomial standard
-error in brackets) and writes results.json after every row.
+Samples the fixed benchmark prompt set from a trained workdir's EMA weights (--noema: the raw
+ones) with every sampler at (about) each number of network evaluations (Heun's N steps cost
+2N-1), scores them with the Shapes scorer, prints a markdown table (full accuracy, its binomial
+standard error in brackets) and writes results.json after every row. An --extra cell may set
+sampler options: --extra=euler:50:s_churn=20:s_tmin=1,dpmpp_2m_sde:20:eta=0.5.
 """
 
 import argparse
@@ -29,11 +30,40 @@ def steps_for_nfe(name: str, nfe: int) -> int:
   return max(1, min(range(1, nfe + 2), key=lambda n: abs(samplers.nfe(name, n) - nfe)))
 
 
-def score(gen, unet_params, text_params, prompts, per, *, sampler, steps, w, seed=0):
+def parse_cell(cell: str) -> tuple[str, int, dict[str, float]]:
+  """'sampler:NFE[:option=value...]' -> (sampler, NFE, options), checked against the sampler."""
+  name, nfe, *opts = cell.split(':')
+  try:
+    options = {k: float(v) for k, v in (o.split('=') for o in opts)}
+    nfe = int(nfe)
+  except ValueError:
+    raise ValueError(f'--extra cell {cell!r}: expected sampler:NFE[:option=value...], e.g. '
+                     'euler:50:s_churn=20.') from None
+  samplers.sampler_options(name, **options)  # A clear error before hours of sampling.
+  return name, nfe, options
+
+
+def is_deterministic(sampler: str, options: dict) -> bool:
+  """Whether `sampler` with `options` solves the probability-flow ODE (injects no noise)."""
+  noise = {'ddpm': 1.0, 'ddim': options.get('eta', 0.0), 'euler': options.get('s_churn', 0.0),
+           'heun': options.get('s_churn', 0.0), 'dpmpp_2m': 0.0,
+           'dpmpp_2m_sde': options.get('eta', 1.0) * options.get('s_noise', 1.0)}
+  return noise[sampler] == 0.0
+
+
+def label(row) -> str:
+  """The table label of a row: its sampler, then any options it set."""
+  opts = row.get('options') or {}
+  return row['sampler'] + (' (' + ', '.join(f'{k}={v:g}' for k, v in opts.items()) + ')'
+                           if opts else '')
+
+
+def score(gen, unet_params, text_params, prompts, per, *, sampler, steps, w, seed=0,
+          options=None, guidance_interval=None):
   batch = [p for p in prompts for _ in range(per)]
   t = time.time()
   out = gen(unet_params, text_params, batch, seed=seed, sampler=sampler, num_steps=steps,
-            guidance_scale=w)
+            guidance_scale=w, guidance_interval=guidance_interval, extra_opts=options)
   seconds = time.time() - t
   imgs = images.to_uint8(out)
   agg = scoring.aggregate([scoring.score_image(i, p) for i, p in zip(imgs, batch)], batch)
@@ -46,7 +76,8 @@ def main(argv=None):
   parser.add_argument('--out', required=True)
   parser.add_argument('--nfe', default='5,10,20,50,100')
   parser.add_argument('--extra', default='ddpm:250',
-                      help='further sampler:NFE cells, e.g. ddpm:250,ddim:100 (an ODE reference)')
+                      help='further sampler:NFE[:option=value...] cells, e.g. '
+                           'ddpm:250,ddim:100,euler:50:s_churn=20:s_tmin=1')
   parser.add_argument('--samplers', default=','.join(SAMPLER_ORDER))
   parser.add_argument('--guidance', type=float, default=3.0)
   parser.add_argument('--guidance_sweep', default='1,2,3,4,6',
@@ -56,13 +87,22 @@ def main(argv=None):
   parser.add_argument('--samples_per_prompt', type=int, default=2)
   parser.add_argument('--grid', default='', help='override diffusion.sampling_grid (e.g. karras)')
   parser.add_argument('--seed', type=int, default=0, help='sample k uses seed + k')
+  parser.add_argument('--noema', action='store_true', help='sample with the raw (non-EMA) weights')
+  parser.add_argument('--guidance_interval', default='',
+                      help='lo,hi: apply w only for log-SNR in [lo, hi], in every cell')
   parser.add_argument('--ode_reference', default='ddim:100',
                       help='sampler:NFE whose images approximate the exact probability-flow ODE '
                            'solution (run it through --extra); each deterministic cell gets its '
                            'mean absolute pixel distance to them (ode_ref_mad, 8-bit levels)')
   args = parser.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
-  config, unet, text, unet_params, text_params, step, mesh = from_checkpoint.load(args.workdir)
+  interval = tuple(float(v) for v in args.guidance_interval.split(',') if v) or None
+  if interval is not None and len(interval) != 2:
+    raise ValueError(f'--guidance_interval={args.guidance_interval!r}: expected lo,hi.')
+  nfes = [int(n) for n in args.nfe.split(',')]
+  extra = [parse_cell(e) for e in args.extra.split(',') if e]
+  config, unet, text, unet_params, text_params, step, mesh = from_checkpoint.load(
+      args.workdir, use_ema=not args.noema)
   if args.grid:
     config.diffusion.sampling_grid = args.grid
   gen = generate.Generator(unet, text, config, mesh)
@@ -72,17 +112,22 @@ def main(argv=None):
 
   def save():
     with open(os.path.join(args.out, 'results.json'), 'w') as f:
-      json.dump({'workdir': args.workdir, 'checkpoint_step': step,
+      json.dump({'workdir': args.workdir, 'checkpoint_step': step, 'ema': not args.noema,
+                 'guidance_interval': interval, 'seed': args.seed,
                  'grid': config.diffusion.sampling_grid, 'rows': rows}, f, indent=1)
 
-  def run(sampler, nfe, w):
+  def run(sampler, nfe, w, options=None):
+    options = options or {}
     steps = steps_for_nfe(sampler, nfe)
-    if any((r['sampler'], r['steps'], r['w']) == (sampler, steps, w) for r in rows):
+    if any((r['sampler'], r['steps'], r['w'], r['options']) == (sampler, steps, w, options)
+           for r in rows):
       return None
     agg, seconds, imgs = score(gen, unet_params, text_params, prompts, per, sampler=sampler,
-                               steps=steps, w=w, seed=args.seed)
+                               steps=steps, w=w, seed=args.seed, options=options,
+                               guidance_interval=interval)
     full, n = agg['all']['full'], agg['all']['n']
-    row = {'sampler': sampler, 'steps': steps, 'nfe': samplers.nfe(sampler, steps), 'w': w,
+    row = {'sampler': sampler, 'options': options, 'steps': steps,
+           'nfe': samplers.nfe(sampler, steps), 'w': w,
            'grid': schedules.effective_grid(config.diffusion, sampler),
            'full': full, 'se': math.sqrt(full * (1 - full) / n), 'colour': agg['all']['colour'],
            'shape': agg['all']['shape'], 'count': agg['all']['count'],
@@ -93,25 +138,18 @@ def main(argv=None):
     print(json.dumps(row), flush=True)
     save()
 
-  nfes = [int(n) for n in args.nfe.split(',')]
-  extra = [(name, int(n)) for name, _, n in (e.partition(':') for e in args.extra.split(',') if e)]
-  for name, _ in extra:
-    samplers.get_sampler(name)  # A clear error before hours of sampling.
   for sampler in args.samplers.split(','):
-    for nfe in nfes + [n for name, n in extra if name == sampler]:
+    for nfe in nfes + [n for name, n, opts in extra if name == sampler and not opts]:
       run(sampler, nfe, args.guidance)
-  for name, nfe in extra:
-    run(name, nfe, args.guidance)  # Samplers not in --samplers.
+  for name, nfe, opts in extra:
+    run(name, nfe, args.guidance, opts)  # Samplers not in --samplers, and cells with options.
   for w in [float(x) for x in args.guidance_sweep.split(',') if x]:
     run(args.sweep_sampler, args.sweep_nfe, w)
   if args.ode_reference:
     add_ode_distances(rows, row_images, args.ode_reference)
     save()
-  print(markdown(rows, nfes + [n for _, n in extra],
+  print(markdown(rows, nfes + [n for _, n, _ in extra],
                  args.sweep_sampler, args.sweep_nfe))
-
-
-DETERMINISTIC = ('ddim', 'euler', 'heun', 'dpmpp_2m')  # at their defaults (eta = 0, no churn)
 
 
 def add_ode_distances(rows, images, reference: str) -> None:
@@ -121,11 +159,11 @@ def add_ode_distances(rows, images, reference: str) -> None:
   probability-flow ODE accurately land on the same images as a fine-stepped reference.
   """
   name, _, nfe = reference.partition(':')
-  ref = [i for i, r in enumerate(rows) if r['sampler'] == name
+  ref = [i for i, r in enumerate(rows) if r['sampler'] == name and not r['options']
          and r['steps'] == steps_for_nfe(name, int(nfe))]
   for i in ref:
     for row, imgs in zip(rows, images):
-      if row['sampler'] in DETERMINISTIC and row['w'] == rows[i]['w']:
+      if is_deterministic(row['sampler'], row['options']) and row['w'] == rows[i]['w']:
         diff = np.abs(imgs.astype(np.float32) - images[i].astype(np.float32))
         row['ode_ref_mad'] = round(float(diff.mean()), 2)
 
@@ -137,7 +175,7 @@ def markdown(rows, nfes, sweep_sampler='dpmpp_2m', sweep_nfe=20) -> str:
            '|---|' + '---|' * len(nfes)]
   by = {}
   for r in rows:
-    by.setdefault(r['sampler'], {})[(r['nfe'], r['w'])] = r
+    by.setdefault(label(r), {})[(r['nfe'], r['w'])] = r
   w0 = rows[0]['w'] if rows else 3.0
 
   def table_of(cell, samplers_):
@@ -158,7 +196,7 @@ def markdown(rows, nfes, sweep_sampler='dpmpp_2m', sweep_nfe=20) -> str:
             'left/right |',
             '|---|---|---|---|---|---|']
   for r in rows:
-    if r['sampler'] == sweep_sampler and abs(r['nfe'] - sweep_nfe) <= 1:
+    if label(r) == sweep_sampler and abs(r['nfe'] - sweep_nfe) <= 1:
       fmt = lambda v: '' if v is None else f'{100 * v:.1f}'
       lines.append(f"| {r['w']} | {fmt(r['full'])} | {fmt(r['colour'])} | {fmt(r['shape'])} | "
                    f"{fmt(r['count'])} | {fmt(r['left_right'])} |")

@@ -84,7 +84,7 @@ def get_config(arg=None):
   sampler.name = 'ddim'  # 'ddpm', 'ddim', 'euler', 'heun', 'dpmpp_2m' or 'dpmpp_2m_sde'.
   sampler.num_steps = 50  # Sampler steps (network evaluations for first-order samplers).
   sampler.guidance_scale = 3.0  # CFG scale w: 1 = conditional only, 0 = unconditional.
-  sampler.eta = 0.0  # DDIM eta (0 deterministic, 1 = DDPM-like).
+  sampler.eta = 0.0  # DDIM eta (0 deterministic, 1 = DDPM-like); only with name 'ddim'.
   sampler.guidance_rescale = 0.0  # Guidance rescale phi (Lin et al. 2023); 0 = plain CFG.
   sampler.use_ema = True  # Sample with the EMA parameters.
 

@@ -81,6 +81,13 @@ def validate(config: ml_collections.ConfigDict):
   for path in FRACTIONS:
     if not 0.0 <= _get(config, path) < 1.0:
       raise ValueError(f'{path}={_get(config, path)!r} must be in [0, 1).')
+  if config.sampler.eta < 0:
+    raise ValueError(f'sampler.eta={config.sampler.eta!r} must be >= 0 (0: deterministic DDIM, '
+                     '1: DDPM-like).')
+  if config.sampler.eta and config.sampler.name != 'ddim':
+    raise ValueError(f"sampler.eta={config.sampler.eta!r} is DDIM's eta, but "
+                     f"sampler.name={config.sampler.name!r}: use sampler.name='ddim' or leave "
+                     "sampler.eta at 0 (sample.py --eta sets dpmpp_2m_sde's eta).")
   levels = len(config.model.channel_mult)
   if levels == 0:
     raise ValueError('model.channel_mult is empty; give one multiplier per resolution level.')

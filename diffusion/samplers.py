@@ -15,6 +15,7 @@ Steps work in VP form, written so that logsnr = -inf (alpha = 0) needs no specia
 Heun's second stage, see `heun`.
 """
 from collections.abc import Callable
+import inspect
 import math
 
 import jax
@@ -196,15 +197,13 @@ SAMPLERS: dict[str, Callable] = {
     'dpmpp_2m': dpmpp_2m,
     'dpmpp_2m_sde': dpmpp_2m_sde,
 }
-# Keyword options each sampler accepts (all may be traced arrays).
-SAMPLER_OPTIONS: dict[str, tuple[str, ...]] = {
-    'ddpm': (),
-    'ddim': ('eta',),
-    'euler': ('s_churn', 's_tmin', 's_tmax', 's_noise'),
-    'heun': ('s_churn', 's_tmin', 's_tmax', 's_noise'),
-    'dpmpp_2m': (),
-    'dpmpp_2m_sde': ('eta', 's_noise'),
+# Keyword options each sampler accepts (all may be traced arrays), with their defaults.
+SAMPLER_DEFAULTS: dict[str, dict[str, float]] = {
+    name: {k: p.default for k, p in inspect.signature(fn).parameters.items()
+           if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    for name, fn in SAMPLERS.items()
 }
+SAMPLER_OPTIONS: dict[str, tuple[str, ...]] = {k: tuple(v) for k, v in SAMPLER_DEFAULTS.items()}
 
 
 def get_sampler(name: str) -> Callable:
@@ -216,14 +215,18 @@ def get_sampler(name: str) -> Callable:
 
 
 def sampler_options(name: str, **options) -> dict:
-  """`options` as float32 scalars (traced: new values do not recompile), checked against `name`."""
+  """All of `name`'s options as float32 scalars: `options` over the defaults, checked.
+
+  Every option is always present, so a jitted caller keeps one program per sampler whichever
+  options are given or changed (traced values do not recompile).
+  """
   get_sampler(name)
   unknown = sorted(set(options) - set(SAMPLER_OPTIONS[name]))
   if unknown:
     takes = ', '.join(SAMPLER_OPTIONS[name]) or 'none'
     raise ValueError(f'sampler {name!r} takes no option {", ".join(unknown)}; its options: '
                      f'{takes}.')
-  return {k: jnp.float32(v) for k, v in options.items()}
+  return {k: jnp.float32(v) for k, v in {**SAMPLER_DEFAULTS[name], **options}.items()}
 
 
 def nfe(name: str, num_steps: int) -> int:

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from diffusion import samplers, schedules
 from sampling import generate, images
 from training import checkpoint, loop, sharding
 
@@ -51,17 +52,26 @@ def sample_to_folder(workdir: str, out_dir: str, prompts: Sequence[str], *, step
                      sampler=None, num_steps=None, guidance_scale=None, eta=None, seed=0,
                      samples_per_prompt=1, batch_size=64, use_ema=True, sampling_grid=None,
                      guidance_rescale=0.0, guidance_interval=None, threshold_percentile=None,
-                     s_churn=None) -> dict:
-  """Writes one PNG per sample, grid.png and manifest.jsonl into out_dir; returns a summary."""
+                     sampler_opts: dict | None = None) -> dict:
+  """Writes one PNG per sample, grid.png and manifest.jsonl into out_dir; returns a summary.
+
+  `eta` (None: the config's sampler.eta for DDIM, else the sampler's default) and
+  `sampler_opts` (e.g. {'s_churn': 10}; None values are left out) are the sampler's options;
+  one the sampler does not take raises ValueError before anything is sampled.
+  """
   config, unet, text_encoder, unet_params, text_params, ckpt_step, mesh = load(
       workdir, step, use_ema=use_ema)
   sampler = sampler or config.sampler.name
   num_steps = int(num_steps or config.sampler.num_steps)
   w = float(config.sampler.guidance_scale if guidance_scale is None else guidance_scale)
-  eta = float(config.sampler.eta if eta is None else eta)
+  opts = {k: float(v) for k, v in (sampler_opts or {}).items() if v is not None}
+  if eta is not None:
+    opts['eta'] = float(eta)
+  elif sampler == 'ddim':
+    opts['eta'] = float(config.sampler.eta)  # The config field is DDIM's eta.
+  samplers.sampler_options(sampler, **opts)  # A clear error before compiling.
   if sampling_grid:
     config.diffusion.sampling_grid = sampling_grid
-  extra = {'s_churn': s_churn} if s_churn is not None and sampler in ('euler', 'heun') else {}
   gen = generate.Generator(unet, text_encoder, config, mesh)
   jobs = [(p, seed + i * samples_per_prompt + j) for i, p in enumerate(prompts)
           for j in range(samples_per_prompt)]
@@ -72,16 +82,19 @@ def sample_to_folder(workdir: str, out_dir: str, prompts: Sequence[str], *, step
       chunk = jobs[start:start + batch_size]
       pad = chunk + [chunk[-1]] * (batch_size - len(chunk)) if len(jobs) > batch_size else chunk
       out = gen(unet_params, text_params, [p for p, _ in pad], seed=[s for _, s in pad],
-                sampler=sampler, num_steps=num_steps, guidance_scale=w, eta=eta,
+                sampler=sampler, num_steps=num_steps, guidance_scale=w,
                 guidance_rescale=guidance_rescale, guidance_interval=guidance_interval,
-                threshold_percentile=threshold_percentile, extra_opts=extra)
+                threshold_percentile=threshold_percentile, extra_opts=opts)
       imgs = images.to_uint8(out[:len(chunk)])
       for k, ((prompt, s), img) in enumerate(zip(chunk, imgs)):
         name = f'{start + k:05d}.png'
         images.save_png(img, os.path.join(out_dir, name))
         manifest.write(json.dumps({'file': name, 'prompt': prompt, 'seed': s, 'sampler': sampler,
-                                   'steps': num_steps, 'guidance': w, 'eta': eta,
-                                   'grid': config.diffusion.sampling_grid,
+                                   'steps': num_steps, 'guidance': w, 'options': opts,
+                                   'guidance_rescale': guidance_rescale,
+                                   'guidance_interval': guidance_interval,
+                                   'threshold': threshold_percentile,
+                                   'grid': schedules.effective_grid(config.diffusion, sampler),
                                    'checkpoint_step': ckpt_step}) + '\n')
       all_images.append(imgs)
       logging.info('Sampled %d/%d images (%.1fs).', min(start + batch_size, len(jobs)), len(jobs),

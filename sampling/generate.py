@@ -53,12 +53,15 @@ class Generator:
     return jnp.clip(x0, -1.0, 1.0)
 
   def __call__(self, unet_params, text_params, prompts: Sequence[str], *, seed,
-               sampler: str, num_steps: int, guidance_scale: float, eta: float = 0.0,
+               sampler: str, num_steps: int, guidance_scale: float, eta: float | None = None,
                guidance_rescale: float = 0.0, guidance_interval=None, threshold_percentile=None,
                extra_opts: dict | None = None) -> np.ndarray:
     """Samples one image per prompt; returns float32 [len(prompts), S, S, 3] in [-1, 1].
 
     `seed` is an int (example i gets seed + i) or a sequence of per-example seeds.
+    `eta`: for the samplers that take it (ddim, default 0; dpmpp_2m_sde, default 1); None
+    leaves the sampler's default. Other options (s_churn, s_noise, ...) come in `extra_opts`.
+    An option the sampler does not take raises ValueError.
     `guidance_interval=(lo, hi)`: apply w only for log-SNR in [lo, hi] (None: everywhere).
     `threshold_percentile`: Imagen dynamic thresholding at that percentile (None: off).
     All of these are traced: new values reuse the compiled program.
@@ -66,8 +69,7 @@ class Generator:
     samplers.get_sampler(sampler)  # Validates the name with a clear error before compiling.
     ids = np.asarray(self.text.tokenize(list(prompts)))
     logsnrs = schedules.sampling_logsnrs(self.config.diffusion, int(num_steps), sampler)
-    # `eta` is DDIM's (config field sampler.eta); other samplers' options come in extra_opts.
-    opts = samplers.sampler_options(sampler, **{**({'eta': eta} if sampler == 'ddim' else {}),
+    opts = samplers.sampler_options(sampler, **{**({} if eta is None else {'eta': eta}),
                                                 **(extra_opts or {})})
     seeds = np.asarray(seed, np.int32) if np.ndim(seed) else np.int32(seed) + np.arange(
         len(ids), dtype=np.int32)

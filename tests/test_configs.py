@@ -47,12 +47,22 @@ def test_unknown_override_is_refused_with_a_suggestion():
     ('text.cond_drop_prob', 1.5, 'text.cond_drop_prob'),
     ('data.global_batch_size', 0, 'data.global_batch_size'),
     ('data.image_size', 17, 'data.image_size'),
+    ('sampler.eta', -0.5, 'sampler.eta'),
 ])
 def test_bad_values_name_the_field(path, value, message):
   config = shapes.get_config('tiny')
   section, field = path.split('.')
   config[section][field] = value
   with pytest.raises(ValueError, match=message):
+    validation.validate(config)
+
+
+def test_eta_with_a_sampler_that_ignores_it_is_refused():
+  config = shapes.get_config('tiny')
+  config.sampler.eta = 1.0
+  validation.validate(config)  # The default sampler is DDIM.
+  config.sampler.name = 'dpmpp_2m'
+  with pytest.raises(ValueError, match=r"sampler.eta=1.0 is DDIM's eta, but sampler.name='dpmpp_2m"):
     validation.validate(config)
 
 

@@ -214,7 +214,10 @@ def test_registry_and_options():
   assert samplers.nfe('heun', 10) == 19 and samplers.nfe('dpmpp_2m', 10) == 10
   with pytest.raises(ValueError, match=r'sampler\.name.*ddpm'):
     samplers.get_sampler('plms')
-  assert samplers.sampler_options('heun', s_churn=5) == {'s_churn': 5.0}
+  assert samplers.sampler_options('heun', s_churn=5) == {
+      's_churn': 5.0, 's_tmin': 0.0, 's_tmax': np.inf, 's_noise': 1.0}  # Defaults filled in.
+  assert samplers.SAMPLER_OPTIONS['dpmpp_2m_sde'] == ('eta', 's_noise')
+  assert samplers.sampler_options('ddim') == {'eta': 0.0} and samplers.sampler_options('ddpm') == {}
   with pytest.raises(ValueError, match=r"'dpmpp_2m' takes no option eta; its options: none"):
     samplers.sampler_options('dpmpp_2m', eta=1.0)
   with pytest.raises(ValueError, match='logsnrs'):

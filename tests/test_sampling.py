@@ -43,8 +43,9 @@ def test_sample_to_folder_writes_pngs_grid_and_manifest(workdir, tmp_path):
   rows = [json.loads(line) for line in open(os.path.join(out, 'manifest.jsonl'))]
   assert [r['prompt'] for r in rows] == [prompts[0]] * 2 + [prompts[1]] * 2
   assert [r['seed'] for r in rows] == [7, 8, 9, 10]
-  assert {(r['sampler'], r['steps'], r['guidance'], r['checkpoint_step']) for r in rows} == {
-      ('ddim', 3, 2.0, 4)}
+  assert {(r['sampler'], r['steps'], r['guidance'], r['checkpoint_step'], r['grid']) for r in rows
+          } == {('ddim', 3, 2.0, 4, 'uniform_t')}
+  assert all(r['options'] == {'eta': 0.0} for r in rows)  # The config's DDIM eta.
   for r in rows:
     assert os.path.getsize(os.path.join(out, r['file'])) > 0
   assert os.path.exists(os.path.join(out, 'grid.png'))
@@ -57,6 +58,31 @@ def test_sample_to_folder_writes_pngs_grid_and_manifest(workdir, tmp_path):
   a = open(os.path.join(out, '00001.png'), 'rb').read()
   b = open(os.path.join(again, '00001.png'), 'rb').read()
   assert a == b
+
+
+def test_sampler_options_reach_the_sampler_or_are_refused(workdir, tmp_path):
+  prompts = ['a red square', 'a white circle']
+  kw = dict(num_steps=3, guidance_scale=2.0, seed=5)
+
+  def sample(name, sampler, **opts):
+    out = str(tmp_path / name)
+    from_checkpoint.sample_to_folder(workdir, out, prompts, sampler=sampler, **kw, **opts)
+    rows = [json.loads(line) for line in open(os.path.join(out, 'manifest.jsonl'))]
+    return [open(os.path.join(out, r['file']), 'rb').read() for r in rows], rows[0]
+
+  sde, row = sample('sde', 'dpmpp_2m_sde')
+  assert row['options'] == {}  # Its own default, eta = 1.
+  sde_eta0, row = sample('sde_eta0', 'dpmpp_2m_sde', eta=0.0)
+  assert row['options'] == {'eta': 0.0}
+  ode, _ = sample('ode', 'dpmpp_2m')
+  assert sde_eta0 == ode and sde != ode  # eta = 0 reached the sampler: it is dpmpp_2m.
+  _, row = sample('heun', 'heun', sampler_opts={'s_churn': 5.0, 's_noise': None})
+  assert row['options'] == {'s_churn': 5.0} and row['grid'] == 'karras'
+  for sampler, opts in [('ddim', {'sampler_opts': {'s_churn': 1.0}}), ('heun', {'eta': 0.5}),
+                        ('dpmpp_2m', {'sampler_opts': {'s_noise': 1.0}})]:
+    with pytest.raises(ValueError, match=f"sampler '{sampler}' takes no option"):
+      sample('refused', sampler, **opts)
+    assert not os.path.exists(tmp_path / 'refused')  # Refused before anything was written.
 
 
 def test_guidance_scale_and_seed_do_not_recompile(workdir):
@@ -99,31 +125,55 @@ def test_sample_cli_choices_match_the_library():
   from absl import flags  # pylint: disable=import-outside-toplevel
   assert flags.FLAGS['sampler'].parser.enum_values == list(samplers.SAMPLERS)
   assert flags.FLAGS['grid'].parser.enum_values == list(schedules.SAMPLING_GRIDS)
+  options = {o for opts in samplers.SAMPLER_OPTIONS.values() for o in opts}
+  assert options <= set(flags.FLAGS)  # Every sampler option has its flag (--churn: s_churn).
 
 
-def test_sampler_benchmark_runs_on_a_workdir(workdir, tmp_path):
+def test_sampler_benchmark_runs_on_a_workdir(workdir, tmp_path, monkeypatch):
   from benchmarks import samplers as bench  # pylint: disable=import-outside-toplevel
   assert [bench.steps_for_nfe('heun', n) for n in (5, 10, 20)] == [3, 5, 10]  # 2N-1 NFE
   assert bench.steps_for_nfe('ddpm', 20) == 20
   out = str(tmp_path / 'bench')
-  bench.main([f'--workdir={workdir}', f'--out={out}', '--nfe=2', '--extra=ddpm:3', '--guidance=2',
+  bench.main([f'--workdir={workdir}', f'--out={out}', '--nfe=2', '--guidance=2',
+              '--extra=ddpm:3,ddim:2:eta=1,dpmpp_2m_sde:2:eta=0',
               '--samplers=ddim,heun', '--guidance_sweep=1', '--sweep_sampler=ddim',
               '--sweep_nfe=2', '--samples_per_prompt=1', '--ode_reference=ddim:2'])
   with open(os.path.join(out, 'results.json')) as f:
     rows = json.load(f)['rows']
-  assert [(r['sampler'], r['steps'], r['nfe'], r['w']) for r in rows] == [
-      ('ddim', 2, 2, 2.0), ('heun', 1, 1, 2.0), ('ddpm', 3, 3, 2.0), ('ddim', 2, 2, 1.0)]
-  assert [r['grid'] for r in rows] == ['uniform_t', 'karras', 'uniform_t', 'uniform_t']
+  assert [(r['sampler'], r['options'], r['steps'], r['nfe'], r['w']) for r in rows] == [
+      ('ddim', {}, 2, 2, 2.0), ('heun', {}, 1, 1, 2.0), ('ddpm', {}, 3, 3, 2.0),
+      ('ddim', {'eta': 1.0}, 2, 2, 2.0), ('dpmpp_2m_sde', {'eta': 0.0}, 2, 2, 2.0),
+      ('ddim', {}, 2, 2, 1.0)]
+  assert [r['grid'] for r in rows] == ['uniform_t', 'karras', 'uniform_t', 'uniform_t',
+                                       'uniform_t', 'uniform_t']
   for r in rows:
     assert r['n'] == len(scoring.benchmark_prompts()) and 0 <= r['full'] <= 1
     np.testing.assert_allclose(r['se'], np.sqrt(r['full'] * (1 - r['full']) / r['n']))
-  with pytest.raises(ValueError, match='sampler.name'):
-    bench.main([f'--workdir={workdir}', f'--out={out}', '--extra=plms:20'])
+  for bad, message in [('plms:20', 'sampler.name'), ('ddim:x', 'expected sampler:NFE'),
+                       ('euler:5:eta=1', "'euler' takes no option eta")]:
+    with pytest.raises(ValueError, match=message):
+      bench.main([f'--workdir={workdir}', f'--out={out}', f'--extra={bad}'])
   # Deterministic cells get their distance to the ODE reference (ddim at 2 NFE here: itself).
   assert rows[0]['ode_ref_mad'] == 0.0 and rows[1]['ode_ref_mad'] > 0.0
-  assert 'ode_ref_mad' not in rows[2]  # ddpm is stochastic
-  assert rows[3]['ode_ref_mad'] == 0.0  # ddim at w = 1 is the reference for w = 1
+  assert 'ode_ref_mad' not in rows[2] and 'ode_ref_mad' not in rows[3]  # Noise injected.
+  # 2M-SDE at eta = 0 is 2M, an ODE solver; at 2 steps (a DDIM step, then x0) it is the reference.
+  assert rows[4]['ode_ref_mad'] == 0.0
+  assert rows[5]['ode_ref_mad'] == 0.0  # ddim at w = 1 is the reference for w = 1
   table = bench.markdown(rows, [2, 3], 'ddim', 2)
   assert '| distance to the ODE reference' in table and '| heun | ' in table
+  assert '| ddim (eta=1) | ' in table and '| dpmpp_2m_sde (eta=0) | ' in table
   assert f"| ddim | {100 * rows[0]['full']:.1f} ({100 * rows[0]['se']:.1f}) |" in table
   assert '| w (ddim, 2 NFE) |' in table and table.count('\n| 1.0 |') == 1
+  # The raw weights and a guidance interval, recorded in results.json.
+  loaded = []
+  real_load = from_checkpoint.load
+  monkeypatch.setattr(from_checkpoint, 'load',
+                      lambda *a, **kw: loaded.append(kw) or real_load(*a, **kw))
+  out2 = str(tmp_path / 'bench_raw')
+  bench.main([f'--workdir={workdir}', f'--out={out2}', '--nfe=2', '--extra=', '--samplers=ddim',
+              '--guidance_sweep=', '--samples_per_prompt=1', '--noema', '--guidance_interval=-5,5',
+              '--ode_reference='])
+  with open(os.path.join(out2, 'results.json')) as f:
+    raw = json.load(f)
+  assert raw['ema'] is False and raw['guidance_interval'] == [-5.0, 5.0]
+  assert loaded == [{'use_ema': False}]

@@ -155,9 +155,11 @@ class Reporter:
     per = cfg.logging.eval_samples_per_prompt
     batch = [p for p in prompts for _ in range(per)]
     t = time.time()
-    out = self._generator(params['unet'], text_params, batch, seed=cfg.seed, sampler=cfg.sampler.name,
-                          num_steps=cfg.sampler.num_steps, guidance_scale=cfg.sampler.guidance_scale,
-                          eta=cfg.sampler.eta, guidance_rescale=cfg.sampler.guidance_rescale)
+    sampler = cfg.sampler
+    out = self._generator(params['unet'], text_params, batch, seed=cfg.seed, sampler=sampler.name,
+                          num_steps=sampler.num_steps, guidance_scale=sampler.guidance_scale,
+                          eta=sampler.eta if sampler.name == 'ddim' else None,  # DDIM's field.
+                          guidance_rescale=sampler.guidance_rescale)
     logging.info('Sampled %d eval images in %.1fs.', len(batch), time.time() - t)
     if not self.is_main:
       return
