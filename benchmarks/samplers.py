@@ -59,11 +59,12 @@ def label(row) -> str:
 
 
 def score(gen, unet_params, text_params, prompts, per, *, sampler, steps, w, seed=0,
-          options=None, guidance_interval=None):
+          options=None, guidance_interval=None, guidance_rescale=0.0):
   batch = [p for p in prompts for _ in range(per)]
   t = time.time()
   out = gen(unet_params, text_params, batch, seed=seed, sampler=sampler, num_steps=steps,
-            guidance_scale=w, guidance_interval=guidance_interval, extra_opts=options)
+            guidance_scale=w, guidance_interval=guidance_interval,
+            guidance_rescale=guidance_rescale, extra_opts=options)
   seconds = time.time() - t
   imgs = images.to_uint8(out)
   agg = scoring.aggregate([scoring.score_image(i, p) for i, p in zip(imgs, batch)], batch)
@@ -90,6 +91,8 @@ def main(argv=None):
   parser.add_argument('--noema', action='store_true', help='sample with the raw (non-EMA) weights')
   parser.add_argument('--guidance_interval', default='',
                       help='lo,hi: apply w only for log-SNR in [lo, hi], in every cell')
+  parser.add_argument('--guidance_rescale', type=float, default=0.0,
+                      help='guidance rescale phi (Lin et al. 2023), in every cell')
   parser.add_argument('--ode_reference', default='ddim:100',
                       help='sampler:NFE whose images approximate the exact probability-flow ODE '
                            'solution (run it through --extra); each deterministic cell gets its '
@@ -113,7 +116,8 @@ def main(argv=None):
   def save():
     with open(os.path.join(args.out, 'results.json'), 'w') as f:
       json.dump({'workdir': args.workdir, 'checkpoint_step': step, 'ema': not args.noema,
-                 'guidance_interval': interval, 'seed': args.seed,
+                 'guidance_interval': interval, 'guidance_rescale': args.guidance_rescale,
+                 'seed': args.seed,
                  'grid': config.diffusion.sampling_grid, 'rows': rows}, f, indent=1)
 
   def run(sampler, nfe, w, options=None):
@@ -124,7 +128,8 @@ def main(argv=None):
       return None
     agg, seconds, imgs = score(gen, unet_params, text_params, prompts, per, sampler=sampler,
                                steps=steps, w=w, seed=args.seed, options=options,
-                               guidance_interval=interval)
+                               guidance_interval=interval,
+                               guidance_rescale=args.guidance_rescale)
     full, n = agg['all']['full'], agg['all']['n']
     row = {'sampler': sampler, 'options': options, 'steps': steps,
            'nfe': samplers.nfe(sampler, steps), 'w': w,

@@ -172,8 +172,9 @@ def test_sampler_benchmark_runs_on_a_workdir(workdir, tmp_path, monkeypatch):
   out2 = str(tmp_path / 'bench_raw')
   bench.main([f'--workdir={workdir}', f'--out={out2}', '--nfe=2', '--extra=', '--samplers=ddim',
               '--guidance_sweep=', '--samples_per_prompt=1', '--noema', '--guidance_interval=-5,5',
-              '--ode_reference='])
+              '--guidance_rescale=0.5', '--ode_reference='])
   with open(os.path.join(out2, 'results.json')) as f:
     raw = json.load(f)
   assert raw['ema'] is False and raw['guidance_interval'] == [-5.0, 5.0]
+  assert raw['guidance_rescale'] == 0.5
   assert loaded == [{'use_ema': False}]
