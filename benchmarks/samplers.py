@@ -45,10 +45,12 @@ def parse_cell(cell: str) -> tuple[str, int, dict[str, float]]:
 
 def is_deterministic(sampler: str, options: dict) -> bool:
   """Whether `sampler` with `options` solves the probability-flow ODE (injects no noise)."""
-  noise = {'ddpm': 1.0, 'ddim': options.get('eta', 0.0), 'euler': options.get('s_churn', 0.0),
-           'heun': options.get('s_churn', 0.0), 'dpmpp_2m': 0.0,
-           'dpmpp_2m_sde': options.get('eta', 1.0) * options.get('s_noise', 1.0)}
-  return noise[sampler] == 0.0
+  opts = {**samplers.SAMPLER_DEFAULTS[sampler], **options}
+  if sampler == 'ddpm':
+    return False
+  if sampler in ('euler', 'heun'):
+    return opts['s_churn'] == 0.0
+  return opts.get('eta', 0.0) * opts.get('s_noise', 1.0) == 0.0  # ddim, dpmpp_2m, dpmpp_2m_sde
 
 
 def label(row) -> str:

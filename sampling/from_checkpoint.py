@@ -65,10 +65,9 @@ def sample_to_folder(workdir: str, out_dir: str, prompts: Sequence[str], *, step
   num_steps = int(num_steps or config.sampler.num_steps)
   w = float(config.sampler.guidance_scale if guidance_scale is None else guidance_scale)
   opts = {k: float(v) for k, v in (sampler_opts or {}).items() if v is not None}
+  eta = generate.config_eta(config.sampler, sampler) if eta is None else eta
   if eta is not None:
     opts['eta'] = float(eta)
-  elif sampler == 'ddim':
-    opts['eta'] = float(config.sampler.eta)  # The config field is DDIM's eta.
   samplers.sampler_options(sampler, **opts)  # A clear error before compiling.
   if sampling_grid:
     config.diffusion.sampling_grid = sampling_grid

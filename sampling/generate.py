@@ -22,6 +22,11 @@ def _cond(encode, text_params, ids):
   return {'emb': emb, 'mask': mask, 'pooled': pooled}
 
 
+def config_eta(sampler_cfg, sampler: str) -> float | None:
+  """The config's `sampler.eta` where it applies (it is DDIM's eta), else None (the default)."""
+  return float(sampler_cfg.eta) if sampler == 'ddim' else None
+
+
 class Generator:
   """Holds the compiled sampling program for one (model, text encoder, diffusion config)."""
 

@@ -158,7 +158,7 @@ class Reporter:
     sampler = cfg.sampler
     out = self._generator(params['unet'], text_params, batch, seed=cfg.seed, sampler=sampler.name,
                           num_steps=sampler.num_steps, guidance_scale=sampler.guidance_scale,
-                          eta=sampler.eta if sampler.name == 'ddim' else None,  # DDIM's field.
+                          eta=generate.config_eta(sampler, sampler.name),
                           guidance_rescale=sampler.guidance_rescale)
     logging.info('Sampled %d eval images in %.1fs.', len(batch), time.time() - t)
     if not self.is_main:
