@@ -74,6 +74,12 @@ def sample_to_folder(workdir: str, out_dir: str, prompts: Sequence[str], *, step
   gen = generate.Generator(unet, text_encoder, config, mesh)
   jobs = [(p, seed + i * samples_per_prompt + j) for i, p in enumerate(prompts)
           for j in range(samples_per_prompt)]
+  # What every manifest line records besides its file, prompt and seed.
+  settings = {'sampler': sampler, 'steps': num_steps, 'guidance': w, 'options': opts,
+              'guidance_rescale': guidance_rescale, 'guidance_interval': guidance_interval,
+              'threshold': threshold_percentile,
+              'grid': schedules.effective_grid(config.diffusion, sampler),
+              'checkpoint_step': ckpt_step}
   os.makedirs(out_dir, exist_ok=True)
   all_images, t0 = [], time.time()
   with open(os.path.join(out_dir, 'manifest.jsonl'), 'w') as manifest:
@@ -88,13 +94,7 @@ def sample_to_folder(workdir: str, out_dir: str, prompts: Sequence[str], *, step
       for k, ((prompt, s), img) in enumerate(zip(chunk, imgs)):
         name = f'{start + k:05d}.png'
         images.save_png(img, os.path.join(out_dir, name))
-        manifest.write(json.dumps({'file': name, 'prompt': prompt, 'seed': s, 'sampler': sampler,
-                                   'steps': num_steps, 'guidance': w, 'options': opts,
-                                   'guidance_rescale': guidance_rescale,
-                                   'guidance_interval': guidance_interval,
-                                   'threshold': threshold_percentile,
-                                   'grid': schedules.effective_grid(config.diffusion, sampler),
-                                   'checkpoint_step': ckpt_step}) + '\n')
+        manifest.write(json.dumps({'file': name, 'prompt': prompt, 'seed': s, **settings}) + '\n')
       all_images.append(imgs)
       logging.info('Sampled %d/%d images (%.1fs).', min(start + batch_size, len(jobs)), len(jobs),
                    time.time() - t0)
