@@ -34,7 +34,8 @@ _GRID = flags.DEFINE_enum('grid', None, ['auto', 'uniform_t', 'karras', 'uniform
 _RESCALE = flags.DEFINE_float('guidance_rescale', 0.0, 'Guidance rescale phi (Lin et al. 2023).')
 _INTERVAL = flags.DEFINE_list('guidance_interval', None,
                               'lo,hi: apply w only for log-SNR in [lo, hi] (Kynkaanniemi 2024).')
-_THRESHOLD = flags.DEFINE_float('threshold', None, 'Dynamic thresholding percentile (e.g. 99.5).')
+_THRESHOLD = flags.DEFINE_float('threshold', None, 'Dynamic thresholding of x0 at this percentile '
+                                '(e.g. 99.5; 0 clips to [-1, 1]).')
 # Euler/Heun churn (Karras et al. 2022 Alg. 2); s_noise also for dpmpp_2m_sde.
 _CHURN = flags.DEFINE_float('s_churn', None, 'S_churn of euler/heun (default 0).')
 flags.DEFINE_alias('churn', 's_churn')

@@ -61,12 +61,13 @@ def label(row) -> str:
 
 
 def score(gen, unet_params, text_params, prompts, per, *, sampler, steps, w, seed=0,
-          options=None, guidance_interval=None, guidance_rescale=0.0):
+          options=None, guidance_interval=None, guidance_rescale=0.0, threshold_percentile=None):
   batch = [p for p in prompts for _ in range(per)]
   t = time.time()
   out = gen(unet_params, text_params, batch, seed=seed, sampler=sampler, num_steps=steps,
             guidance_scale=w, guidance_interval=guidance_interval,
-            guidance_rescale=guidance_rescale, extra_opts=options)
+            guidance_rescale=guidance_rescale, threshold_percentile=threshold_percentile,
+            extra_opts=options)
   seconds = time.time() - t
   imgs = images.to_uint8(out)
   agg = scoring.aggregate([scoring.score_image(i, p) for i, p in zip(imgs, batch)], batch)
@@ -95,6 +96,9 @@ def main(argv=None):
                       help='lo,hi: apply w only for log-SNR in [lo, hi], in every cell')
   parser.add_argument('--guidance_rescale', type=float, default=0.0,
                       help='guidance rescale phi (Lin et al. 2023), in every cell')
+  parser.add_argument('--threshold', type=float, default=None,
+                      help='Imagen dynamic thresholding of x0 at this percentile of |x0|, in every '
+                           'cell (0: static clipping to [-1, 1]); default off')
   parser.add_argument('--ode_reference', default='ddim:100',
                       help='sampler:NFE whose images approximate the exact probability-flow ODE '
                            'solution (run it through --extra); each deterministic cell gets its '
@@ -119,6 +123,7 @@ def main(argv=None):
     with open(os.path.join(args.out, 'results.json'), 'w') as f:
       json.dump({'workdir': args.workdir, 'checkpoint_step': step, 'ema': not args.noema,
                  'guidance_interval': interval, 'guidance_rescale': args.guidance_rescale,
+                 'threshold': args.threshold,
                  'seed': args.seed,
                  'grid': config.diffusion.sampling_grid, 'rows': rows}, f, indent=1)
 
@@ -131,7 +136,8 @@ def main(argv=None):
     agg, seconds, imgs = score(gen, unet_params, text_params, prompts, per, sampler=sampler,
                                steps=steps, w=w, seed=args.seed, options=options,
                                guidance_interval=interval,
-                               guidance_rescale=args.guidance_rescale)
+                               guidance_rescale=args.guidance_rescale,
+                               threshold_percentile=args.threshold)
     full, n = agg['all']['full'], agg['all']['n']
     row = {'sampler': sampler, 'options': options, 'steps': steps,
            'nfe': samplers.nfe(sampler, steps), 'w': w,

@@ -68,10 +68,14 @@ class Generator:
     leaves the sampler's default. Other options (s_churn, s_noise, ...) come in `extra_opts`.
     An option the sampler does not take raises ValueError.
     `guidance_interval=(lo, hi)`: apply w only for log-SNR in [lo, hi] (None: everywhere).
-    `threshold_percentile`: Imagen dynamic thresholding at that percentile (None: off).
+    `threshold_percentile`: Imagen dynamic thresholding at that percentile in [0, 100] (0 is
+    static clipping of x0 to [-1, 1]; None: off).
     All of these are traced: new values reuse the compiled program.
     """
     samplers.get_sampler(sampler)  # Validates the name with a clear error before compiling.
+    if threshold_percentile is not None and not 0 <= threshold_percentile <= 100:
+      raise ValueError(f'threshold percentile {threshold_percentile}: expected a percentile in '
+                       '[0, 100] (e.g. 99.5; 0 clips x0 to [-1, 1]), or none to turn it off.')
     ids = np.asarray(self.text.tokenize(list(prompts)))
     logsnrs = schedules.sampling_logsnrs(self.config.diffusion, int(num_steps), sampler)
     opts = samplers.sampler_options(sampler, **{**({} if eta is None else {'eta': eta}),
@@ -82,7 +86,8 @@ class Generator:
     out = self._jitted(unet_params, text_params, ids, logsnrs, seeds,
                        jnp.float32(guidance_scale), jnp.float32(guidance_rescale),
                        (jnp.float32(lo), jnp.float32(hi)),
-                       jnp.float32(threshold_percentile or 99.5), opts, sampler_name=sampler,
+                       jnp.float32(99.5 if threshold_percentile is None else threshold_percentile),
+                       opts, sampler_name=sampler,
                        thresholding=threshold_percentile is not None)
     return np.asarray(jax.device_get(out))
 

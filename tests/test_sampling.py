@@ -11,7 +11,7 @@ import pytest
 
 from configs import shapes
 from data import scoring
-from diffusion import samplers, schedules
+from diffusion import guidance, samplers, schedules
 from models import denoiser
 from sampling import from_checkpoint, generate
 from training import loop
@@ -149,6 +149,8 @@ def test_sampler_benchmark_runs_on_a_workdir(workdir, tmp_path, monkeypatch):
   for r in rows:
     assert r['n'] == len(scoring.benchmark_prompts()) and 0 <= r['full'] <= 1
     np.testing.assert_allclose(r['se'], np.sqrt(r['full'] * (1 - r['full']) / r['n']))
+  with pytest.raises(ValueError, match='threshold percentile 150'):
+    bench.main([f'--workdir={workdir}', f'--out={out}', '--threshold=150'])
   for bad, message in [('plms:20', 'sampler.name'), ('ddim:x', 'expected sampler:NFE'),
                        ('euler:5:eta=1', "'euler' takes no option eta")]:
     with pytest.raises(ValueError, match=message):
@@ -169,12 +171,19 @@ def test_sampler_benchmark_runs_on_a_workdir(workdir, tmp_path, monkeypatch):
   real_load = from_checkpoint.load
   monkeypatch.setattr(from_checkpoint, 'load',
                       lambda *a, **kw: loaded.append(kw) or real_load(*a, **kw))
+  thresholded = []
+  real_threshold = guidance.dynamic_threshold
+  def spy(x0, pct):  # Records the percentile each evaluation runs with.
+    jax.debug.callback(lambda v: thresholded.append(float(v)), pct)
+    return real_threshold(x0, pct)
+  monkeypatch.setattr(guidance, 'dynamic_threshold', spy)
   out2 = str(tmp_path / 'bench_raw')
   bench.main([f'--workdir={workdir}', f'--out={out2}', '--nfe=2', '--extra=', '--samplers=ddim',
               '--guidance_sweep=', '--samples_per_prompt=1', '--noema', '--guidance_interval=-5,5',
-              '--guidance_rescale=0.5', '--ode_reference='])
+              '--guidance_rescale=0.5', '--threshold=0', '--ode_reference='])
   with open(os.path.join(out2, 'results.json')) as f:
     raw = json.load(f)
   assert raw['ema'] is False and raw['guidance_interval'] == [-5.0, 5.0]
-  assert raw['guidance_rescale'] == 0.5
+  assert raw['guidance_rescale'] == 0.5 and raw['threshold'] == 0.0
+  assert thresholded and set(thresholded) == {0.0}  # 0 is static clipping, not 'off' or 99.5.
   assert loaded == [{'use_ema': False}]
