@@ -74,8 +74,9 @@ class Generator:
     """
     samplers.get_sampler(sampler)  # Validates the name with a clear error before compiling.
     if threshold_percentile is not None and not 0 <= threshold_percentile <= 100:
-      raise ValueError(f'threshold percentile {threshold_percentile}: expected a percentile in '
-                       '[0, 100] (e.g. 99.5; 0 clips x0 to [-1, 1]), or none to turn it off.')
+      raise ValueError(f'threshold percentile {threshold_percentile} (--threshold): expected a '
+                       'percentile in [0, 100] (e.g. 99.5; 0 clips x0 to [-1, 1]), or none to '
+                       'turn thresholding off.')
     ids = np.asarray(self.text.tokenize(list(prompts)))
     logsnrs = schedules.sampling_logsnrs(self.config.diffusion, int(num_steps), sampler)
     opts = samplers.sampler_options(sampler, **{**({} if eta is None else {'eta': eta}),
