@@ -36,7 +36,8 @@ def rescale(guided, cond, phi):
 def dynamic_threshold(x0, percentile):
   """Saharia et al. 2022 (Imagen) sec 2.3: s = max(1, pct(|x0|)); x0 <- clip(x0, -s, s) / s.
 
-  `percentile` is in percent (Imagen uses 99.5), per example over all non-batch axes.
+  `percentile` is in percent (Imagen uses 99.5), per example over all non-batch axes. At 0,
+  s = max(1, min |x0|): static clipping to [-1, 1] unless every |x0| exceeds 1.
   """
   flat = jnp.abs(x0.reshape(x0.shape[0], -1))
   s = jnp.maximum(jnp.percentile(flat, percentile, axis=1), 1.0)

@@ -41,6 +41,9 @@ def test_dynamic_threshold_matches_imagen():
   np.testing.assert_allclose(out[0], np.clip(x[0], -s, s) / s, rtol=1e-5)
   assert np.abs(out[0]).max() <= 1.0 + 1e-6
   np.testing.assert_allclose(out[1], x[1])
+  # Percentile 0 (--threshold=0): s = max(1, min |x0|) = 1 for any image with a pixel inside
+  # [-1, 1], i.e. static clipping.
+  np.testing.assert_allclose(guidance.dynamic_threshold(x, 0.0), np.clip(x, -1.0, 1.0))
 
 
 def test_guidance_interval():
