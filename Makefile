@@ -1,7 +1,8 @@
 # The two commands of the README. Both create .venv and install the pinned stack on first use.
 #   make quickstart   set-up, then train the CPU-sized Shapes model, sample the benchmark prompts, score them
-#   make test         set-up, then the test suite (what CI runs)
-#   make test-slow    the slow tests (multi-process training, convergence orders); CI runs them too
+#   make test         set-up, then the default test tier (a few minutes; what CI runs first)
+#   make test-full    the full tier: 1-vs-8-device equivalence, multi-process training, convergence
+#                     orders, benchmark scripts (CI runs it too)
 PY ?= python3
 VENV ?= .venv
 WORKDIR ?= runs/quickstart
@@ -26,7 +27,7 @@ quickstart: setup
 test: setup
 	$(VENV)/bin/python -m pytest -q
 
-test-slow: setup
-	$(VENV)/bin/python -m pytest -q -m slow
+test-full: setup
+	$(VENV)/bin/python -m pytest -q -m full
 
-.PHONY: setup quickstart test test-slow
+.PHONY: setup quickstart test test-full

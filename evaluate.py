@@ -9,7 +9,7 @@ import argparse
 import json
 import os
 
-from data import scoring
+from evaluation import shapes_scorer
 
 
 def main(argv=None) -> dict:
@@ -17,8 +17,8 @@ def main(argv=None) -> dict:
   parser.add_argument('--samples', required=True, help='folder with manifest.jsonl and PNGs')
   parser.add_argument('--out', default=None, help='results JSON (default: SAMPLES/scores.json)')
   args = parser.parse_args(argv)
-  results = scoring.score_folder(args.samples)
-  print(scoring.format_table(results))
+  results = shapes_scorer.score_folder(args.samples)
+  print(shapes_scorer.format_table(results))
   out = args.out or os.path.join(args.samples, 'scores.json')
   with open(out, 'w') as f:
     json.dump(results, f, indent=2)

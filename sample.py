@@ -12,13 +12,14 @@ unless --noema. A sampler option the sampler does not take (e.g. --eta with heun
 
 import json
 import os
+import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 from absl import app, flags  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir (checkpoints + saved config).')
-_OUT = flags.DEFINE_string('out', None, 'Output folder (default: WORKDIR/samples_<step>).')
+_OUT = flags.DEFINE_string('out', None, 'Output folder (default: WORKDIR/samples_cli).')
 _PROMPT = flags.DEFINE_multi_string('prompt', [], 'A prompt; repeat the flag for several.')
 _PROMPT_FILE = flags.DEFINE_string('prompt_file', None, 'A text file with one prompt per line.')
 _BENCH = flags.DEFINE_bool('shapes_benchmark', False, 'Use the fixed Shapes benchmark prompt set.')
@@ -31,9 +32,11 @@ _ETA = flags.DEFINE_float('eta', None, 'eta of ddim (default: the config\'s samp
                           'dpmpp_2m_sde (default 1; 0 is dpmpp_2m).')
 _GRID = flags.DEFINE_enum('grid', None, ['auto', 'uniform_t', 'karras', 'uniform_logsnr'],
                           'Noise-level grid (default: the config).')
-_RESCALE = flags.DEFINE_float('guidance_rescale', 0.0, 'Guidance rescale phi (Lin et al. 2023).')
+_RESCALE = flags.DEFINE_float('guidance_rescale', None,
+                               'Guidance rescale phi (Lin et al. 2023; default: the config).')
 _INTERVAL = flags.DEFINE_list('guidance_interval', None,
-                              'lo,hi: apply w only for log-SNR in [lo, hi] (Kynkaanniemi 2024).')
+                              'lo,hi: apply w only for log-SNR in [lo, hi] (Kynkaanniemi 2024; '
+                              'default: the config).')
 _THRESHOLD = flags.DEFINE_float('threshold', None, 'Dynamic thresholding of x0 at this percentile '
                                 '(e.g. 99.5; 0 clips to [-1, 1]).')
 # Euler/Heun churn (Karras et al. 2022 Alg. 2); s_noise also for dpmpp_2m_sde.
@@ -46,30 +49,43 @@ _SNOISE = flags.DEFINE_float('s_noise', None, 'Scale of the added noise (euler/h
 _SEED = flags.DEFINE_integer('seed', 0, 'Base seed; sample k of the run gets seed + k.')
 _NUM = flags.DEFINE_integer('num', 1, 'Samples per prompt.')
 _BATCH = flags.DEFINE_integer('batch_size', 64, 'Images per device program.')
-_EMA = flags.DEFINE_bool('ema', True, 'Sample with the EMA parameters.')
+_EMA = flags.DEFINE_bool('ema', True, 'Sample with the EMA parameters (--noema: the raw ones).')
 flags.mark_flags_as_required(['workdir'])
 
 
 def main(argv):
   del argv
+  try:
+    _sample()
+  except (ValueError, FileNotFoundError) as e:  # Bad flags, prompts or workdir: one line.
+    sys.exit(f'error: {e}')
+
+
+def _sample():
+  from configs import specs
+  from diffusion import spec as settings
   from sampling import from_checkpoint
-  from training import reporting
-  reporting.quiet_library_logs()
+  from training import console
+  console.quiet_library_logs()
   prompts = list(_PROMPT.value)
   if _BENCH.value:
-    from data import scoring
-    prompts += scoring.benchmark_prompts()
+    from evaluation import shapes_scorer
+    prompts += shapes_scorer.benchmark_prompts()
   prompts = from_checkpoint.read_prompts(prompts, _PROMPT_FILE.value)
   out = _OUT.value or os.path.join(_WORKDIR.value, 'samples_cli')
-  summary = from_checkpoint.sample_to_folder(
-      _WORKDIR.value, out, prompts, step=_STEP.value, sampler=_SAMPLER.value,
-      num_steps=_STEPS.value, guidance_scale=_GUIDANCE.value, eta=_ETA.value, seed=_SEED.value,
-      samples_per_prompt=_NUM.value, batch_size=_BATCH.value, use_ema=_EMA.value,
-      sampling_grid=_GRID.value, guidance_rescale=_RESCALE.value,
+  loaded = from_checkpoint.load(_WORKDIR.value, _STEP.value, use_ema=_EMA.value,
+                                sampling_grid=_GRID.value)
+  recipe = settings.overridden(
+      specs.sampler(loaded.config), sampler=_SAMPLER.value, num_steps=_STEPS.value,
+      guidance_scale=_GUIDANCE.value, guidance_rescale=_RESCALE.value,
       guidance_interval=tuple(float(v) for v in _INTERVAL.value) if _INTERVAL.value else None,
-      threshold_percentile=_THRESHOLD.value,
-      sampler_opts={'s_churn': _CHURN.value, 's_tmin': _TMIN.value, 's_tmax': _TMAX.value,
-                    's_noise': _SNOISE.value})
+      thresholding=None if _THRESHOLD.value is None else True,
+      threshold_percentile=_THRESHOLD.value, use_ema=_EMA.value,
+      options={'eta': _ETA.value, 's_churn': _CHURN.value, 's_tmin': _TMIN.value,
+               's_tmax': _TMAX.value, 's_noise': _SNOISE.value})
+  summary = from_checkpoint.sample_to_folder(
+      loaded, out, prompts, recipe, seed=_SEED.value, samples_per_prompt=_NUM.value,
+      batch_size=_BATCH.value)
   print(json.dumps(summary))
 
 

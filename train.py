@@ -13,9 +13,10 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from configs import validation  # noqa: E402
+from configs import loading  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/shapes.py:cpu', 'Config file[:variant].')
+_DEFAULT_CONFIG = 'configs/shapes.py:cpu'
+_CONFIG = config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'Config file[:variant].')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and samples go here.')
 flags.mark_flags_as_required(['workdir'])
 
@@ -23,17 +24,26 @@ flags.mark_flags_as_required(['workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  from training import loop, reporting  # Heavy imports after flag parsing.
-  reporting.quiet_library_logs()
-  logging.info('Config:\n%s', _CONFIG.value)
-  loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  from evaluation import sample_grid  # Heavy imports after flag parsing.
+  from training import console, loop
+  console.quiet_library_logs()
+  config = _CONFIG.value
+  logging.info('Config:\n%s', config)
+  evaluator = None
+  if config.logging.eval_every_steps or config.logging.eval_at_end:
+    evaluator = sample_grid.SampleGridEvaluator(config)  # A missing prompt file fails here.
+  loop.train_and_evaluate(config, _WORKDIR.value, evaluator=evaluator)
 
 
 def _precheck(argv):
-  """Unknown `--config.x` keys get a message naming them, before absl parses anything."""
-  spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), 'configs/shapes.py:cpu')
+  """Config errors (missing or failing file, unknown key, bad value) as one line, before absl.
+
+  configs.loading parses overrides with config_flags, as the flag above does, so what passes here
+  parses the same way there.
+  """
+  spec, overrides = loading.split_argv(argv[1:], _DEFAULT_CONFIG)
   try:
-    validation.check_override_keys(argv, validation.load_config_file(spec))
+    loading.load(spec, overrides)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f'error: {e}')
 

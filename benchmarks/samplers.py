@@ -18,9 +18,11 @@ import time
 
 import numpy as np
 
-from data import scoring
+from configs import specs
 from diffusion import samplers, schedules
-from sampling import from_checkpoint, generate, images
+from diffusion import spec as settings
+from evaluation import shapes_scorer as scoring
+from sampling import from_checkpoint, images
 
 SAMPLER_ORDER = ('ddpm', 'ddim', 'euler', 'heun', 'dpmpp_2m', 'dpmpp_2m_sde')
 
@@ -60,14 +62,12 @@ def label(row) -> str:
                            if opts else '')
 
 
-def score(gen, unet_params, text_params, prompts, per, *, sampler, steps, w, seed=0,
-          options=None, guidance_interval=None, guidance_rescale=0.0, threshold_percentile=None):
+def score(loaded, recipe, prompts, per, *, seed=0):
+  """Samples `per` images of each prompt with `recipe` and scores them; (summary, s, images)."""
   batch = [p for p in prompts for _ in range(per)]
   t = time.time()
-  out = gen(unet_params, text_params, batch, seed=seed, sampler=sampler, num_steps=steps,
-            guidance_scale=w, guidance_interval=guidance_interval,
-            guidance_rescale=guidance_rescale, threshold_percentile=threshold_percentile,
-            extra_opts=options)
+  out = loaded.generator(loaded.unet_params, loaded.text_params, batch, seed=seed,
+                         settings=recipe)
   seconds = time.time() - t
   imgs = images.to_uint8(out)
   agg = scoring.aggregate([scoring.score_image(i, p) for i, p in zip(imgs, batch)], batch)
@@ -106,15 +106,18 @@ def main(argv=None):
   args = parser.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
   interval = tuple(float(v) for v in args.guidance_interval.split(',') if v) or None
-  if interval is not None and len(interval) != 2:
-    raise ValueError(f'--guidance_interval={args.guidance_interval!r}: expected lo,hi.')
   nfes = [int(n) for n in args.nfe.split(',')]
   extra = [parse_cell(e) for e in args.extra.split(',') if e]
-  config, unet, text, unet_params, text_params, step, mesh = from_checkpoint.load(
-      args.workdir, use_ema=not args.noema)
-  if args.grid:
-    config.diffusion.sampling_grid = args.grid
-  gen = generate.Generator(unet, text, config, mesh)
+  loaded = from_checkpoint.load(args.workdir, use_ema=not args.noema,
+                                sampling_grid=args.grid or None)
+  # Every cell starts from the run's configured recipe with these flags applied.
+  base = settings.overridden(
+      specs.sampler(loaded.config), guidance_interval=interval,
+      guidance_rescale=args.guidance_rescale,
+      thresholding=None if args.threshold is None else True,
+      threshold_percentile=args.threshold, use_ema=not args.noema)
+  gen = loaded.generator
+  step = loaded.step
   prompts = scoring.benchmark_prompts()
   per = args.samples_per_prompt
   rows, row_images = [], []
@@ -125,7 +128,7 @@ def main(argv=None):
                  'guidance_interval': interval, 'guidance_rescale': args.guidance_rescale,
                  'threshold': args.threshold,
                  'seed': args.seed,
-                 'grid': config.diffusion.sampling_grid, 'rows': rows}, f, indent=1)
+                 'grid': gen.spec.sampling_grid, 'rows': rows}, f, indent=1)
 
   def run(sampler, nfe, w, options=None):
     options = options or {}
@@ -133,15 +136,13 @@ def main(argv=None):
     if any((r['sampler'], r['steps'], r['w'], r['options']) == (sampler, steps, w, options)
            for r in rows):
       return None
-    agg, seconds, imgs = score(gen, unet_params, text_params, prompts, per, sampler=sampler,
-                               steps=steps, w=w, seed=args.seed, options=options,
-                               guidance_interval=interval,
-                               guidance_rescale=args.guidance_rescale,
-                               threshold_percentile=args.threshold)
+    recipe = settings.overridden(base, sampler=sampler, num_steps=steps, guidance_scale=w,
+                                 options=options)
+    agg, seconds, imgs = score(loaded, recipe, prompts, per, seed=args.seed)
     full, n = agg['all']['full'], agg['all']['n']
     row = {'sampler': sampler, 'options': options, 'steps': steps,
            'nfe': samplers.nfe(sampler, steps), 'w': w,
-           'grid': schedules.effective_grid(config.diffusion, sampler),
+           'grid': schedules.effective_grid(gen.spec, sampler),
            'full': full, 'se': math.sqrt(full * (1 - full) / n), 'colour': agg['all']['colour'],
            'shape': agg['all']['shape'], 'count': agg['all']['count'],
            'left_right': agg['all']['left_right'], 'held_out_full': agg['held_out']['full'],

@@ -1,23 +1,26 @@
 """Per-step training cost of the text encoder: scratch, pretrained MiniLM, and MiniLM with cache.
 
-  .venv/bin/python -m benchmarks.text_encoder_cost --out=/tmp/enc_cost [--steps=60]
+  .venv/bin/python -m benchmarks.text_encoder_cost --out=/tmp/enc_cost [--steps=60] \
+      [--config=configs/shapes.py:cpu] [--config.model.channels=32 ...]
 
-Trains the Shapes `cpu` config for a few steps in each mode and reports the steady-state
-steps/s (the first logging interval, which includes compilation, is dropped), as ratios
-against the scratch encoder measured in the same run.
+Trains the config (default: the Shapes `cpu` one) for a few steps in each mode and reports the
+steady-state steps/s (the first logging interval, which includes compilation, is dropped), as
+ratios against the scratch encoder measured in the same run. Configs and `--config.x=v`
+overrides are loaded by `configs.loading`, as train.py loads them.
 """
 
 import argparse
 import json
 import os
 
-from configs import shapes
+from configs import loading
 from training import loop
 
 MODES = {
-    'scratch': {'text.encoder': 'scratch', 'text.cache_embeddings': False},
-    'pretrained': {'text.encoder': 'pretrained', 'text.cache_embeddings': False},
-    'pretrained_cached': {'text.encoder': 'pretrained', 'text.cache_embeddings': True},
+    'scratch': ('--config.text.encoder=scratch', '--config.text.cache_embeddings=False'),
+    'pretrained': ('--config.text.encoder=pretrained', '--config.text.cache_embeddings=False'),
+    'pretrained_cached': ('--config.text.encoder=pretrained',
+                          '--config.text.cache_embeddings=True'),
 }
 
 
@@ -32,18 +35,18 @@ def main(argv=None):
   parser.add_argument('--out', required=True)
   parser.add_argument('--steps', type=int, default=60)
   parser.add_argument('--data_dir', default='')
-  args = parser.parse_args(argv)
+  parser.add_argument('--config', default='configs/shapes.py:cpu')
+  args, extra = parser.parse_known_args(argv)  # --config.x=v overrides.
+  common = [f'--config.optim.num_steps={args.steps}', '--config.logging.every_steps=10',
+            '--config.logging.eval_at_end=False', f'--config.checkpoint.every_steps={args.steps}',
+            f'--config.data.data_dir={args.data_dir}', *extra]
+  try:  # Every mode's config before any training, so a bad override fails at once.
+    mode_configs = {mode: loading.load(args.config, [*common, *overrides])
+               for mode, overrides in MODES.items()}
+  except (ValueError, FileNotFoundError) as e:
+    parser.error(str(e))
   results = {}
-  for mode, overrides in MODES.items():
-    config = shapes.get_config('cpu')
-    config.optim.num_steps = args.steps
-    config.logging.every_steps = 10
-    config.logging.eval_at_end = False
-    config.checkpoint.every_steps = args.steps
-    config.data.data_dir = args.data_dir
-    for key, value in overrides.items():
-      section, field = key.split('.')
-      config[section][field] = value
+  for mode, config in mode_configs.items():
     workdir = os.path.join(args.out, mode)
     loop.train_and_evaluate(config, workdir)
     results[mode] = steady_steps_per_sec(workdir)

@@ -2,64 +2,55 @@
 
   .venv/bin/python -m benchmarks.train_and_score --config=configs/shapes.py:cpu \
       --workdir=runs/bench_scratch --guidance=1,3,5 --samples_per_prompt=2 \
-      [--set text.encoder=pretrained --set text.max_len=16 ...]
+      [--config.text.encoder=pretrained --config.text.max_len=16 ...]
+
+`--config.field=value` overrides are parsed by `configs.loading`, exactly as train.py parses them.
 
 Prints one JSON line: training seconds, last-50-step loss, and for each w the full/colour/
 shape/count/left-right accuracy over the fixed prompt set (held-out pairs on their own).
 """
 
 import argparse
-import ast
 import json
 import os
 import time
 
 import numpy as np
 
-from configs import validation
-from data import scoring
+from configs import loading, specs
+from evaluation import shapes_scorer as scoring
 from sampling import generate, images
-from training import loop
-
-
-def apply_overrides(config, pairs):
-  for pair in pairs:
-    key, _, raw = pair.partition('=')
-    validation.check_override_keys([f'--config.{key}={raw}'], config)
-    *path, last = key.split('.')
-    node = config
-    for p in path:
-      node = node[p]
-    node[last] = raw if isinstance(node[last], str) else ast.literal_eval(raw)
+from training import loop, state
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--config', default='configs/shapes.py:cpu')
   parser.add_argument('--workdir', required=True)
-  parser.add_argument('--set', action='append', default=[], help='field=value override')
   parser.add_argument('--guidance', default='1,3,5')
   parser.add_argument('--samples_per_prompt', type=int, default=2)
-  args = parser.parse_args(argv)
-  config = validation.load_config_file(args.config)
-  apply_overrides(config, args.set)
+  args, overrides = parser.parse_known_args(argv)  # --config.x=v overrides.
+  try:
+    config = loading.load(args.config, overrides)
+  except (ValueError, FileNotFoundError) as e:
+    parser.error(str(e))
   config.logging.eval_at_end = False
   t0 = time.time()
   result = loop.train_and_evaluate(config, args.workdir)
   train_s = time.time() - t0
-  unet, text = loop.build_models(config)
-  gen = generate.Generator(unet, text, config)
+  unet, text = state.build_models(config)
+  gen = generate.Generator(unet, text, specs.diffusion(config), config.data.image_size)
+  recipe = specs.sampler(config)
   ema = result.state.ema_params
   text_params = ema['text'] if text.trainable else text.init(None)
   prompts = scoring.benchmark_prompts()
   batch = [p for p in prompts for _ in range(args.samples_per_prompt)]
   losses = [loss for _, loss in result.history[-50:]]
-  out = {'config': args.config, 'overrides': args.set, 'steps': int(result.state.step),
+  out = {'config': args.config, 'overrides': overrides, 'steps': int(result.state.step),
          'train_seconds': round(train_s), 'loss_last50': float(np.mean(losses)) if losses else None}
   for w in [float(x) for x in args.guidance.split(',')]:
     t = time.time()
-    x = gen(ema['unet'], text_params, batch, seed=0, sampler=config.sampler.name,
-            num_steps=config.sampler.num_steps, guidance_scale=w)
+    x = gen(ema['unet'], text_params, batch, seed=0, settings=recipe.replace(guidance_scale=w))
     imgs = images.to_uint8(x)
     agg = scoring.aggregate([scoring.score_image(i, p) for i, p in zip(imgs, batch)], batch)
     out[f'w={w}'] = {'all': agg['all'], 'held_out': agg['held_out'],

@@ -52,6 +52,7 @@ def get_config(arg=None):
   model.num_res_blocks = 2  # Residual blocks per level.
   model.attn_resolutions = (16, 8)  # Spatial sizes with self- and cross-attention.
   model.num_heads = 4  # Attention heads.
+  model.head_dim = 0  # Channels per attention head; 0 = attention width / num_heads.
   model.dropout = 0.0  # Dropout rate inside residual blocks.
   model.norm_groups = 32  # GroupNorm groups (clamped to a divisor of the channel count).
   model.dtype = 'float32'  # Compute dtype ('bfloat16' on accelerators).
@@ -86,6 +87,9 @@ def get_config(arg=None):
   sampler.guidance_scale = 3.0  # CFG scale w: 1 = conditional only, 0 = unconditional.
   sampler.eta = 0.0  # DDIM eta (0 deterministic, 1 = DDPM-like); only with name 'ddim'.
   sampler.guidance_rescale = 0.0  # Guidance rescale phi (Lin et al. 2023); 0 = plain CFG.
+  sampler.guidance_interval = ()  # (lo, hi): w only for log-SNR in [lo, hi] (Kynkaanniemi 2024).
+  sampler.thresholding = False  # Dynamic thresholding of x0 (Imagen, Saharia et al. 2022).
+  sampler.threshold_percentile = 99.5  # Its percentile; 0 clips x0 to [-1, 1] (static clipping).
   sampler.use_ema = True  # Sample with the EMA parameters.
 
   # --- optimiser ------------------------------------------------------------
@@ -126,7 +130,7 @@ def get_config(arg=None):
       ('channels', None),
   )
 
-  # --- multi-process set-up (training/distributed.py; env vars override) ----
+  # --- multi-process set-up (cluster/distributed.py; env vars override) ----
   config.distributed = dist = ml_collections.ConfigDict()
   dist.coordinator_address = ''  # host:port of process 0; '' = detect (SLURM, TPU, JAXDIFF_*).
   dist.num_processes = 0  # 0 = detect.

@@ -1,6 +1,6 @@
 """The Shapes benchmark: procedural captioned scenes (renderer, scene sampler, captions).
 
-Implements /work/shared/specs/shapes.md (user page: docs/shapes.md). Pure numpy.
+Implements the Shapes specification in docs/shapes.md. Pure numpy.
 
 Coordinates: x is the column, y the row, both in pixels with the origin at the
 top-left corner of the canvas; pixel (row i, column j) has its centre at

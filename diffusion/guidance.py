@@ -4,6 +4,7 @@ All strengths (w, phi, interval bounds, percentile) may be traced arrays, so cha
 retraces a jitted sampler; w may also be a per-example [B] array.
 """
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -54,15 +55,25 @@ def guidance_interval(w, logsnr, lo, hi):
   return jnp.where(inside, w, jnp.ones_like(w))
 
 
-def guided_denoiser(model_fn: Callable, cond, uncond, w, *, rescale_phi=0.0, interval=None,
-                    threshold_percentile=None) -> Callable:
+class Guidance(NamedTuple):
+  """Guidance strengths, all traceable: CFG scale w (scalar or [B]), rescale phi, the log-SNR
+  interval (lo, hi) where w applies (+-inf: everywhere), the thresholding percentile."""
+  scale: jax.Array
+  rescale: jax.Array
+  interval: tuple[jax.Array, jax.Array]
+  threshold_percentile: jax.Array
+
+
+def guided_denoiser(model_fn: Callable, cond, uncond, strengths: Guidance, *,
+                    thresholding: bool = False) -> Callable:
   """x0-space classifier-free guidance as a sampler denoiser `(x_t, logsnr) -> x0_hat`.
 
   model_fn(x_t[2B], logsnr[2B], cond_batch) -> x0_hat[2B] is called ONCE per evaluation on the
   batch [x_t; x_t] with conditioning concatenate(cond, uncond) along the leading axis (pytrees
-  with leading dim B). `interval=(lo, hi)` (logsnr bounds) or None; `threshold_percentile=None`
-  disables dynamic thresholding.
+  with leading dim B). `thresholding` (static) turns on dynamic thresholding at
+  `strengths.threshold_percentile`.
   """
+  w, lo_hi = strengths.scale, strengths.interval
   both = jax.tree.map(lambda c, u: jnp.concatenate([c, u], axis=0), cond, uncond)
 
   def denoise(x_t, logsnr):
@@ -71,11 +82,10 @@ def guided_denoiser(model_fn: Callable, cond, uncond, w, *, rescale_phi=0.0, int
     x0 = model_fn(jnp.concatenate([x_t, x_t], axis=0), jnp.concatenate([logsnr, logsnr]), both)
     x0_cond, x0_uncond = x0[:B], x0[B:]
     w_eff = jnp.broadcast_to(jnp.asarray(w, x_t.dtype), (B,))
-    if interval is not None:
-      w_eff = guidance_interval(w_eff, logsnr, interval[0], interval[1])
-    x0 = rescale(cfg_combine(x0_cond, x0_uncond, w_eff), x0_cond, rescale_phi)
-    if threshold_percentile is not None:
-      x0 = dynamic_threshold(x0, threshold_percentile)
+    w_eff = guidance_interval(w_eff, logsnr, lo_hi[0], lo_hi[1])
+    x0 = rescale(cfg_combine(x0_cond, x0_uncond, w_eff), x0_cond, strengths.rescale)
+    if thresholding:
+      x0 = dynamic_threshold(x0, strengths.threshold_percentile)
     return x0
 
   return denoise

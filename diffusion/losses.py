@@ -34,11 +34,9 @@ def loss_weight(logsnr, kind, weighting, *, min_snr_gamma=5.0, sigma_data=0.5):
                    f'{", ".join(LOSS_WEIGHTINGS)}.')
 
 
-def loss_options(cfg):
-  """(prediction, loss_target, loss_weighting) with 'auto' resolved: EDM -> ('x0', 'edm')."""
-  prediction = param.prediction_kind(cfg)
-  target = schedules.cfg_choice(cfg, 'loss_target', 'auto', LOSS_TARGETS)
-  weighting = schedules.cfg_choice(cfg, 'loss_weighting', 'auto', LOSS_WEIGHTINGS)
+def loss_options(spec):
+  """(prediction, loss_target, loss_weighting) of a DiffusionSpec, 'auto' resolved: EDM -> ('x0', 'edm')."""
+  prediction, target, weighting = spec.prediction, spec.loss_target, spec.loss_weighting
   if target == 'auto':
     target = 'x0' if prediction == 'edm' else prediction
   if weighting == 'auto':
@@ -46,26 +44,26 @@ def loss_options(cfg):
   return prediction, target, weighting
 
 
-def diffusion_loss(pred_fn, x0, rng, cfg):
+def diffusion_loss(pred_fn, x0, rng, spec):
   """Ho et al. 2020 Alg. 1 / Karras et al. 2022 eq. 2: weighted denoising MSE, one per example.
 
-  pred_fn(x_t, logsnr[B]) -> raw network output in `diffusion.prediction` space (called once).
+  pred_fn(x_t, logsnr[B]) -> raw network output in `spec.prediction` space (called once);
+  `spec` is a `diffusion.spec.DiffusionSpec`.
   Returns (loss[B], aux) with aux = {'logsnr', 'weight', 'mse'} per example.
   """
-  prediction, kind, weighting = loss_options(cfg)
+  prediction, kind, weighting = loss_options(spec)
   rng_logsnr, rng_eps = jax.random.split(rng)
-  logsnr = schedules.sample_train_logsnr(rng_logsnr, x0.shape[:1], cfg)
+  logsnr = schedules.sample_train_logsnr(rng_logsnr, x0.shape[:1], spec)
   eps = jax.random.normal(rng_eps, x0.shape, x0.dtype)
   alpha, sigma = param.per_example(logsnr, x0)
   x_t = alpha * x0 + sigma * eps
   out = jnp.asarray(pred_fn(x_t, logsnr), x0.dtype)
   if prediction == 'edm':
-    out, prediction = param.network_output_to_x0(out, x_t, logsnr, cfg), 'x0'
+    out, prediction = param.network_output_to_x0(out, x_t, logsnr, spec), 'x0'
   error = (param.convert(out, x_t, alpha, sigma, prediction, kind)
            - param.target(x0, eps, alpha, sigma, kind))
   mse = jnp.mean(jnp.square(error), axis=tuple(range(1, x0.ndim)))
   weight = loss_weight(
       logsnr, kind, weighting,
-      min_snr_gamma=float(schedules.cfg_value(cfg, 'min_snr_gamma', 5.0)),
-      sigma_data=float(schedules.cfg_value(cfg, 'sigma_data', 0.5)))
+      min_snr_gamma=float(spec.min_snr_gamma), sigma_data=float(spec.sigma_data))
   return weight * mse, {'logsnr': logsnr, 'weight': weight, 'mse': mse}

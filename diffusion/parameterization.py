@@ -67,16 +67,6 @@ def target(x0, eps, alpha, sigma, kind):
   return alpha * eps - sigma * x0
 
 
-def edm_scalings(sigma_ve, sigma_data):
-  """Karras et al. 2022 Table 1: (c_skip, c_out, c_in, c_noise) for finite sigma > 0."""
-  s2, d2 = jnp.square(sigma_ve), sigma_data**2
-  c_skip = d2 / (s2 + d2)
-  c_out = sigma_ve * sigma_data / jnp.sqrt(s2 + d2)
-  c_in = 1.0 / jnp.sqrt(s2 + d2)
-  c_noise = jnp.log(sigma_ve) / 4.0
-  return c_skip, c_out, c_in, c_noise
-
-
 def per_example(logsnr, x):
   """[B] (or scalar) logsnr -> alpha, sigma shaped [B, 1, ..., 1] to broadcast against x."""
   logsnr = jnp.broadcast_to(jnp.asarray(logsnr, x.dtype), x.shape[:1])
@@ -88,44 +78,32 @@ def _edm_denominator(alpha, sigma, sigma_data):
   return jnp.sqrt(jnp.square(sigma) + sigma_data**2 * jnp.square(alpha))
 
 
-def prediction_kind(cfg):
-  """`diffusion.prediction`, validated (zero terminal SNR needs a prediction defined at alpha=0)."""
-  prediction = schedules.cfg_value(cfg, 'prediction', 'eps')
-  if prediction not in PREDICTIONS:
-    raise ValueError(f'diffusion.prediction={prediction!r} is not supported; choose one of '
-                     f'{", ".join(PREDICTIONS)}.')
-  if prediction == 'eps' and schedules.cfg_value(cfg, 'zero_terminal_snr', False):
-    raise ValueError("diffusion.zero_terminal_snr=True cannot be used with diffusion.prediction="
-                     "'eps' (x0 is undefined at alpha=0, Lin et al. 2023 sec 3.2); use 'v'.")
-  return prediction
-
-
 def c_noise_from_logsnr(logsnr):
   """Noise conditioning c_noise = ln(s)/4 = -logsnr/8 (EDM Table 1), clipped to be finite."""
   return jnp.clip(-jnp.asarray(logsnr) / 8.0, -C_NOISE_MAX, C_NOISE_MAX)
 
 
-def network_inputs(x_t, logsnr, cfg):
-  """What the network sees: (x_t or EDM's c_in x_t / alpha, c_noise[B]); finite at logsnr=+-inf."""
-  prediction = prediction_kind(cfg)
+def network_inputs(x_t, logsnr, spec):
+  """What the network sees: (x_t or EDM's c_in x_t / alpha, c_noise[B]); finite at logsnr=+-inf.
+
+  `spec`: a `diffusion.spec.DiffusionSpec` (reads `prediction` and `sigma_data`).
+  """
   c_noise = c_noise_from_logsnr(jnp.broadcast_to(jnp.asarray(logsnr, x_t.dtype), x_t.shape[:1]))
-  if prediction != 'edm':
+  if spec.prediction != 'edm':
     return x_t, c_noise  # VP inputs already have (about) unit variance.
   alpha, sigma = per_example(logsnr, x_t)
-  sigma_data = float(schedules.cfg_value(cfg, 'sigma_data', 0.5))
-  return x_t / _edm_denominator(alpha, sigma, sigma_data), c_noise
+  return x_t / _edm_denominator(alpha, sigma, float(spec.sigma_data)), c_noise
 
 
-def network_output_to_x0(out, x_t, logsnr, cfg):
-  """Denoised x0_hat from the raw network output in `diffusion.prediction` space.
+def network_output_to_x0(out, x_t, logsnr, spec):
+  """Denoised x0_hat from the raw network output in `spec.prediction` space.
 
   'edm': D = c_skip x_ve + c_out F (Karras et al. 2022 eq. 7), written in VP terms so that it is
   finite for every logsnr: D = sd^2 alpha x_t / (sigma^2 + sd^2 alpha^2) + sigma sd F / sqrt(...).
   """
-  prediction = prediction_kind(cfg)
   alpha, sigma = per_example(logsnr, x_t)
-  if prediction != 'edm':
-    return x0_from(out, x_t, alpha, sigma, prediction)
-  sd = float(schedules.cfg_value(cfg, 'sigma_data', 0.5))
+  if spec.prediction != 'edm':
+    return x0_from(out, x_t, alpha, sigma, spec.prediction)
+  sd = float(spec.sigma_data)
   denom = _edm_denominator(alpha, sigma, sd)
   return sd**2 * alpha * x_t / jnp.square(denom) + sigma * sd * out / denom

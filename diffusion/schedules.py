@@ -4,9 +4,9 @@ Every noise level in jaxdiff is a log-SNR value `logsnr = log(alpha^2 / sigma^2)
 variance-preserving process x_t = alpha * x0 + sigma * eps (Kingma et al. 2021, VDM).
 Time t in [0, 1] runs from clean (t = 0, logsnr = +inf) to noisiest (t = 1).
 
-Discrete (DDPM-style) tables are static functions of the config and are computed once in float64
-numpy; everything that sees traced values (`get_logsnr_fn`, `sample_train_logsnr`) is jnp and
-jittable.
+Functions that depend on settings take a `diffusion.spec.DiffusionSpec` (`spec`). Discrete
+(DDPM-style) tables are static functions of it and are computed once in float64 numpy; everything
+that sees traced values (`get_logsnr_fn`, `sample_train_logsnr`) is jnp and jittable.
 """
 from collections.abc import Callable
 import math
@@ -20,21 +20,6 @@ DISCRETE_SCHEDULES = ('linear', 'scaled_linear', 'cosine', 'sigmoid')
 SAMPLING_GRIDS = ('auto', 'uniform_t', 'karras', 'uniform_logsnr')
 NOISE_SAMPLINGS = ('uniform', 'lognormal')
 _MAX_BETA = 0.999  # Nichol & Dhariwal 2021 sec 3.2: clip betas to avoid singularities at t = T.
-
-
-def cfg_value(cfg, name, default):
-  """`cfg.name` if present and not None, else `default` (ConfigDict, dataclass or namespace)."""
-  value = getattr(cfg, name, None)
-  return default if value is None else value
-
-
-def cfg_choice(cfg, name, default, choices):
-  """`cfg_value`, checked against `choices`; the ValueError names `diffusion.<name>`."""
-  value = cfg_value(cfg, name, default)
-  if value not in choices:
-    raise ValueError(
-        f'diffusion.{name}={value!r} is not supported; choose one of {", ".join(choices)}.')
-  return value
 
 
 # ------------------------------------------------------------------ log-SNR <-> alpha, sigma
@@ -118,42 +103,35 @@ def rescale_zero_terminal_snr(alpha_bar: np.ndarray) -> np.ndarray:
   return sqrt_ab**2
 
 
-def betas(cfg) -> np.ndarray:
-  """The T betas of a discrete schedule named by `diffusion.schedule` (float64, static)."""
-  name = cfg_choice(cfg, 'schedule', 'linear', SCHEDULES)
-  T = int(cfg_value(cfg, 'num_train_timesteps', 1000))
+def betas(spec) -> np.ndarray:
+  """The T betas of the discrete schedule `spec.schedule` (float64, static)."""
+  name, T = spec.schedule, spec.num_train_timesteps
   if name == 'edm':
     raise ValueError("diffusion.schedule='edm' is continuous and has no beta table; "
                      'use get_logsnr_fn / sampling_logsnrs instead.')
-  if T < 1:
-    raise ValueError(f'diffusion.num_train_timesteps must be >= 1, got {T}.')
-  start = float(cfg_value(cfg, 'beta_start', 1e-4))
-  end = float(cfg_value(cfg, 'beta_end', 0.02))
   if name == 'linear':
-    return betas_linear(T, start, end)
+    return betas_linear(T, spec.beta_start, spec.beta_end)
   if name == 'scaled_linear':
-    return betas_scaled_linear(T, start, end)
+    return betas_scaled_linear(T, spec.beta_start, spec.beta_end)
   if name == 'cosine':
     return betas_cosine(T)
-  return betas_sigmoid(T, float(cfg_value(cfg, 'sigmoid_start', -3.0)),
-                       float(cfg_value(cfg, 'sigmoid_end', 3.0)),
-                       float(cfg_value(cfg, 'sigmoid_tau', 1.0)))
+  return betas_sigmoid(T)
 
 
-def alpha_bar_table(cfg) -> np.ndarray:
+def alpha_bar_table(spec) -> np.ndarray:
   """alpha_bar_k = prod_{i<=k} (1 - beta_i) for k = 1..T (Ho et al. 2020 eq. 4), [T] float64.
 
   With `diffusion.zero_terminal_snr` the table is rescaled so alpha_bar_T = 0 (Lin et al. 2023).
   """
-  alpha_bar = np.cumprod(1.0 - betas(cfg))
-  if cfg_value(cfg, 'zero_terminal_snr', False):
+  alpha_bar = np.cumprod(1.0 - betas(spec))
+  if spec.zero_terminal_snr:
     alpha_bar = rescale_zero_terminal_snr(alpha_bar)
   return alpha_bar
 
 
-def discrete_logsnrs(cfg) -> np.ndarray:
+def discrete_logsnrs(spec) -> np.ndarray:
   """[T+1] float64 log-SNR of timesteps k = 0..T; k = 0 is clean (+inf). No shift applied."""
-  alpha_bar = np.concatenate([[1.0], alpha_bar_table(cfg)])
+  alpha_bar = np.concatenate([[1.0], alpha_bar_table(spec)])
   with np.errstate(divide='ignore'):
     return np.log(alpha_bar) - np.log1p(-alpha_bar)
 
@@ -171,13 +149,8 @@ def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0):
   return (sigma_max**inv_rho + frac * (sigma_min**inv_rho - sigma_max**inv_rho)) ** rho
 
 
-def _edm_range(cfg):
-  return (float(cfg_value(cfg, 'sigma_min', 0.002)), float(cfg_value(cfg, 'sigma_max', 80.0)),
-          float(cfg_value(cfg, 'rho', 7.0)))
-
-
 # ------------------------------------------------------------------ continuous view
-def get_logsnr_fn(cfg) -> Callable[[jax.Array], jax.Array]:
+def get_logsnr_fn(spec) -> Callable[[jax.Array], jax.Array]:
   """t in [0, 1] -> logsnr (plus `diffusion.logsnr_shift`); continuous, decreasing in t.
 
   Discrete schedules interpolate log(alpha_bar) linearly in t*T between table entries
@@ -186,11 +159,10 @@ def get_logsnr_fn(cfg) -> Callable[[jax.Array], jax.Array]:
   interval. 'edm' maps t to sigma by eq. 5 of Karras et al. 2022: t = 0 -> sigma_min, t = 1 ->
   sigma_max (so its logsnr(0) is finite).
   """
-  name = cfg_choice(cfg, 'schedule', 'linear', SCHEDULES)
-  shift = float(cfg_value(cfg, 'logsnr_shift', 0.0))
-  if name == 'edm':
-    sigma_min, sigma_max, rho = _edm_range(cfg)
-    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+  shift = float(spec.logsnr_shift)
+  if spec.schedule == 'edm':
+    rho = float(spec.rho)
+    lo, hi = float(spec.sigma_min) ** (1 / rho), float(spec.sigma_max) ** (1 / rho)
 
     def edm_logsnr(t):
       sigma = (lo + jnp.clip(t, 0.0, 1.0) * (hi - lo)) ** rho
@@ -198,9 +170,9 @@ def get_logsnr_fn(cfg) -> Callable[[jax.Array], jax.Array]:
 
     return edm_logsnr
 
-  T = int(cfg_value(cfg, 'num_train_timesteps', 1000))
+  T = int(spec.num_train_timesteps)
   with np.errstate(divide='ignore'):
-    log_ab = np.log(np.concatenate([[1.0], alpha_bar_table(cfg)]))
+    log_ab = np.log(np.concatenate([[1.0], alpha_bar_table(spec)]))
 
   def discrete_logsnr(t):
     table = jnp.asarray(log_ab, dtype=jnp.result_type(float))
@@ -217,19 +189,17 @@ def get_logsnr_fn(cfg) -> Callable[[jax.Array], jax.Array]:
 
 
 # ------------------------------------------------------------------ grids and training levels
-def effective_grid(cfg, sampler: str | None = None) -> str:
-  """`diffusion.sampling_grid` with 'auto' resolved: 'karras' for 'edm' or 'heun', else 'uniform_t'."""
-  grid = cfg_choice(cfg, 'sampling_grid', 'auto', SAMPLING_GRIDS)
-  if grid != 'auto':
-    return grid
-  edm = cfg_choice(cfg, 'schedule', 'linear', SCHEDULES) == 'edm'
-  return 'karras' if edm or sampler == 'heun' else 'uniform_t'
+def effective_grid(spec, sampler: str | None = None) -> str:
+  """`spec.sampling_grid` with 'auto' resolved: 'karras' for 'edm' or 'heun', else 'uniform_t'."""
+  if spec.sampling_grid != 'auto':
+    return spec.sampling_grid
+  return 'karras' if spec.schedule == 'edm' or sampler == 'heun' else 'uniform_t'
 
 
-def sampling_logsnrs(cfg, num_steps: int, sampler: str | None = None) -> jax.Array:
+def sampling_logsnrs(spec, num_steps: int, sampler: str | None = None) -> jax.Array:
   """The [num_steps + 1] log-SNR grid a sampler walks: noisiest first, last entry +inf (clean).
 
-  `diffusion.sampling_grid`:
+  `spec.sampling_grid`:
     'uniform_t' -- discrete schedules: "trailing" timesteps k_i = round(T (1 - i/N)), i = 0..N
       (Lin et al. 2023 sec 3.3; starts at k = T, so a zero-terminal-SNR grid starts at -inf);
       'edm': t = 1 - i/(N-1) through `get_logsnr_fn`, which is the Karras grid.
@@ -244,17 +214,16 @@ def sampling_logsnrs(cfg, num_steps: int, sampler: str | None = None) -> jax.Arr
       'cosine'), 'uniform_t' otherwise.
   `diffusion.logsnr_shift` is added to every entry.
   """
-  name = cfg_choice(cfg, 'schedule', 'linear', SCHEDULES)
-  grid = effective_grid(cfg, sampler)
+  grid = effective_grid(spec, sampler)
   N = int(num_steps)
   if N < 1:
     raise ValueError(f'sampler.num_steps must be >= 1, got {num_steps}.')
-  shift = float(cfg_value(cfg, 'logsnr_shift', 0.0))
-  sigma_min, sigma_max, rho = _edm_range(cfg)
-  if name == 'edm':
+  shift = float(spec.logsnr_shift)
+  sigma_min, sigma_max, rho = float(spec.sigma_min), float(spec.sigma_max), float(spec.rho)
+  if spec.schedule == 'edm':
     lead = []
   else:
-    table = discrete_logsnrs(cfg)  # [T+1], table[0] = +inf.
+    table = discrete_logsnrs(spec)  # [T+1], table[0] = +inf.
     T = len(table) - 1
     if grid == 'uniform_t':
       if N > T:
@@ -281,20 +250,18 @@ def sampling_logsnrs(cfg, num_steps: int, sampler: str | None = None) -> jax.Arr
   return jnp.asarray(np.array(lead + levels + [np.inf]) + shift)
 
 
-def sample_train_logsnr(rng: jax.Array, shape, cfg) -> jax.Array:
+def sample_train_logsnr(rng: jax.Array, shape, spec) -> jax.Array:
   """Training noise levels: uniform timesteps k in {1..T} (Ho et al. 2020 Alg. 1) or EDM's
 
   log-normal ln(sigma) ~ N(P_mean, P_std^2) (Karras et al. 2022 sec 5) when
   `diffusion.schedule == 'edm'` or `diffusion.noise_sampling == 'lognormal'`.
   """
-  name = cfg_choice(cfg, 'schedule', 'linear', SCHEDULES)
-  sampling = cfg_choice(cfg, 'noise_sampling', 'uniform', NOISE_SAMPLINGS)
-  shift = float(cfg_value(cfg, 'logsnr_shift', 0.0))
+  shift = float(spec.logsnr_shift)
   dtype = jnp.result_type(float)
-  if name == 'edm' or sampling == 'lognormal':
-    p_mean, p_std = float(cfg_value(cfg, 'p_mean', -1.2)), float(cfg_value(cfg, 'p_std', 1.2))
+  if spec.schedule == 'edm' or spec.noise_sampling == 'lognormal':
+    p_mean, p_std = float(spec.p_mean), float(spec.p_std)
     ln_sigma = p_mean + p_std * jax.random.normal(rng, shape, dtype)
     return -2.0 * ln_sigma + shift
-  table = jnp.asarray(discrete_logsnrs(cfg), dtype)
+  table = jnp.asarray(discrete_logsnrs(spec), dtype)
   k = jax.random.randint(rng, shape, 1, table.shape[0])
   return table[k] + shift

@@ -8,7 +8,7 @@ The JobSet (jobset.x-k8s.io/v1alpha2) holds one replicated Indexed Job with
 parallelism = completions = num_hosts. JobSet's headless service (`network.subdomain`) gives pod i
 the name `<name>-workers-0-<i>.<name>`, so every pod gets JAXDIFF_COORDINATOR=
 `<name>-workers-0-0.<name>:<port>`, JAXDIFF_NUM_PROCESSES and JAXDIFF_PROCESS_ID (the pod's
-job-completion index), which `training.distributed.initialize` reads. One pod failing fails the
+job-completion index), which `cluster.distributed.initialize` reads. One pod failing fails the
 JobSet (or restarts all of it, `--max_restarts`). `--dry_run` prints the YAML; otherwise it goes
 to `kubectl apply -f -`. The YAML is written without PyYAML: every string is a double-quoted
 (JSON) scalar, which YAML reads as is.
@@ -23,6 +23,7 @@ import subprocess
 import sys
 from typing import Any, Sequence
 
+from cluster import contract
 from launch import command
 
 JOB_NAME = 'workers'  # The replicated job's name, part of every pod's host name.
@@ -60,13 +61,15 @@ def manifest(args: argparse.Namespace, overrides: Sequence[str]) -> dict[str, An
   """The JobSet as a dict."""
   _check(args)
   env = [
-      {'name': 'JAXDIFF_COORDINATOR', 'value': coordinator_address(args.name, args.port)},
-      {'name': 'JAXDIFF_NUM_PROCESSES', 'value': str(args.num_hosts)},
-      {'name': 'JAXDIFF_PROCESS_ID', 'valueFrom': {'fieldRef': {'fieldPath': _COMPLETION_INDEX}}},
+      {'name': contract.ENV_COORDINATOR, 'value': coordinator_address(args.name, args.port)},
+      {'name': contract.ENV_NUM_PROCESSES, 'value': str(args.num_hosts)},
+      {'name': contract.ENV_PROCESS_ID,
+       'valueFrom': {'fieldRef': {'fieldPath': _COMPLETION_INDEX}}},
       {'name': 'PYTHONUNBUFFERED', 'value': '1'},
   ]
   if args.heartbeat_timeout_s:
-    env.append({'name': 'JAXDIFF_HEARTBEAT_TIMEOUT_S', 'value': f'{args.heartbeat_timeout_s:g}'})
+    env.append({'name': contract.ENV_HEARTBEAT_TIMEOUT,
+                'value': f'{args.heartbeat_timeout_s:g}'})
   env += [{'name': k, 'value': v} for k, _, v in (e.partition('=') for e in args.env)]
   limits: dict[str, Any] = {}
   requests: dict[str, Any] = {}

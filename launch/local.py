@@ -4,7 +4,7 @@
       python train.py --config=configs/shapes.py:cpu --workdir=runs/local2
 
 Each child gets JAXDIFF_COORDINATOR (127.0.0.1 and a free port), JAXDIFF_NUM_PROCESSES and
-JAXDIFF_PROCESS_ID, which `training.distributed.initialize` reads. On CPU (the default) a child
+JAXDIFF_PROCESS_ID, which `cluster.distributed.initialize` reads. On CPU (the default) a child
 sees `--devices_per_process` simulated devices (XLA_FLAGS); with `--gpus_per_process G` child r
 gets GPUs [r*G, (r+1)*G) of the box through CUDA_VISIBLE_DEVICES instead. Output lines are
 prefixed with `[rank r]`. When a child exits non-zero, the others are terminated and the launcher
@@ -27,7 +27,8 @@ import threading
 import time
 from typing import IO, Mapping, Sequence
 
-from training.distributed import EXIT_PEER_FAILED  # A child stopped by its watchdog.
+from cluster.contract import (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID,
+                              EXIT_PEER_FAILED)
 
 _DEVICE_COUNT_FLAG = '--xla_force_host_platform_device_count'
 
@@ -77,9 +78,9 @@ def child_specs(command: Sequence[str], num_processes: int, *, devices_per_proce
   port = port or free_port(host)
   children = []
   for rank in range(num_processes):
-    env = {'JAXDIFF_COORDINATOR': f'{host}:{port}',
-           'JAXDIFF_NUM_PROCESSES': str(num_processes),
-           'JAXDIFF_PROCESS_ID': str(rank),
+    env = {ENV_COORDINATOR: f'{host}:{port}',
+           ENV_NUM_PROCESSES: str(num_processes),
+           ENV_PROCESS_ID: str(rank),
            'PYTHONUNBUFFERED': '1'}
     if gpus_per_process:
       env['CUDA_VISIBLE_DEVICES'] = ','.join(

@@ -7,7 +7,7 @@
 
 One task per node drives all its GPUs by default (`--tasks_per_node T` gives each task
 gpus_per_node/T GPUs through --gpus-per-task). Every task runs the same train.py command;
-`training.distributed.initialize` reads SLURM_* to find process 0. `--dry_run` prints the script;
+`cluster.distributed.initialize` reads SLURM_* to find process 0. `--dry_run` prints the script;
 otherwise it is written to `--script` and passed to `sbatch`.
 """
 
@@ -21,6 +21,7 @@ import subprocess
 import sys
 from typing import Sequence
 
+from cluster import contract
 from launch import command
 
 TEMPLATE = os.path.join(os.path.dirname(__file__), 'templates', 'slurm.sbatch')
@@ -81,9 +82,9 @@ def script(args: argparse.Namespace, overrides: Sequence[str], template: str | N
     setup.append(f'cd {shlex.quote(args.repo_dir)}')
   exports = []
   if args.port:
-    exports.append(f'export JAXDIFF_COORDINATOR_PORT={args.port}')
+    exports.append(f'export {contract.ENV_COORDINATOR_PORT}={args.port}')
   if args.heartbeat_timeout_s:
-    exports.append(f'export JAXDIFF_HEARTBEAT_TIMEOUT_S={args.heartbeat_timeout_s:g}')
+    exports.append(f'export {contract.ENV_HEARTBEAT_TIMEOUT}={args.heartbeat_timeout_s:g}')
   for item in args.env:
     name, _, value = item.partition('=')
     exports.append(f'export {name}={shlex.quote(value)}')
@@ -132,7 +133,7 @@ def parser() -> argparse.ArgumentParser:
                  help='Shell line run before training, e.g. "module load cuda" (repeatable).')
   p.add_argument('--env', action='append', default=[], help='NAME=value to export (repeatable).')
   p.add_argument('--port', type=int, default=0,
-                 help='Coordinator port; 0 = derived from the job id by training/distributed.py.')
+                 help='Coordinator port; 0 = derived from the job id by cluster/distributed.py.')
   p.add_argument('--heartbeat_timeout_s', type=float, default=0,
                  help='Seconds before a silent task fails the job; 0 = the default (30).')
   p.add_argument('--template', default=TEMPLATE, help='sbatch template with {{placeholders}}.')

@@ -6,8 +6,11 @@
   # Or from the config file's get_sweep() (a list of override dicts), big_vision's get_hyper style:
   python -m launch.sweep --config=configs/shapes.py:cpu --root=runs/sweep --from_config
 
-Each point runs `train.py` with its overrides in `ROOT/<name>`; `--dry_run` prints the
-commands, `--jobs_file=F` writes them one per line (for a SLURM array or any scheduler).
+Each point runs `train.py` with its overrides in `ROOT/<name>`; flags after the sweep's own
+(e.g. `--config.optim.num_steps=500`) go to every point. Every point is loaded through
+`configs.loading` first, so an unknown field or a bad value fails the sweep before any run starts.
+`--dry_run` prints the commands, `--jobs_file=F` writes them one per line (for a SLURM array or
+any scheduler).
 Re-running a sweep resumes each point from its workdir (a finished point ends at once).
 """
 
@@ -19,6 +22,8 @@ import shlex
 import subprocess
 import sys
 from typing import Sequence
+
+from configs import loading
 
 
 def parse_grid(grid: str) -> list[dict[str, str]]:
@@ -36,30 +41,34 @@ def point_name(point: dict) -> str:
   return '_'.join(f'{k.split(".")[-1]}={v}' for k, v in point.items()) or 'base'
 
 
+def overrides(point: dict) -> list[str]:
+  """{'a.b': '1'} -> ['--config.a.b=1']."""
+  return [f'{loading.PREFIX}{k}={v}' for k, v in point.items()]
+
+
 def commands(config: str, root: str, points: Sequence[dict], extra: Sequence[str] = ()) -> list[list[str]]:
   out = []
   for point in points:
     cmd = [sys.executable, 'train.py', f'--config={config}',
            f'--workdir={os.path.join(root, point_name(point))}']
-    cmd += [f'--config.{k}={v}' for k, v in point.items()] + list(extra)
+    cmd += overrides(point) + list(extra)
     out.append(cmd)
   return out
 
 
 def _points_from_config(spec: str) -> list[dict]:
-  from configs import validation
   path, _, arg = spec.partition(':')
-  import importlib.util
-  module_spec = importlib.util.spec_from_file_location('_sweep_config', path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  module = loading.import_module(path)
   if not hasattr(module, 'get_sweep'):
     raise ValueError(f'{path} has no get_sweep(); pass --grid instead.')
-  points = [{k: str(v) for k, v in p.items()} for p in module.get_sweep(arg or None)]
-  base = validation.load_config_file(spec)
-  for p in points:
-    validation.check_override_keys([f'--config.{k}={v}' for k, v in p.items()], base)
-  return points
+  return [{k: str(v) for k, v in p.items()} for p in module.get_sweep(arg or None)]
+
+
+def check(spec: str, points: Sequence[dict], extra: Sequence[str] = ()) -> None:
+  """Loads every point as train.py will (configs.loading); raises ValueError naming the field."""
+  _, extra_overrides = loading.split_argv(extra)
+  for point in points:
+    loading.load(spec, overrides(point) + extra_overrides)
 
 
 def main(argv=None):
@@ -74,11 +83,8 @@ def main(argv=None):
   points = _points_from_config(args.config) if args.from_config else parse_grid(args.grid)
   if not points:
     parser.error('empty sweep: give --grid or --from_config')
-  from configs import validation
-  base = validation.load_config_file(args.config)
+  check(args.config, points, extra)
   cmds = commands(args.config, args.root, points, extra)
-  for cmd in cmds:
-    validation.check_override_keys(cmd, base)
   if args.jobs_file:
     with open(args.jobs_file, 'w') as f:
       f.writelines(shlex.join(c) + '\n' for c in cmds)

@@ -6,7 +6,7 @@
 
 Step `setup` clones (or updates) the repo on every worker and pip-installs jax[tpu] and the
 requirements; step `run` starts train.py on every worker (jax finds the pod by itself, see
-training/distributed.py). `--step all` (default) does both. `--detach` runs training under nohup so
+cluster/distributed.py). `--step all` (default) does both. `--detach` runs training under nohup so
 it survives the ssh session. `--dry_run` prints the gcloud commands.
 """
 

@@ -25,7 +25,7 @@ def freeze_config(module: nn.Module) -> None:
     object.__setattr__(module, 'config', ml_collections.FrozenConfigDict(module.config))
 
 
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 # Logical axis names of the main activations at block boundaries.
 ACTIVATION_AXES = ('batch', 'height', 'width', 'channels')
@@ -35,10 +35,10 @@ CONV_AXES = (None, None, 'conv_in', 'conv_out')
 
 def resolve_dtype(name: Any, field: str) -> Dtype:
   """Maps a config dtype string ('float32' | 'bfloat16' | 'float16') to a jnp dtype."""
-  if not isinstance(name, str) or name not in _DTYPES:
+  if not isinstance(name, str) or name not in DTYPES:
     raise ValueError(
-        f'{field} must be one of {sorted(_DTYPES)}, got {name!r}; set it in the config.')
-  return _DTYPES[name]
+        f'{field} must be one of {sorted(DTYPES)}, got {name!r}; set it in the config.')
+  return DTYPES[name]
 
 
 def group_count(channels: int, groups: int) -> int:

@@ -1,8 +1,8 @@
 """Text-conditioned U-Net (ADM layout, Dhariwal & Nichol 2021; text conditioning as in Imagen).
 
 The network maps (x, c_noise, text) to a raw output of x's shape; it knows nothing of noise
-schedules or parameterisations (that is the preconditioning wrapper's job). Configured by
-the `config.model` section; see docs/models.md for every field.
+schedules or parameterisations (that is the preconditioning wrapper's job). Configured by a
+`UNetSpec`, made from the `config.model` section; see docs/models.md for every field.
 """
 from __future__ import annotations
 
@@ -24,29 +24,61 @@ REMAT_POLICY = jax.checkpoint_policies.nothing_saveable
 
 @dataclasses.dataclass(frozen=True)
 class UNetSpec:
-  """Validated, typed view of the `config.model` fields the U-Net reads."""
+  """The `config.model` section as a typed, frozen, checked value (fields: configs/base.py).
+
+  Built once where the config enters (`configs.specs.unet(config)`); it has no defaults of its
+  own. Dtypes stay names ('float32', 'bfloat16', 'float16'); `compute_dtype`/`weight_dtype`
+  resolve them.
+  """
   channels: int
   channel_mult: tuple[int, ...]
   num_res_blocks: int
   attn_resolutions: tuple[int, ...]
   num_heads: int
-  head_dim: int | None
+  head_dim: int  # 0: width / num_heads.
   dropout: float
   norm_groups: int
-  dtype: Any
-  param_dtype: Any
+  dtype: str
+  param_dtype: str
   remat: bool
-  patch_size: int = 1
-  coord_channels: bool = False
-  pooled_conditioning: bool = True
+  patch_size: int
+  coord_channels: bool
+  pooled_conditioning: bool
 
+  def __post_init__(self):
+    if not isinstance(self.channel_mult, tuple) or not self.channel_mult:
+      raise ValueError(f'model.channel_mult must be a non-empty tuple of positive ints, got '
+                       f'{self.channel_mult!r}.')
+    for m in self.channel_mult:
+      _positive_int(m, 'channel_mult')
+    if not isinstance(self.attn_resolutions, tuple):
+      raise ValueError(f'model.attn_resolutions must be a tuple of ints, got '
+                       f'{self.attn_resolutions!r}.')
+    for r in self.attn_resolutions:
+      _positive_int(r, 'attn_resolutions')
+    for name in ('channels', 'num_res_blocks', 'num_heads', 'norm_groups', 'patch_size'):
+      _positive_int(getattr(self, name), name)
+    if isinstance(self.head_dim, bool) or not isinstance(self.head_dim, int) or self.head_dim < 0:
+      raise ValueError(f'model.head_dim must be 0 (width / num_heads) or a positive integer, got '
+                       f'{self.head_dim!r}.')
+    if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f'model.dropout must be a float in [0, 1), got {self.dropout!r}.')
+    for name in ('remat', 'coord_channels', 'pooled_conditioning'):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f'model.{name} must be True or False, got {getattr(self, name)!r}.')
+    layers.resolve_dtype(self.dtype, 'model.dtype')
+    layers.resolve_dtype(self.param_dtype, 'model.param_dtype')
 
-def _field(cfg: Any, name: str, default: Any = dataclasses.MISSING) -> Any:
-  if name in cfg:
-    return cfg[name]
-  if default is dataclasses.MISSING:
-    raise ValueError(f'model.{name} is missing from the config; add it to config.model.')
-  return default
+  @property
+  def compute_dtype(self):
+    return layers.resolve_dtype(self.dtype, 'model.dtype')
+
+  @property
+  def weight_dtype(self):
+    return layers.resolve_dtype(self.param_dtype, 'model.param_dtype')
+
+  def replace(self, **changes) -> UNetSpec:
+    return dataclasses.replace(self, **changes)
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -55,47 +87,9 @@ def _positive_int(value: Any, name: str) -> int:
   return value
 
 
-def parse_config(cfg: Any) -> UNetSpec:
-  """Reads and checks `config.model`; raises ValueError naming the offending field."""
-  channel_mult = _field(cfg, 'channel_mult')
-  if not isinstance(channel_mult, (tuple, list)) or not channel_mult:
-    raise ValueError(
-        f'model.channel_mult must be a non-empty tuple of positive ints, got {channel_mult!r}.')
-  channel_mult = tuple(_positive_int(m, 'channel_mult') for m in channel_mult)
-  attn_res = _field(cfg, 'attn_resolutions')
-  if not isinstance(attn_res, (tuple, list)):
-    raise ValueError(f'model.attn_resolutions must be a tuple of ints, got {attn_res!r}.')
-  attn_res = tuple(_positive_int(r, 'attn_resolutions') for r in attn_res)
-  head_dim = _field(cfg, 'head_dim', None)
-  if head_dim is not None:
-    head_dim = _positive_int(head_dim, 'head_dim')
-  dropout = _field(cfg, 'dropout', 0.0)
-  if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-    raise ValueError(f'model.dropout must be a float in [0, 1), got {dropout!r}.')
-  remat = _field(cfg, 'remat', False)
-  if not isinstance(remat, bool):
-    raise ValueError(f'model.remat must be True or False, got {remat!r}.')
-  return UNetSpec(
-      channels=_positive_int(_field(cfg, 'channels'), 'channels'),
-      channel_mult=channel_mult,
-      num_res_blocks=_positive_int(_field(cfg, 'num_res_blocks'), 'num_res_blocks'),
-      attn_resolutions=attn_res,
-      num_heads=_positive_int(_field(cfg, 'num_heads'), 'num_heads'),
-      head_dim=head_dim,
-      dropout=float(dropout),
-      norm_groups=_positive_int(_field(cfg, 'norm_groups', 32), 'norm_groups'),
-      dtype=layers.resolve_dtype(_field(cfg, 'dtype', 'float32'), 'model.dtype'),
-      param_dtype=layers.resolve_dtype(_field(cfg, 'param_dtype', 'float32'),
-                                       'model.param_dtype'),
-      remat=remat,
-      patch_size=_positive_int(_field(cfg, 'patch_size', 1), 'patch_size'),
-      coord_channels=bool(_field(cfg, 'coord_channels', False)),
-      pooled_conditioning=bool(_field(cfg, 'pooled_conditioning', True)))
-
-
 def _heads(spec: UNetSpec, width: int) -> tuple[int, int]:
   """(num_heads, head_dim) for an attention block of `width` channels."""
-  if spec.head_dim is not None:
+  if spec.head_dim:
     if width % spec.head_dim:
       raise ValueError(f'model.head_dim={spec.head_dim} must divide the attention width {width}.')
     return width // spec.head_dim, spec.head_dim
@@ -136,20 +130,16 @@ def _check_inputs(spec: UNetSpec, x, c_noise, context, context_mask, pooled) -> 
 
 
 class UNet(nn.Module):
-  """Text-conditioned U-Net; `config` is the `config.model` section (FrozenConfigDict)."""
-  config: Any
-
-  def __post_init__(self):
-    layers.freeze_config(self)
-    super().__post_init__()
+  """Text-conditioned U-Net built from its `UNetSpec`."""
+  spec: UNetSpec
 
   @nn.compact
   def __call__(self, x: jax.Array, c_noise: jax.Array, context: jax.Array,
                context_mask: jax.Array, pooled: jax.Array, *, train: bool) -> jax.Array:
     """x [B,H,W,C], c_noise [B], context [B,L,Dt], context_mask [B,L], pooled [B,Dt] -> [B,H,W,C] f32."""
-    spec = parse_config(self.config)
+    spec = self.spec
     _check_inputs(spec, x, c_noise, context, context_mask, pooled)
-    dt, pdt, ch = spec.dtype, spec.param_dtype, spec.channels
+    dt, pdt, ch = spec.compute_dtype, spec.weight_dtype, spec.channels
     res_cls, attn_cls = layers.ResBlock, SpatialAttention
     if spec.remat:  # self=0, x=1, emb=2, train=3 (static).
       res_cls = nn.remat(layers.ResBlock, static_argnums=(3,), policy=REMAT_POLICY)
@@ -240,7 +230,3 @@ def depth_to_space(x: jax.Array, p: int) -> jax.Array:
   x = x.reshape(b, h, w, p, p, c).transpose(0, 1, 3, 2, 4, 5)
   return x.reshape(b, h * p, w * p, c)
 
-
-def count_params(params: Any) -> int:
-  """Total number of scalars in a (possibly `nn.Partitioned`-boxed) parameter pytree."""
-  return sum(int(leaf.size) for leaf in jax.tree_util.tree_leaves(nn.unbox(params)))

@@ -1,8 +1,44 @@
-"""Test set-up: 8 simulated CPU devices, quiet TensorFlow, repository root on the path."""
+"""Test set-up: 8 simulated CPU devices, quiet TensorFlow, a compilation cache, one shared run.
+
+Tiers: `make test` runs every test not marked `full` (the default tier, a few minutes);
+`make test-full` runs the `full` ones (1-vs-8-device equivalence, multi-process, convergence
+orders, benchmark scripts). CI runs both.
+"""
 import os
+import tempfile
+from typing import Any, NamedTuple
+
+import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
   os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
+# The tiny configs compile the same programs in many tests (and in their subprocesses): a
+# persistent cache, fresh for each session, compiles each once. It changes no result.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jaxdiff-xla-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
+
+class TinyRun(NamedTuple):
+  config: Any  # The config it trained with (configs/shapes.py:tiny on a 2 x 2 mesh).
+  workdir: str
+  result: Any  # loop.TrainResult: final state and per-step losses.
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> TinyRun:
+  """One uninterrupted 4-step tiny run with its eval grid, for the tests that only read it."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from configs import shapes  # pylint: disable=import-outside-toplevel
+  from evaluation import sample_grid  # pylint: disable=import-outside-toplevel
+  from training import loop  # pylint: disable=import-outside-toplevel
+  path = tmp_path_factory.mktemp("tiny_run")
+  config = shapes.get_config("tiny")
+  config.data.data_dir = str(path / "tfds")
+  config.mesh.data, config.mesh.fsdp = 2, 2
+  workdir = str(path / "run")
+  result = loop.train_and_evaluate(config, workdir, devices=jax.devices()[:4],
+                                   evaluator=sample_grid.SampleGridEvaluator(config))
+  return TinyRun(config, workdir, result)

@@ -1,4 +1,4 @@
-"""Shapes renderer and scene sampler against the spec (specs/shapes.md) and brute-force references."""
+"""Shapes renderer and scene sampler against the spec (docs/shapes.md) and brute-force references."""
 import collections
 import math
 

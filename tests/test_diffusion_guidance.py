@@ -6,6 +6,10 @@ import numpy as np
 from diffusion import guidance
 
 
+def strengths(w, phi=0.0, interval=(-jnp.inf, jnp.inf), percentile=99.5):
+  return guidance.Guidance(scale=w, rescale=phi, interval=interval, threshold_percentile=percentile)
+
+
 def _pair(shape=(3, 4, 4, 2)):
   k1, k2 = jax.random.split(jax.random.PRNGKey(0))
   return jax.random.normal(k1, shape), 2.0 * jax.random.normal(k2, shape) + 0.3
@@ -71,17 +75,25 @@ def test_guided_denoiser_one_batched_call_equals_separate_calls():
   uncond = {'scale': jnp.zeros(B), 'shift': jnp.zeros((B, 1, 1, 2))}
   model = Model()
   logsnr = jnp.array(0.5)
-  out = guidance.guided_denoiser(model, cond, uncond, 3.0)(x, logsnr)
+  out = guidance.guided_denoiser(model, cond, uncond, strengths(3.0))(x, logsnr)
   assert model.batches == [2 * B]  # one call with cond and uncond stacked
   ref = Model()
   c = ref(x, jnp.full((B,), 0.5), cond)
   u = ref(x, jnp.full((B,), 0.5), uncond)
   np.testing.assert_allclose(out, u + 3.0 * (c - u), rtol=1e-5, atol=1e-6)
   # Interval excluding this logsnr -> w = 1 -> the conditional prediction.
-  outside = guidance.guided_denoiser(ref, cond, uncond, 3.0, interval=(1.0, 4.0))(x, logsnr)
+  outside = guidance.guided_denoiser(ref, cond, uncond, strengths(3.0, interval=(1.0, 4.0)))(
+      x, logsnr)
   np.testing.assert_allclose(outside, c, rtol=1e-6)
-  thresholded = guidance.guided_denoiser(ref, cond, uncond, 3.0, rescale_phi=0.7,
-                                         threshold_percentile=99.0)(x, logsnr)
+  inside = guidance.guided_denoiser(ref, cond, uncond, strengths(3.0, interval=(0.0, 4.0)))(
+      x, logsnr)
+  np.testing.assert_allclose(inside, out, rtol=1e-6)
+  # The percentile is only used with thresholding on.
+  unthresholded = guidance.guided_denoiser(ref, cond, uncond, strengths(3.0, percentile=50.0))(
+      x, logsnr)
+  np.testing.assert_allclose(unthresholded, out, rtol=1e-6)
+  thresholded = guidance.guided_denoiser(ref, cond, uncond, strengths(3.0, 0.7, percentile=99.0),
+                                         thresholding=True)(x, logsnr)
   expected = guidance.dynamic_threshold(guidance.rescale(u + 3.0 * (c - u), c, 0.7), 99.0)
   np.testing.assert_allclose(thresholded, expected, rtol=1e-5, atol=1e-6)
 
@@ -93,8 +105,8 @@ def test_guided_denoiser_does_not_retrace_for_new_strengths():
 
   @jax.jit
   def f(x, w, phi, lo, hi, pct):
-    return guidance.guided_denoiser(Model(), cond, uncond, w, rescale_phi=phi, interval=(lo, hi),
-                                    threshold_percentile=pct)(x, jnp.zeros(B))
+    return guidance.guided_denoiser(Model(), cond, uncond, strengths(w, phi, (lo, hi), pct),
+                                    thresholding=True)(x, jnp.zeros(B))
 
   x = jnp.ones((B, 2, 2, 1))
   for w, phi, lo, hi, pct in [(1.0, 0.0, -1.0, 1.0, 99.0), (7.5, 0.7, -5.0, 2.0, 95.0)]:

@@ -3,21 +3,13 @@ import itertools
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from diffusion import losses
 from diffusion import parameterization as param
+from tests.spec_fixtures import make_spec as make_cfg
 
-
-def make_cfg(**kw):
-  cfg = ml_collections.ConfigDict(dict(
-      schedule='linear', num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
-      zero_terminal_snr=False, prediction='eps', loss_target='auto', loss_weighting='auto',
-      min_snr_gamma=5.0, sigma_data=0.5, noise_sampling='uniform', p_mean=-1.2, p_std=1.2))
-  cfg.update(kw)
-  return cfg
 
 
 class Recorder:

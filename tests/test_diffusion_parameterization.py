@@ -3,12 +3,12 @@ import itertools
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from diffusion import parameterization as param
 from diffusion import schedules
+from tests.spec_fixtures import make_spec
 
 KINDS = ['eps', 'x0', 'v']
 
@@ -53,9 +53,19 @@ def test_unknown_kind_raises():
     param.x0_from(1.0, 1.0, 1.0, 0.0, 'score')
 
 
+def edm_scalings(sigma_ve, sigma_data):
+  """Karras et al. 2022 Table 1: (c_skip, c_out, c_in, c_noise), the reference for the VP forms."""
+  s2, d2 = jnp.square(sigma_ve), sigma_data**2
+  c_skip = d2 / (s2 + d2)
+  c_out = sigma_ve * sigma_data / jnp.sqrt(s2 + d2)
+  c_in = 1.0 / jnp.sqrt(s2 + d2)
+  c_noise = jnp.log(sigma_ve) / 4.0
+  return c_skip, c_out, c_in, c_noise
+
+
 def test_edm_scalings_table1():
   sigma, sd = jnp.array([0.01, 0.5, 3.0, 80.0]), 0.5
-  c_skip, c_out, c_in, c_noise = param.edm_scalings(sigma, sd)
+  c_skip, c_out, c_in, c_noise = edm_scalings(sigma, sd)
   np.testing.assert_allclose(c_skip, sd**2 / (sigma**2 + sd**2), rtol=1e-6)
   np.testing.assert_allclose(c_out, sigma * sd / np.sqrt(sigma**2 + sd**2), rtol=1e-6)
   np.testing.assert_allclose(c_in, 1 / np.sqrt(sigma**2 + sd**2), rtol=1e-6)
@@ -71,7 +81,7 @@ def test_edm_scalings_table1():
 
 
 def _cfg(prediction, **kw):
-  return ml_collections.ConfigDict(dict(prediction=prediction, sigma_data=0.5, **kw))
+  return make_spec(prediction=prediction, sigma_data=0.5, **kw)
 
 
 def test_network_io_edm_matches_karras_in_ve_coordinates():
@@ -79,7 +89,7 @@ def test_network_io_edm_matches_karras_in_ve_coordinates():
   cfg = _cfg('edm')
   net_in, c_noise = param.network_inputs(x_t, logsnr, cfg)
   s = schedules.sigma_ve_from_logsnr(logsnr)
-  c_skip, c_out, c_in, c_noise_edm = param.edm_scalings(s, 0.5)
+  c_skip, c_out, c_in, c_noise_edm = edm_scalings(s, 0.5)
   b = (-1, 1, 1, 1)
   x_ve = x_t / alpha
   np.testing.assert_allclose(net_in, c_in.reshape(b) * x_ve, rtol=1e-4, atol=1e-5)

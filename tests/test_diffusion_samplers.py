@@ -8,13 +8,13 @@ responsibility-weighted sum of the per-component posterior means.
 """
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from diffusion import guidance
 from diffusion import samplers
 from diffusion import schedules
+from tests.spec_fixtures import make_spec
 
 MU = np.array([0.4, -0.2])
 SIGMA = np.array([[0.5, 0.2], [0.2, 0.3]])
@@ -58,12 +58,7 @@ def mixture_denoiser(means, weights, var):
 
 
 def grid(num_steps, **overrides):
-  cfg = ml_collections.ConfigDict(dict(schedule='linear', num_train_timesteps=1000,
-                                       beta_start=1e-4, beta_end=0.02, zero_terminal_snr=False,
-                                       sampling_grid='auto', sigma_min=0.002, sigma_max=80.0,
-                                       rho=7.0))
-  cfg.update(overrides)
-  return schedules.sampling_logsnrs(cfg, num_steps)
+  return schedules.sampling_logsnrs(make_spec(**overrides), num_steps)
 
 
 ZTSNR = dict(zero_terminal_snr=True)  # starts at logsnr = -inf: x_T = noise exactly
@@ -167,7 +162,7 @@ def test_heun_step_from_pure_noise_is_higher_order_than_euler():
   assert slope['ddim'] > 1.5 and slope['heun'] > slope['ddim'] + 1.0, slope
 
 
-@pytest.mark.slow
+@pytest.mark.full
 @pytest.mark.parametrize('name,order,overrides', [
     ('heun', 2, dict(zero_terminal_snr=True, sampling_grid='karras')),  # first step from -inf
     ('heun', 2, dict(sampling_grid='karras')),
@@ -194,7 +189,9 @@ def test_compiles_once_and_counts_network_evaluations(name):
 
   @jax.jit
   def run(noise, logsnrs, rng, w, value):
-    denoise = guidance.guided_denoiser(model_fn, cond, uncond, w)
+    strengths = guidance.Guidance(scale=w, rescale=0.0, interval=(-jnp.inf, jnp.inf),
+                                  threshold_percentile=99.5)
+    denoise = guidance.guided_denoiser(model_fn, cond, uncond, strengths)
     opts = {option: value} if option else {}
     return samplers.get_sampler(name)(denoise, noise, logsnrs, rng, **opts)
 

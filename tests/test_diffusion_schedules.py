@@ -3,20 +3,11 @@ import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from diffusion import schedules
-
-
-def make_cfg(**overrides):
-  cfg = ml_collections.ConfigDict(dict(
-      schedule='linear', num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
-      zero_terminal_snr=False, logsnr_shift=0.0, sigma_min=0.002, sigma_max=80.0, rho=7.0,
-      sigma_data=0.5, sampling_grid='auto', noise_sampling='uniform', p_mean=-1.2, p_std=1.2))
-  cfg.update(overrides)
-  return cfg
+from tests.spec_fixtures import make_spec as make_cfg
 
 
 DISCRETE = ['linear', 'scaled_linear', 'cosine', 'sigmoid']
@@ -66,7 +57,7 @@ def test_sigmoid_alpha_bar_matches_chen():
 def test_zero_terminal_snr_rescale(name):
   cfg = make_cfg(schedule=name, num_train_timesteps=100)
   plain = schedules.alpha_bar_table(cfg)
-  cfg.zero_terminal_snr = True
+  cfg = cfg.replace(zero_terminal_snr=True, prediction='v')
   rescaled = schedules.alpha_bar_table(cfg)
   assert rescaled[-1] == 0.0  # exactly
   assert np.all(np.diff(rescaled) < 0)  # otherwise strictly monotone
@@ -137,7 +128,7 @@ def test_sampling_grid_discrete(zero_terminal_snr):
   grid = np.asarray(schedules.sampling_logsnrs(cfg, 4))  # trailing: k = 100, 75, 50, 25, 0
   np.testing.assert_allclose(grid, table[[100, 75, 50, 25, 0]].astype(np.float32), rtol=1e-6)
   assert grid[-1] == np.inf and (grid[0] == -np.inf) == zero_terminal_snr
-  cfg.sampling_grid = 'karras'
+  cfg = cfg.replace(sampling_grid='karras')
   karras = np.asarray(schedules.sampling_logsnrs(cfg, 6))
   assert karras.shape == (7,) and karras[-1] == np.inf and np.all(np.diff(karras) > 0)
   finite = table[1:][np.isfinite(table[1:])]
@@ -150,7 +141,7 @@ def test_sampling_grid_discrete(zero_terminal_snr):
   # Karras spacing: sigma^(1/rho) equally spaced.
   steps = np.diff(np.exp(-karras[first:-1].astype(np.float64) / 2) ** (1 / 7.0))
   np.testing.assert_allclose(steps, steps[0], rtol=1e-4)
-  cfg.sampling_grid = 'uniform_logsnr'
+  cfg = cfg.replace(sampling_grid='uniform_logsnr')
   uniform = np.asarray(schedules.sampling_logsnrs(cfg, 6), np.float64)
   np.testing.assert_allclose(uniform[[first, -2]], karras[[first, -2]], rtol=1e-5)
   np.testing.assert_allclose(np.diff(uniform[first:-1]), np.diff(uniform[first:-1])[0], rtol=1e-4)
@@ -162,10 +153,10 @@ def test_karras_grid_of_cosine_is_capped_at_sigma_max():
   sigma = np.exp(-np.asarray(schedules.sampling_logsnrs(cfg, 10), np.float64)[:-1] / 2)
   assert np.exp(-schedules.discrete_logsnrs(cfg)[-1] / 2) > 1e4  # the uncapped cosine sigma_T
   np.testing.assert_allclose(sigma[0], 80.0, rtol=1e-5)
-  cfg.sigma_max = 1e6  # a cap above the schedule's range leaves the schedule's own maximum
+  cfg = cfg.replace(sigma_max=1e6)  # a cap above the schedule's range leaves the schedule's own maximum
   sigma = np.exp(-np.asarray(schedules.sampling_logsnrs(cfg, 10), np.float64)[:-1] / 2)
   np.testing.assert_allclose(sigma[0], np.exp(-schedules.discrete_logsnrs(cfg)[-1] / 2), rtol=1e-4)
-  cfg.sigma_min, cfg.sigma_max = 1e5, 2e5  # entirely above the schedule's largest sigma
+  cfg = cfg.replace(sigma_min=1e5, sigma_max=2e5)  # entirely above the schedule's largest sigma
   with pytest.raises(ValueError, match='diffusion.sigma_min'):
     schedules.sampling_logsnrs(cfg, 10)
 
@@ -206,11 +197,11 @@ def test_auto_grid_is_karras_for_heun_only():
   uniform = np.asarray(schedules.sampling_logsnrs(cfg, 8))
   np.testing.assert_array_equal(np.asarray(schedules.sampling_logsnrs(cfg, 8, 'ddim')), uniform)
   heun = np.asarray(schedules.sampling_logsnrs(cfg, 8, 'heun'))
-  cfg.sampling_grid = 'karras'
+  cfg = cfg.replace(sampling_grid='karras')
   np.testing.assert_array_equal(heun, np.asarray(schedules.sampling_logsnrs(cfg, 8)))
   assert not np.allclose(heun[:-1], uniform[:-1])
   auto = make_cfg(schedule='cosine')
   assert [schedules.effective_grid(auto, s) for s in ('ddim', 'heun')] == ['uniform_t', 'karras']
   assert schedules.effective_grid(make_cfg(schedule='edm'), 'ddim') == 'karras'
-  cfg.sampling_grid = 'uniform_t'  # an explicit grid is kept for heun too
+  cfg = cfg.replace(sampling_grid='uniform_t')  # an explicit grid is kept for heun too
   np.testing.assert_array_equal(np.asarray(schedules.sampling_logsnrs(cfg, 8, 'heun')), uniform)

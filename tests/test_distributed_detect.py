@@ -6,7 +6,9 @@ import time
 import ml_collections
 import pytest
 
-from training import distributed as dist
+from cluster import contract
+from cluster import distributed as dist
+from cluster.watchdog import Watchdog
 
 
 # ----------------------------------------------------------------------------- detection
@@ -177,7 +179,7 @@ class Clock:
 
 def _dogs(n=3, timeout=10.0):
   kv, clock = FakeKV(), Clock()
-  return kv, clock, [dist.Watchdog(kv, i, n, timeout, 1.0, 'h:1', exit_fn=None, clock=clock)
+  return kv, clock, [Watchdog(kv, i, n, timeout, 1.0, 'h:1', exit_fn=None, clock=clock)
                      for i in range(n)]
 
 
@@ -237,11 +239,11 @@ def test_watchdog_thread_exits_with_peer_failed_status():
   kv = FakeKV()
   exited = threading.Event()
   codes = []
-  dog = dist.Watchdog(kv, 0, 2, timeout_s=0.3, interval_s=0.05,
+  dog = Watchdog(kv, 0, 2, timeout_s=0.3, interval_s=0.05,
                       exit_fn=lambda code: (codes.append(code), exited.set()))
   dog.start()
   assert exited.wait(10.0), 'the watchdog never noticed that process 1 never beat'
-  assert codes == [dist.EXIT_PEER_FAILED]
+  assert codes == [contract.EXIT_PEER_FAILED]
   assert dog.check().startswith('process 1 sent no heartbeat in ')
   dog.stop()
   time.sleep(0.1)

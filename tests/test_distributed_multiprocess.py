@@ -1,6 +1,6 @@
 """Real multi-process runs on CPU: a psum over 2 processes x 2 devices, and failure handling.
 
-The worker script joins through `training.distributed.initialize`, builds one global array over
+The worker script joins through `cluster.distributed.initialize`, builds one global array over
 all 4 devices and runs collectives; a victim process then dies in one of several ways and the
 survivor must exit non-zero, naming the victim, within `heartbeat_timeout_s` plus a margin.
 """
@@ -13,14 +13,14 @@ import time
 
 import pytest
 
+from cluster import contract
 from launch import local
-from training import distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 WORKER = r'''
 import os, sys, time
-from training import distributed
+from cluster import distributed
 info = distributed.initialize()
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -58,6 +58,7 @@ def _env(extra=None):
   return env
 
 
+@pytest.mark.full
 def test_local_launcher_psum_over_two_processes(tmp_path):
   script = tmp_path / 'worker.py'
   script.write_text(WORKER)
@@ -125,41 +126,43 @@ def _survivor_outcome(tmp_path, victim, how, loop, heartbeat_s=10, kill_after_s=
       log.close()
 
 
+@pytest.mark.full
 def test_killed_process_ends_the_survivor_blocked_in_collectives(tmp_path):
   status, log, seconds = _survivor_outcome(tmp_path, victim=1, how='exit', loop='collectives')
   print(f'survivor exited {seconds:.1f} s after process 1 died (heartbeat_timeout_s=10)')
-  assert status == distributed.EXIT_PEER_FAILED, log
+  assert status == contract.EXIT_PEER_FAILED, log
   assert 'jaxdiff.distributed: process 1 (host ' in log and 'stopped heartbeating' in log, log
   assert seconds < 60
 
 
+@pytest.mark.full
 def test_exception_in_one_process_ends_the_others_at_once(tmp_path):
   status, log, seconds = _survivor_outcome(tmp_path, victim=1, how='raise', loop='collectives')
   print(f'survivor exited {seconds:.1f} s after process 1 raised')
-  assert status == distributed.EXIT_PEER_FAILED, log
+  assert status == contract.EXIT_PEER_FAILED, log
   assert 'process 1 failed: ValueError: loss is NaN at step 10' in log, log
   assert seconds < 10  # Published at once: no heartbeat timeout (jax alone would wait 300 s).
 
 
-@pytest.mark.slow
+@pytest.mark.full
 def test_exception_in_the_coordinator_process_is_reported_too(tmp_path):
   status, log, seconds = _survivor_outcome(tmp_path, victim=0, how='raise', loop='collectives')
   print(f'survivor exited {seconds:.1f} s after process 0 raised')
-  assert status == distributed.EXIT_PEER_FAILED, log
+  assert status == contract.EXIT_PEER_FAILED, log
   assert 'process 0 failed: ValueError: loss is NaN at step 10' in log, log
 
 
-@pytest.mark.slow
+@pytest.mark.full
 def test_sigkilled_process_ends_the_sleeping_survivor(tmp_path):
   status, log, seconds = _survivor_outcome(tmp_path, victim=1, how='wait', loop='sleep',
                                            kill_after_s=0)
   print(f'survivor exited {seconds:.1f} s after process 1 was SIGKILLed')
-  assert status == distributed.EXIT_PEER_FAILED, log
+  assert status == contract.EXIT_PEER_FAILED, log
   assert 'process 1 (host ' in log and 'stopped heartbeating' in log, log
   assert seconds < 60
 
 
-@pytest.mark.slow
+@pytest.mark.full
 def test_sigkilled_coordinator_ends_the_survivor(tmp_path):
   # Process 0 hosts the coordination service: jax's client aborts at once (SIGABRT) on its loss.
   status, log, seconds = _survivor_outcome(tmp_path, victim=0, how='wait', loop='sleep',

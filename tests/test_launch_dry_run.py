@@ -1,14 +1,17 @@
 """Cluster launchers in --dry_run: the SLURM script, the JobSet manifest, the gcloud commands."""
 
 import json
+import os
 import shlex
 import shutil
 import subprocess
+import sys
 
 import pytest
 
 from launch import k8s, slurm, tpu
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _load_yaml(text):
@@ -168,6 +171,16 @@ def test_jobset_bad_flags_are_refused(argv, needle, capsys):
 def test_overrides_must_be_config_fields(capsys):
   assert k8s.main(K8S + ['--dry_run', '--', '--learning_rate=1']) == 2
   assert '--config.section.field=value' in capsys.readouterr().err
+
+
+def test_launchers_import_neither_jax_nor_training():
+  """A login node needs only the launchers and cluster.contract, not the training stack."""
+  code = ('import sys, launch.command, launch.k8s, launch.local, launch.slurm, launch.sweep, '
+          'launch.tpu\n'
+          "print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'training')))")
+  out = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
+                       timeout=60)
+  assert out.returncode == 0 and out.stdout.strip() == '[]', out.stdout + out.stderr
 
 
 # ----------------------------------------------------------------------------- TPU

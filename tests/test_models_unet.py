@@ -2,23 +2,23 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
-from models.unet import UNet, count_params
+from models.unet import UNet, UNetSpec
 
 B, S, C, L, DT = 2, 8, 3, 5, 12
 
 BASE = dict(channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
-            num_heads=2, dropout=0.0, norm_groups=8, dtype='float32', param_dtype='float32',
-            remat=False)
+            num_heads=2, head_dim=0, dropout=0.0, norm_groups=8, dtype='float32',
+            param_dtype='float32', remat=False, patch_size=1, coord_channels=False,
+            pooled_conditioning=True)
 
 AXES_VOCAB = {None, 'conv_in', 'conv_out', 'embed', 'mlp', 'heads', 'kv', 'text_embed', 'norm'}
 
 
 def make_config(**overrides):
-  return ml_collections.FrozenConfigDict({**BASE, **overrides})
+  return UNetSpec(**{**BASE, **overrides})
 
 
 def inputs(seed=0):
@@ -163,15 +163,6 @@ def test_every_param_has_logical_axes_of_its_rank(boxed_variables):
   assert tuple(specs['noise_embed']['dense_0']['kernel']) == ('embed', 'mlp')
 
 
-def test_count_params_matches_leaf_sizes(boxed_variables):
-  params = nn.unbox(boxed_variables)['params']
-  conv_in = params['conv_in']
-  assert conv_in['kernel'].shape == (3, 3, C, BASE['channels'])
-  expected = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
-  assert count_params(boxed_variables['params']) == count_params(params) == expected
-  assert count_params({'a': jnp.zeros((3, 4)), 'b': [jnp.zeros(5)]}) == 17
-
-
 @pytest.mark.parametrize('overrides, size, field', [
     (dict(channel_mult=()), S, 'model.channel_mult'),
     (dict(channel_mult=(1, 2, 2, 2)), S + 4, 'model.channel_mult'),
@@ -184,17 +175,25 @@ def test_count_params_matches_leaf_sizes(boxed_variables):
 def test_bad_config_raises_naming_field(overrides, size, field):
   x, c_noise, context, mask, pooled = inputs()
   x = jnp.zeros((B, size, size, C))
-  model = UNet(make_config(**overrides))
   with pytest.raises(ValueError, match=field.replace('.', r'\.')):
+    model = UNet(make_config(**overrides))  # Field checks raise here, size checks at init.
     jax.eval_shape(lambda k: model.init(k, x, c_noise, context, mask, pooled, train=False),
                    jax.random.key(0))
 
 
 def test_missing_field_raises_naming_field():
-  cfg = {k: v for k, v in BASE.items() if k != 'channels'}
-  model = UNet(ml_collections.ConfigDict(cfg))
-  with pytest.raises(ValueError, match=r'model\.channels'):
-    jax.eval_shape(lambda k: model.init(k, *inputs(), train=False), jax.random.key(0))
+  from configs import base, specs  # pylint: disable=g-import-not-at-top
+  config = base.get_config()
+  del config.model['channels']
+  with pytest.raises(ValueError, match=r'model\.channels is missing'):
+    specs.unet(config)
+
+
+def test_head_dim_sets_heads_of_that_width():
+  model = UNet(make_config(head_dim=4))  # width 32 at the attention level -> 8 heads of 4.
+  variables = jax.eval_shape(lambda k: model.init(k, *inputs(), train=False), jax.random.key(0))
+  query = nn.unbox(variables)['params']['down_1_attn_0']['self_attn']['query']
+  assert query.shape == (32, 8, 4)
 
 
 def test_coordinate_channels_encode_absolute_position():

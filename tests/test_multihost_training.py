@@ -17,8 +17,8 @@ import time
 import numpy as np
 import pytest
 
+from cluster import contract
 from launch import local
-from training import distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ('--config=configs/shapes.py:tiny', '--config.data.dataset=shapes_rendered',
@@ -69,13 +69,13 @@ def two_process_run(tmp_path_factory):
   out = _run_launcher(_train_cmd(workdir, '--config.mesh.data=4', '--config.mesh.fsdp=2',
                                  '--config.checkpoint.every_steps=2'), 2, 4)
   print(f'2-process x 4-device run: {time.monotonic() - start:.1f} s')
-  # Both processes really joined one 8-device job (the log line of training.distributed).
+  # Both processes really joined one 8-device job (the log line of cluster.distributed).
   for rank in (0, 1):
     assert f'joined as process {rank} of 2, 4 local / 8 global devices' in out.stdout, out.stdout
   return workdir
 
 
-@pytest.mark.slow
+@pytest.mark.full
 def test_two_processes_match_one_process_with_the_same_mesh(two_process_run, tmp_path):
   workdir = str(tmp_path / 'one_by_eight')
   start = time.monotonic()
@@ -89,12 +89,13 @@ def test_two_processes_match_one_process_with_the_same_mesh(two_process_run, tmp
   assert len(set(np.round([one[s] for s in steps], 6))) == 4
 
 
-@pytest.mark.slow
+@pytest.mark.full
 def test_two_process_checkpoint_resumes_in_one_process_on_another_mesh(two_process_run, tmp_path):
   import jax
   import orbax.checkpoint as ocp
   from configs import shapes
-  from training import checkpoint, loop, sharding
+  from training import checkpoint, sharding
+  from training import state as state_lib
 
   workdir = str(tmp_path / 'resumed')
   shutil.copytree(two_process_run, workdir)
@@ -117,11 +118,11 @@ def test_two_process_checkpoint_resumes_in_one_process_on_another_mesh(two_proce
   # onto one device of this process.
   config = shapes.get_config('tiny')
   config.mesh.data, config.mesh.fsdp = 1, 1
-  unet, text_encoder = loop.build_models(config)
-  tx, _ = loop.make_optimizer(config.optim)
+  unet, text_encoder = state_lib.build_models(config)
+  tx, _ = state_lib.make_optimizer(config.optim)
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  abstract, shardings, _ = loop.create_sharded_state(config, mesh, unet=unet,
-                                                     text_encoder=text_encoder, tx=tx)
+  abstract, shardings, _ = state_lib.create_sharded_state(config, mesh, unet=unet,
+                                                          text_encoder=text_encoder, tx=tx)
   target = checkpoint.abstract_with_shardings(abstract, shardings)
   states = []
   for w in (two_process_run, workdir):
@@ -144,7 +145,7 @@ def _read(path):
     return f.read()
 
 
-@pytest.mark.slow
+@pytest.mark.full
 def test_sigkilled_process_fails_the_real_trainer_within_a_minute(tmp_path):
   workdir = str(tmp_path / 'killed')
   # The config flag, not JAXDIFF_HEARTBEAT_TIMEOUT_S: the config's default (30 s) wins over it.
@@ -183,7 +184,7 @@ def test_sigkilled_process_fails_the_real_trainer_within_a_minute(tmp_path):
     assert survivor.poll() is not None, f'process 0 still running {seconds:.0f} s later:\n' + tail
     print(f'process 0 exited with status {survivor.returncode} {seconds:.1f} s after process 1 '
           f'was SIGKILLed (heartbeat_timeout_s=10)')
-    assert survivor.returncode == distributed.EXIT_PEER_FAILED, tail
+    assert survivor.returncode == contract.EXIT_PEER_FAILED, tail
     assert 'jaxdiff.distributed: process 1 (host ' in log and 'stopped heartbeating' in log, tail
     assert seconds < 60
   finally:

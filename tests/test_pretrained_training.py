@@ -5,8 +5,9 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
-from configs import shapes
+from configs import shapes, specs
 from sampling import from_checkpoint
 from training import checkpoint, loop
 
@@ -22,6 +23,7 @@ def pretrained_tiny_config(**text):
   return config
 
 
+@pytest.mark.full
 def test_pretrained_cached_encoder_trains_resumes_and_samples(tmp_path):
   config = pretrained_tiny_config(cache_embeddings=True)
   workdir = str(tmp_path / 'run')
@@ -38,11 +40,13 @@ def test_pretrained_cached_encoder_trains_resumes_and_samples(tmp_path):
   assert os.path.getmtime(os.path.join(workdir, 'text_cache', 'emb.npy')) == mtime  # Reused.
   assert checkpoint.Checkpointer(workdir, read_only=True).latest_step() == 4
   out = str(tmp_path / 'samples')
-  summary = from_checkpoint.sample_to_folder(workdir, out, ['a red square'], num_steps=2,
-                                             guidance_scale=2.0)
+  loaded = from_checkpoint.load(workdir)
+  recipe = specs.sampler(loaded.config).replace(num_steps=2, guidance_scale=2.0)
+  summary = from_checkpoint.sample_to_folder(loaded, out, ['a red square'], recipe)
   assert summary['num_images'] == 1 and os.path.exists(os.path.join(out, '00000.png'))
 
 
+@pytest.mark.full
 def test_pretrained_encoder_runs_inside_the_sharded_train_step(tmp_path):
   """Without the cache the frozen encoder runs in the jitted step, under the mesh and rules."""
   config = pretrained_tiny_config()

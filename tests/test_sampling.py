@@ -9,23 +9,31 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import shapes
-from data import scoring
+from configs import specs
 from diffusion import guidance, samplers, schedules
+from diffusion import spec as settings
+from evaluation import shapes_scorer as scoring
 from models import denoiser
-from sampling import from_checkpoint, generate
-from training import loop
+from sampling import from_checkpoint
+from training import checkpoint, sharding
+from training import state as state_lib
 
 
 @pytest.fixture(scope='module')
-def workdir(tmp_path_factory):
-  path = tmp_path_factory.mktemp('sampling')
-  config = shapes.get_config('tiny')
-  config.data.data_dir = str(path / 'tfds')
-  config.mesh.data = 2
-  config.mesh.fsdp = 2
-  loop.train_and_evaluate(config, str(path / 'run'), devices=jax.devices()[:4])
-  return str(path / 'run')
+def workdir(tiny_run):
+  return tiny_run.workdir  # The shared 4-step tiny run (tests/conftest.py), with its eval grid.
+
+
+@pytest.fixture(scope='module')
+def loaded(workdir):
+  return from_checkpoint.load(workdir)
+
+
+def sample_to_folder(loaded, out, prompts, *, seed=0, samples_per_prompt=1, **changes):
+  """What sample.py does with its flags (`changes`, as settings.overridden takes them)."""
+  recipe = settings.overridden(specs.sampler(loaded.config), **changes)
+  return from_checkpoint.sample_to_folder(loaded, out, prompts, recipe, seed=seed,
+                                          samples_per_prompt=samples_per_prompt)
 
 
 def test_training_writes_an_eval_grid(workdir):
@@ -34,11 +42,32 @@ def test_training_writes_an_eval_grid(workdir):
   assert glob.glob(os.path.join(workdir, 'events.out.tfevents*'))
 
 
-def test_sample_to_folder_writes_pngs_grid_and_manifest(workdir, tmp_path):
+def test_parameters_only_restore_reads_one_copy_of_the_weights(workdir, loaded):
+  """Sampling restores the EMA (or raw) parameters alone, equal to those of the full state."""
+  ckpt = checkpoint.Checkpointer(workdir, read_only=True)
+  config = ckpt.restore_config()
+  mesh = sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
+  unet, text_encoder = state_lib.build_models(config)
+  tx, _ = state_lib.make_optimizer(config.optim)
+  abstract, shardings, _ = state_lib.create_sharded_state(config, mesh, unet=unet,
+                                                          text_encoder=text_encoder, tx=tx)
+  full, _ = ckpt.restore(checkpoint.abstract_with_shardings(abstract, shardings))
+  raw, step = ckpt.restore_params(
+      state_lib.abstract_params(config, mesh, unet=unet, text_encoder=text_encoder),
+      use_ema=False)
+  ckpt.close()
+  assert step == loaded.step == 4
+  same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a),
+                                                                  jax.tree.leaves(b)))
+  assert same(loaded.unet_params, full.ema_params['unet'])
+  assert same(raw, full.params) and not same(raw['unet'], full.ema_params['unet'])
+
+
+def test_sample_to_folder_writes_pngs_grid_and_manifest(loaded, tmp_path):
   out = str(tmp_path / 'samples')
   prompts = ['a red square', 'a blue circle to the left of a green square']
-  summary = from_checkpoint.sample_to_folder(workdir, out, prompts, sampler='ddim', num_steps=3,
-                                             guidance_scale=2.0, seed=7, samples_per_prompt=2)
+  summary = sample_to_folder(loaded, out, prompts, sampler='ddim', num_steps=3,
+                             guidance_scale=2.0, seed=7, samples_per_prompt=2)
   assert summary['num_images'] == 4 and summary['checkpoint_step'] == 4
   rows = [json.loads(line) for line in open(os.path.join(out, 'manifest.jsonl'))]
   assert [r['prompt'] for r in rows] == [prompts[0]] * 2 + [prompts[1]] * 2
@@ -53,20 +82,20 @@ def test_sample_to_folder_writes_pngs_grid_and_manifest(workdir, tmp_path):
   assert scores['all']['n'] == 4
   # Same seeds -> same images, on any batch composition (deterministic sampler).
   again = str(tmp_path / 'again')
-  from_checkpoint.sample_to_folder(workdir, again, prompts[:1], sampler='ddim', num_steps=3,
-                                   guidance_scale=2.0, seed=7, samples_per_prompt=2)
+  sample_to_folder(loaded, again, prompts[:1], sampler='ddim', num_steps=3, guidance_scale=2.0,
+                   seed=7, samples_per_prompt=2)
   a = open(os.path.join(out, '00001.png'), 'rb').read()
   b = open(os.path.join(again, '00001.png'), 'rb').read()
   assert a == b
 
 
-def test_sampler_options_reach_the_sampler_or_are_refused(workdir, tmp_path):
+def test_sampler_options_reach_the_sampler_or_are_refused(loaded, tmp_path):
   prompts = ['a red square', 'a white circle']
   kw = dict(num_steps=3, guidance_scale=2.0, seed=5)
 
   def sample(name, sampler, **opts):
     out = str(tmp_path / name)
-    from_checkpoint.sample_to_folder(workdir, out, prompts, sampler=sampler, **kw, **opts)
+    sample_to_folder(loaded, out, prompts, sampler=sampler, options=opts, **kw)
     rows = [json.loads(line) for line in open(os.path.join(out, 'manifest.jsonl'))]
     return [open(os.path.join(out, r['file']), 'rb').read() for r in rows], rows[0]
 
@@ -76,44 +105,46 @@ def test_sampler_options_reach_the_sampler_or_are_refused(workdir, tmp_path):
   assert row['options'] == {'eta': 0.0}
   ode, _ = sample('ode', 'dpmpp_2m')
   assert sde_eta0 == ode and sde != ode  # eta = 0 reached the sampler: it is dpmpp_2m.
-  _, row = sample('heun', 'heun', sampler_opts={'s_churn': 5.0, 's_noise': None})
+  _, row = sample('heun', 'heun', s_churn=5.0, s_noise=None)
   assert row['options'] == {'s_churn': 5.0} and row['grid'] == 'karras'
-  for sampler, opts in [('ddim', {'sampler_opts': {'s_churn': 1.0}}), ('heun', {'eta': 0.5}),
-                        ('dpmpp_2m', {'sampler_opts': {'s_noise': 1.0}})]:
+  for sampler, opts in [('ddim', {'s_churn': 1.0}), ('heun', {'eta': 0.5}),
+                        ('dpmpp_2m', {'s_noise': 1.0})]:
     with pytest.raises(ValueError, match=f"sampler '{sampler}' takes no option"):
       sample('refused', sampler, **opts)
     assert not os.path.exists(tmp_path / 'refused')  # Refused before anything was written.
 
 
-def test_guidance_scale_and_seed_do_not_recompile(workdir):
-  config, unet, text, unet_params, text_params, _, mesh = from_checkpoint.load(workdir)
-  gen = generate.Generator(unet, text, config, mesh)
+def test_guidance_scale_and_seed_do_not_recompile(loaded):
+  gen, unet_params, text_params = loaded.generator, loaded.unet_params, loaded.text_params
   prompts = ['a red square', 'a cyan triangle']
-  x1 = gen(unet_params, text_params, prompts, seed=0, sampler='ddim', num_steps=3,
-           guidance_scale=1.0)
+  ddim = settings.overridden(specs.sampler(loaded.config), sampler='ddim', num_steps=3,
+                             guidance_scale=1.0)
+  x1 = gen(unet_params, text_params, prompts, seed=0, settings=ddim)
   count = gen.compiled_count()
-  x2 = gen(unet_params, text_params, prompts, seed=1, sampler='ddim', num_steps=3,
-           guidance_scale=5.0, eta=0.5)
+  changed = ddim.replace(guidance_scale=5.0, guidance_rescale=0.3,
+                         guidance_interval=(-3.0, 3.0)).with_options(eta=0.5)
+  x2 = gen(unet_params, text_params, prompts, seed=1, settings=changed)
   assert gen.compiled_count() == count
   assert not np.allclose(x1, x2)
-  gen(unet_params, text_params, prompts, seed=0, sampler='ddim', num_steps=4, guidance_scale=1.0)
+  gen(unet_params, text_params, prompts, seed=0, settings=ddim.replace(num_steps=4))
   assert gen.compiled_count() == count + 1  # The step count is a shape: it does compile.
 
 
-def test_guidance_scale_one_is_the_conditional_model(workdir):
-  config, unet, text, unet_params, text_params, _, mesh = from_checkpoint.load(workdir)
-  gen = generate.Generator(unet, text, config, mesh)
+def test_guidance_scale_one_is_the_conditional_model(loaded):
+  gen, unet_params, text_params = loaded.generator, loaded.unet_params, loaded.text_params
+  unet, text, spec = gen.unet, gen.text, gen.spec
   prompts = ['a red square', 'a white circle']
-  guided = gen(unet_params, text_params, prompts, seed=3, sampler='ddim', num_steps=3,
-               guidance_scale=1.0)
+  recipe = settings.overridden(specs.sampler(loaded.config), sampler='ddim', num_steps=3,
+                               guidance_scale=1.0)
+  guided = gen(unet_params, text_params, prompts, seed=3, settings=recipe)
   # Reference: the sampler driven by the conditional denoiser alone, same noise.
   ids = np.asarray(text.tokenize(prompts))
   emb, mask, pooled = text.encode(text_params, ids)
   cond = {'emb': emb, 'mask': mask, 'pooled': pooled}
-  model_fn = denoiser.x0_model(unet, unet_params, config.diffusion)
+  model_fn = denoiser.x0_model(unet, unet_params, spec)
   keys = jax.vmap(jax.random.PRNGKey)(jnp.array([3, 4], jnp.int32))
   noise = jax.vmap(lambda k: jax.random.normal(k, (16, 16, 3)))(keys)
-  logsnrs = schedules.sampling_logsnrs(config.diffusion, 3)
+  logsnrs = schedules.sampling_logsnrs(spec, 3)
   ref = samplers.get_sampler('ddim')(lambda x, l: model_fn(x, l, cond), noise, logsnrs,
                                      jax.random.fold_in(keys[0], 1), eta=jnp.float32(0.0))
   np.testing.assert_allclose(guided, np.clip(ref, -1, 1), atol=2e-5)
@@ -129,6 +160,7 @@ def test_sample_cli_choices_match_the_library():
   assert options <= set(flags.FLAGS)  # Every sampler option has its flag (--churn: s_churn).
 
 
+@pytest.mark.full
 def test_sampler_benchmark_runs_on_a_workdir(workdir, tmp_path, monkeypatch):
   from benchmarks import samplers as bench  # pylint: disable=import-outside-toplevel
   assert [bench.steps_for_nfe('heun', n) for n in (5, 10, 20)] == [3, 5, 10]  # 2N-1 NFE
@@ -149,7 +181,7 @@ def test_sampler_benchmark_runs_on_a_workdir(workdir, tmp_path, monkeypatch):
   for r in rows:
     assert r['n'] == len(scoring.benchmark_prompts()) and 0 <= r['full'] <= 1
     np.testing.assert_allclose(r['se'], np.sqrt(r['full'] * (1 - r['full']) / r['n']))
-  with pytest.raises(ValueError, match='threshold percentile 150'):
+  with pytest.raises(ValueError, match='threshold_percentile=150'):
     bench.main([f'--workdir={workdir}', f'--out={out}', '--threshold=150'])
   for bad, message in [('plms:20', 'sampler.name'), ('ddim:x', 'expected sampler:NFE'),
                        ('euler:5:eta=1', "'euler' takes no option eta")]:
@@ -186,4 +218,4 @@ def test_sampler_benchmark_runs_on_a_workdir(workdir, tmp_path, monkeypatch):
   assert raw['ema'] is False and raw['guidance_interval'] == [-5.0, 5.0]
   assert raw['guidance_rescale'] == 0.5 and raw['threshold'] == 0.0
   assert thresholded and set(thresholded) == {0.0}  # 0 is static clipping, not 'off' or 99.5.
-  assert loaded == [{'use_ema': False}]
+  assert loaded == [{'use_ema': False, 'sampling_grid': None}]

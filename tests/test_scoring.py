@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from data import scoring
+from evaluation import shapes_scorer as scoring
 from data import shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

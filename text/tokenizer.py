@@ -20,7 +20,7 @@ PAD_ID, UNK_ID, BOS_ID = 0, 1, 2
 
 SHAPES_COLOURS = ('red', 'green', 'blue', 'yellow', 'magenta', 'cyan', 'white')
 SHAPES_SHAPES = ('square', 'circle', 'triangle')
-# Every word of a Shapes caption (see /work/shared/specs/shapes.md).
+# Every word of a Shapes caption (see docs/shapes.md, "Scenes and captions").
 SHAPES_VOCAB = ('a',) + SHAPES_COLOURS + SHAPES_SHAPES + ('to', 'the', 'left', 'right', 'of')
 
 _WORD = re.compile(r'\w+')

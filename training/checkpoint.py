@@ -13,6 +13,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from configs import base
+
 # Config fields whose change makes a checkpoint unusable (architecture and meaning of params).
 # `model`: every field but these (which change how the same parameters are computed with).
 _MODEL_FREE = ('dtype', 'param_dtype', 'remat', 'dropout')
@@ -64,9 +66,12 @@ class Checkpointer:
         data=ocp.args.JsonSave(data_position)), force=force)
 
   def restore_config(self, step: int | None = None) -> ml_collections.ConfigDict:
+    """The config the run saved, over `configs/base.py` (a field added since then gets its default)."""
     step = self._resolve(step)
     restored = self._mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    return ml_collections.ConfigDict(_tuples(restored.config))
+    config = base.get_config()
+    _merge(config, _tuples(restored.config))
+    return config
 
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
     """Restores (state, data_position) into the shardings carried by `abstract_state`."""
@@ -74,6 +79,22 @@ class Checkpointer:
     restored = self._mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     return restored.state, dict(restored.data)
+
+  def restore_params(self, abstract_params: Any, step: int | None = None, *,
+                     use_ema: bool = True) -> tuple[Any, int]:
+    """(parameters, step): only the EMA (or raw) parameters, read into `abstract_params`' shardings.
+
+    An Orbax partial restore: the optimiser state and the other parameter copy are not read.
+    """
+    step = self._resolve(step)
+    key = 'ema_params' if use_ema else 'params'
+    item = {'step': jax.ShapeDtypeStruct((), jax.numpy.int32), key: abstract_params}
+    path = os.path.join(self.directory, str(step), 'state')
+    with ocp.PyTreeCheckpointer() as reader:  # Its own handler: the manager's reads whole states.
+      restored = reader.restore(path, args=ocp.args.PyTreeRestore(
+          item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+          partial_restore=True))
+    return restored[key], int(restored['step'])
 
   def _resolve(self, step):
     steps = self.all_steps()
@@ -100,6 +121,16 @@ def _tuples(obj):
   if isinstance(obj, list):
     return tuple(_tuples(v) for v in obj)
   return obj
+
+
+def _merge(config: ml_collections.ConfigDict, saved: dict) -> None:
+  """Writes `saved` over `config`, section by section (fields the config lacks are added)."""
+  for key, value in saved.items():
+    if isinstance(value, dict) and isinstance(config.get(key), ml_collections.ConfigDict):
+      _merge(config[key], value)
+    else:
+      with config.ignore_type():
+        config[key] = value
 
 
 def check_compatible(saved: ml_collections.ConfigDict, current: ml_collections.ConfigDict,

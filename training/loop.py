@@ -1,9 +1,11 @@
-"""The training loop, top to bottom: helpers, `train_step`, state creation, `train_and_evaluate`.
+"""The training loop, top to bottom: helpers, `train_step`, `train_and_evaluate`.
 
 `train_step(state, batch, rng) -> (state, metrics)` is pure and jitted with explicit
 shardings over the ('data', 'fsdp', 'tensor') mesh, with the state donated. Its
 randomness is `fold_in(rng, step)`, and the batch at step s is a pure function of
-(data.seed, s), so a resumed run replays exactly what an uninterrupted one does.
+(data.seed, s), so a resumed run replays exactly what an uninterrupted one does. The state,
+models and optimiser are built in `training/state.py`; evaluation is handed in as an
+`Evaluator` (train.py passes `evaluation.sample_grid.SampleGridEvaluator`).
 """
 
 import functools
@@ -18,16 +20,15 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from flax import struct
 
-from configs import validation
+from cluster import distributed
+from configs import specs, validation
 from data import pipeline
 from diffusion import losses
 from models import denoiser
-from models.unet import UNet
-from text import encoders
-from training import checkpoint, distributed, reporting, sharding
+from training import checkpoint, metrics, sharding, state as state_lib
 from training import text_inputs as text_inputs_lib
+from training.state import TrainState
 
 
 class TrainResult(NamedTuple):
@@ -39,28 +40,7 @@ class NonFiniteError(FloatingPointError):
   """Raised when the loss or gradient norm stops being finite."""
 
 
-@struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any  # {'unet': ..., 'text': ...}: what the optimiser trains.
-  opt_state: Any
-  ema_params: Any  # Exponential moving average of `params` (sampling uses it by default).
-
-
 # ----------------------------------------------------------------------------- helpers
-
-
-def make_optimizer(cfg) -> optax.GradientTransformation:
-  """AdamW with linear warmup + cosine decay, global-norm clipping, no decay on norms/biases."""
-  lr = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
-      decay_steps=max(cfg.num_steps, cfg.warmup_steps + 1),
-      end_value=cfg.learning_rate * cfg.end_lr_factor)
-  decay_mask = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)
-  chain = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
-  chain.append(optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                           weight_decay=cfg.weight_decay, mask=decay_mask))
-  return optax.chain(*chain), lr
 
 
 def ema_decay(cfg, step):
@@ -90,8 +70,11 @@ def drop_condition(cond, null, keep):
 
 
 def train_step(state: TrainState, batch, rng, frozen_text_params, *, unet, text_encoder,
-               null_inputs, tx, config):
-  """One optimiser step; returns the new state and this step's scalar metrics."""
+               null_inputs, tx, spec, config):
+  """One optimiser step; returns the new state and this step's scalar metrics.
+
+  `spec`: the DiffusionSpec of the loss; `config`: reads text.cond_drop_prob and optim (EMA).
+  """
   rng = jax.random.fold_in(rng, state.step)
   rng_drop, rng_loss, rng_dropout = jax.random.split(rng, 3)
   batch_size = batch['image'].shape[0]
@@ -102,9 +85,9 @@ def train_step(state: TrainState, batch, rng, frozen_text_params, *, unet, text_
     keep = jax.random.bernoulli(rng_drop, 1.0 - config.text.cond_drop_prob, (batch_size,))
     cond = drop_condition(cond, null, keep)
     pred_fn = lambda x_t, logsnr: denoiser.apply_network(
-        unet, params['unet'], x_t, logsnr, cond, config.diffusion, train=True,
+        unet, params['unet'], x_t, logsnr, cond, spec, train=True,
         rngs={'dropout': rng_dropout})
-    per_example, _ = losses.diffusion_loss(pred_fn, batch['image'], rng_loss, config.diffusion)
+    per_example, _ = losses.diffusion_loss(pred_fn, batch['image'], rng_loss, spec)
     return jnp.mean(per_example)
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
@@ -120,62 +103,30 @@ def train_step(state: TrainState, batch, rng, frozen_text_params, *, unet, text_
   return new_state, {'loss': loss, 'grad_norm': grad_norm, 'finite': finite}
 
 
-# ----------------------------------------------------------------------------- state creation
-
-
-def build_models(config):
-  """The U-Net and the text encoder named by the config."""
-  unet = UNet(config=ml_collections.FrozenConfigDict(config.model))
-  text_encoder = encoders.build(config.text)
-  return unet, text_encoder
-
-
-def init_state(rng, *, unet, text_encoder, tx, config) -> TrainState:
-  """Initial (boxed, i.e. logically annotated) train state; jit/eval_shape it, do not call eagerly."""
-  rng_unet, rng_text = jax.random.split(rng)
-  s, length = config.data.image_size, text_encoder.max_len
-  unet_params = unet.init(
-      {'params': rng_unet}, jnp.zeros((1, s, s, 3)), jnp.zeros((1,)),
-      jnp.zeros((1, length, text_encoder.dim)), jnp.ones((1, length), bool),
-      jnp.zeros((1, text_encoder.dim)), train=False)['params']
-  params = {'unet': unet_params}
-  if text_encoder.trainable:
-    params['text'] = text_encoder.init(rng_text)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    ema_params=params)
-
-
-def create_sharded_state(config, mesh, *, unet, text_encoder, tx):
-  """Abstract state + its shardings (from logical axis names), and the jitted initialiser."""
-  init = functools.partial(init_state, unet=unet, text_encoder=text_encoder, tx=tx, config=config)
-  boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
-  shardings = sharding.tree_shardings(boxed, mesh, config.mesh.logical_axis_rules)
-  abstract = nn.meta.unbox(boxed)
-  init_fn = jax.jit(lambda rng: nn.meta.unbox(init(rng)), out_shardings=shardings)
-  return abstract, shardings, init_fn
-
-
 # ----------------------------------------------------------------------------- the loop
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       evaluator: metrics.Evaluator | None = None, devices=None,
                        stop_at: int | None = None) -> TrainResult:
-  """Trains per `config`, writing checkpoints, metrics and sample grids to `workdir`.
+  """Trains per `config`, writing checkpoints, metrics and evaluations to `workdir`.
 
-  `devices` restricts the mesh to some devices (tests); `stop_at` ends the run early at that
-  step, as a pre-emption would (the schedule still targets `optim.num_steps`).
+  `evaluator` runs at `logging.eval_every_steps` and at the end (`logging.eval_at_end`); None:
+  no evaluation. `devices` restricts the mesh to some devices (tests); `stop_at` ends the run
+  early at that step, as a pre-emption would (the schedule still targets `optim.num_steps`).
   """
   distributed.initialize(config)
   validation.validate(config)
+  spec = specs.diffusion(config)
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = config.mesh.logical_axis_rules
-  writer = reporting.Reporter(workdir, config, is_main=jax.process_index() == 0)
+  writer = metrics.Reporter(workdir, config, is_main=jax.process_index() == 0)
   logging.info('Mesh %s over %d devices, %d processes.', dict(mesh.shape), jax.device_count(),
                jax.process_count())
 
-  unet, text_encoder = build_models(config)
-  tx, lr_schedule = make_optimizer(config.optim)
-  abstract, shardings, init_fn = create_sharded_state(
+  unet, text_encoder = state_lib.build_models(config)
+  tx, lr_schedule = state_lib.make_optimizer(config.optim)
+  abstract, shardings, init_fn = state_lib.create_sharded_state(
       config, mesh, unet=unet, text_encoder=text_encoder, tx=tx)
   frozen_text = None
   if not text_encoder.trainable:
@@ -199,10 +150,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
                      for k, v in {'image': np.zeros((1,) * 4), **text_inputs.null}.items()}
   step_fn = jax.jit(
       functools.partial(train_step, unet=unet, text_encoder=text_encoder,
-                        null_inputs=text_inputs.null, tx=tx, config=config),
+                        null_inputs=text_inputs.null, tx=tx, spec=spec, config=config),
       in_shardings=(shardings, batch_shardings, None, None), out_shardings=(shardings, None),
       donate_argnums=(0,))
   rng = jax.random.PRNGKey(config.seed)
+
+  def evaluate(step, state):
+    params = state.ema_params if config.sampler.use_ema else state.params
+    text_params = params['text'] if text_encoder.trainable else frozen_text
+    return evaluator(step, unet, text_encoder, params['unet'], text_params, mesh)
+
   batches = pipeline.iterate(source, config.data.seed, start_step, config.data.global_batch_size,
                              jax.process_index(), jax.process_count(),
                              prefetch=config.data.prefetch)
@@ -226,23 +183,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
         break
       local = {'image': local['image'], **text_inputs(local['caption'])}
       with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        state, metrics = step_fn(state, sharding.global_batch(mesh, local), rng, frozen_text)
+        state, step_metrics = step_fn(state, sharding.global_batch(mesh, local), rng, frozen_text)
       if pending is not None:
         _record(writer, *pending)
-      pending = (step, metrics, float(lr_schedule(step)))
+      pending = (step, step_metrics, float(lr_schedule(step)))
       done = step + 1
       if done % config.checkpoint.every_steps == 0 or done == num_steps:
         _record(writer, *pending)  # Never save a state whose last step was not finite.
         pending = None
         ckpt.save(done, state, config, {'step': done, 'seed': config.data.seed})
-      if config.logging.eval_every_steps and done % config.logging.eval_every_steps == 0:
-        writer.evaluate(done, state, unet, text_encoder, frozen_text, mesh)
+      if (evaluator is not None and config.logging.eval_every_steps
+          and done % config.logging.eval_every_steps == 0):
+        writer.write_eval(done, evaluate(done, state))
     if pending is not None:
       _record(writer, *pending)
     final_step = int(jax.device_get(state.step))
-    if (config.logging.eval_at_end and final_step == num_steps
+    if (evaluator is not None and config.logging.eval_at_end and final_step == num_steps
         and final_step not in (writer.last_eval_step, start_step)):
-      writer.evaluate(final_step, state, unet, text_encoder, frozen_text, mesh)
+      writer.write_eval(final_step, evaluate(final_step, state))
   finally:
     stop.restore()
     ckpt.close()  # Waits for async saves: nothing written is lost on the way out.

@@ -1,53 +1,39 @@
-"""What a run reports: clu metrics and writers (TensorBoard + console), progress with ETA,
-the parameter overview, and at eval time a captioned sample grid (image summary + PNG)
-scored against the Shapes benchmark. Only process 0 writes.
+"""What a run reports: clu metrics and writers (TensorBoard, console, metrics.jsonl), progress
+with ETA, the parameter overview, and what an evaluator returns (images and scalars).
+Only process 0 writes.
 """
 
 import json
-import logging as pylogging
 import os
 import time
+from typing import NamedTuple, Protocol
 
 import jax
 import numpy as np
 from absl import logging
 from flax import struct
 from clu import metric_writers, metrics, parameter_overview, periodic_actions
+from PIL import Image
 
-from sampling import generate, images
+
+class EvalResult(NamedTuple):
+  """What an evaluation gives the run to report."""
+  images: dict  # name -> uint8 [H, W, 3], written as a summary and as samples/<name>_<step>.png.
+  scalars: dict  # name -> float, written as eval/<name>.
+
+
+class Evaluator(Protocol):
+  """Evaluation during training, handed to the loop (train.py passes the standard one)."""
+
+  def __call__(self, step: int, unet, text_encoder, unet_params, text_params,
+               mesh) -> EvalResult:
+    ...
 
 
 @struct.dataclass
 class TrainMetrics(metrics.Collection):
   loss: metrics.Average.from_output('loss')
   grad_norm: metrics.Average.from_output('grad_norm')
-
-
-class _QuietLibraries(pylogging.Filter):
-  """Drops INFO chatter of orbax and TFDS (their warnings and errors still show)."""
-  NOISY = ('/orbax/', '/tensorflow_datasets/', '/etils/')
-
-  def filter(self, record):
-    return record.levelno >= pylogging.WARNING or not any(n in record.pathname for n in self.NOISY)
-
-
-def quiet_library_logs():
-  """Keeps the console to our own progress lines; call once from an entry point."""
-  logging.get_absl_handler().addFilter(_QuietLibraries())
-
-
-def eval_prompts(config) -> list[str]:
-  """The prompts of the eval grid: the Shapes benchmark set, or one per line of a file."""
-  source = config.logging.eval_prompts
-  if source == 'shapes_benchmark':
-    from data import scoring
-    prompts = scoring.benchmark_prompts()
-  else:
-    if not os.path.isfile(source):
-      raise FileNotFoundError(f'logging.eval_prompts={source!r}: no such file (one prompt per line).')
-    with open(source) as f:
-      prompts = [line.strip() for line in f if line.strip()]
-  return prompts[:config.logging.eval_max_prompts]
 
 
 class JsonlWriter(metric_writers.MetricWriter):
@@ -91,7 +77,7 @@ class JsonlWriter(metric_writers.MetricWriter):
 
 
 class Reporter:
-  """Per-step metric merging, periodic writing, progress, and eval grids."""
+  """Per-step metric merging, periodic writing, progress, and evaluation results."""
 
   def __init__(self, workdir: str, config, *, is_main: bool):
     self.workdir, self.config, self.is_main = workdir, config, is_main
@@ -110,7 +96,6 @@ class Reporter:
     self._merged = None
     self._t0 = None
     self._steps_since = 0
-    self._generator = None
     self.history = []  # (step, loss) of every step this run took.
     self.last_eval_step = None
 
@@ -119,7 +104,7 @@ class Reporter:
       logging.info('Parameters:\n%s', parameter_overview.get_parameter_overview(
           jax.device_get(state.params)))
       if step == 0:
-        self.writer.write_hparams(_flatten(self.config.to_dict()))
+        self.writer.write_hparams(flatten(self.config.to_dict()))
     self._t0 = time.time()
 
   def step(self, step: int, loss: float, grad_norm: float, lr: float):
@@ -143,37 +128,19 @@ class Reporter:
       self.writer.write_scalars(done, scalars)
       self._merged, self._steps_since, self._t0 = None, 0, time.time()
 
-  def evaluate(self, step: int, state, unet, text_encoder, frozen_text, mesh):
-    """Samples the eval prompts with the (EMA) params, writes the grid, scores Shapes prompts."""
-    cfg = self.config
+  def write_eval(self, step: int, result: EvalResult):
+    """Writes an evaluation's images (also as PNGs in WORKDIR/samples) and scalars."""
     self.last_eval_step = step
-    if self._generator is None:
-      self._generator = generate.Generator(unet, text_encoder, cfg, mesh)
-    params = state.ema_params if cfg.sampler.use_ema else state.params
-    text_params = params['text'] if text_encoder.trainable else frozen_text
-    prompts = eval_prompts(cfg)
-    per = cfg.logging.eval_samples_per_prompt
-    batch = [p for p in prompts for _ in range(per)]
-    t = time.time()
-    sampler = cfg.sampler
-    out = self._generator(params['unet'], text_params, batch, seed=cfg.seed, sampler=sampler.name,
-                          num_steps=sampler.num_steps, guidance_scale=sampler.guidance_scale,
-                          eta=generate.config_eta(sampler, sampler.name),
-                          guidance_rescale=sampler.guidance_rescale)
-    logging.info('Sampled %d eval images in %.1fs.', len(batch), time.time() - t)
     if not self.is_main:
       return
-    imgs = images.to_uint8(out)
-    grid = images.captioned_grid(imgs, prompts, per)
-    images.save_png(grid, os.path.join(self.workdir, 'samples', f'grid_{step:07d}.png'))
-    self.writer.write_images(step, {'samples': grid[None]})
-    if cfg.data.dataset == 'shapes':
-      from data import scoring
-      scored = [scoring.score_image(img, p) for img, p in zip(imgs, batch)]
-      summary = scoring.aggregate(scored, batch)
-      scalars = {f'eval/{k}': float(v) for k, v in _flatten(summary).items()
-                 if isinstance(v, (int, float)) and not isinstance(v, bool)}
-      self.writer.write_scalars(step, scalars)
+    for name, image in result.images.items():
+      path = os.path.join(self.workdir, 'samples', f'{name}_{step:07d}.png')
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      Image.fromarray(image).save(path)
+    if result.images:
+      self.writer.write_images(step, {k: v[None] for k, v in result.images.items()})
+    if result.scalars:
+      self.writer.write_scalars(step, {f'eval/{k}': float(v) for k, v in result.scalars.items()})
     self.writer.flush()
 
   def close(self):
@@ -181,12 +148,13 @@ class Reporter:
     self.writer.close()
 
 
-def _flatten(d, prefix=''):
+def flatten(d, prefix='') -> dict:
+  """{'a': {'b': 1}} -> {'a.b': 1}; values that are not numbers, strings or bools become strings."""
   out = {}
   for k, v in d.items():
     key = f'{prefix}{k}'
     if isinstance(v, dict):
-      out.update(_flatten(v, key + '.'))
+      out.update(flatten(v, key + '.'))
     else:
       out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
   return out

@@ -2,7 +2,7 @@
 
 Each process beats (writes a counter) every `interval_s`; a peer whose counter stalls for
 `timeout_s`, or that publishes a failure, ends this process with EXIT_PEER_FAILED and a message
-naming it. `training.distributed.initialize` starts one per process (see its docstring for why
+naming it. `cluster.distributed.initialize` starts one per process (see its docstring for why
 jax's own heartbeat is not enough).
 """
 from __future__ import annotations
@@ -14,7 +14,8 @@ import threading
 import time
 from typing import Any, Callable
 
-EXIT_PEER_FAILED = 3  # Exit status of a process stopped because another one failed or was lost.
+from cluster.contract import EXIT_PEER_FAILED
+
 _KV_PREFIX = 'jaxdiff_watchdog/'
 
 

@@ -3,8 +3,9 @@
 `initialize()` is the one code path for every cluster. It finds out where it runs, in order:
 
   explicit    arguments / `config.distributed` / JAXDIFF_COORDINATOR, JAXDIFF_NUM_PROCESSES,
-              JAXDIFF_PROCESS_ID (set by `launch.local`); `kubernetes` when the process id comes
-              from an Indexed Job (JOB_COMPLETION_INDEX, as in `launch.k8s` manifests).
+              JAXDIFF_PROCESS_ID (named in `cluster.contract`, set by `launch.local`);
+              `kubernetes` when the process id comes from an Indexed Job (JOB_COMPLETION_INDEX,
+              as in `launch.k8s` manifests).
   slurm       SLURM_JOB_ID, SLURM_PROCID, SLURM_NTASKS (an `srun` step, as `launch.slurm` writes).
   tpu         a Cloud TPU VM (TPU PCI devices or TPU_WORKER_* variables): jax auto-detects the pod.
   single      anything else: jax.distributed.initialize is not called at all.
@@ -33,14 +34,9 @@ from typing import Any, Callable, Mapping
 
 from absl import logging
 
-from training.watchdog import EXIT_PEER_FAILED, Watchdog, flush  # noqa: F401 (re-exported)
-
-ENV_COORDINATOR = 'JAXDIFF_COORDINATOR'  # host:port of process 0's coordination service.
-ENV_NUM_PROCESSES = 'JAXDIFF_NUM_PROCESSES'
-ENV_PROCESS_ID = 'JAXDIFF_PROCESS_ID'
-ENV_COORDINATOR_PORT = 'JAXDIFF_COORDINATOR_PORT'  # SLURM: instead of the job-id-derived port.
-ENV_HEARTBEAT_TIMEOUT = 'JAXDIFF_HEARTBEAT_TIMEOUT_S'
-ENV_WATCHDOG = 'JAXDIFF_WATCHDOG'  # '0' turns the watchdog off.
+from cluster.contract import (ENV_COORDINATOR, ENV_COORDINATOR_PORT, ENV_HEARTBEAT_TIMEOUT,
+                              ENV_NUM_PROCESSES, ENV_PROCESS_ID, ENV_WATCHDOG)
+from cluster.watchdog import Watchdog, flush
 
 _BACKSTOP_S = 15  # jax's own heartbeat timeout is twice ours plus this (it can fire early).
 _TPU_ENV = ('TPU_WORKER_HOSTNAMES', 'TPU_PROCESS_ADDRESSES', 'MEGASCALE_COORDINATOR_ADDRESS',
@@ -345,12 +341,6 @@ def _start_watchdog(state: _State, settings: Settings) -> None:
 
   sys.excepthook = excepthook
   atexit.register(_mark_done_at_exit)  # Registered after jax's own: runs before its shutdown.
-
-
-def report_failure(message: str) -> None:
-  """Publishes a failure of this process (uncaught exceptions do this on their own)."""
-  if _STATE is not None and _STATE.watchdog is not None:
-    _STATE.watchdog.publish_failure(message)
 
 
 def shutdown() -> None:

@@ -1,4 +1,4 @@
-"""Exact scoring of images against Shapes captions (spec: /work/shared/specs/shapes.md, "Scoring").
+"""Exact scoring of images against Shapes captions (spec: docs/shapes.md, "Scoring").
 
 An image is read as connected components: channels thresholded at 128 give one of
 7 palette codes or black; 4-connected components per code smaller than 2% of S*S

@@ -1,0 +1,1 @@
+"""Cluster start-up shared by the launchers (`launch/`) and the training processes (`training/`)."""

@@ -1,0 +1,62 @@
+"""Evaluation during training: sample the eval prompts, draw a captioned grid, score Shapes.
+
+`SampleGridEvaluator(config)` is what `train.py` hands to the training loop; the loop calls it
+with the current (EMA or raw, per `sampler.use_ema`) parameters at `logging.eval_every_steps`
+and at the end, and writes what it returns. It samples with the config's `SamplerSettings`,
+the same value `sample.py` starts from.
+"""
+
+import os
+import time
+
+from absl import logging
+
+from configs import specs
+from evaluation import shapes_scorer
+from sampling import generate, images
+from training.metrics import EvalResult, flatten
+
+
+def eval_prompts(config) -> list[str]:
+  """The prompts of the eval grid: the Shapes benchmark set, or one per line of a file."""
+  source = config.logging.eval_prompts
+  if source == 'shapes_benchmark':
+    prompts = shapes_scorer.benchmark_prompts()
+  else:
+    if not os.path.isfile(source):
+      raise FileNotFoundError(f'logging.eval_prompts={source!r}: no such file (one prompt per line).')
+    with open(source) as f:
+      prompts = [line.strip() for line in f if line.strip()]
+  return prompts[:config.logging.eval_max_prompts]
+
+
+class SampleGridEvaluator:
+  """Samples `logging.eval_prompts` x `eval_samples_per_prompt`; scores them on Shapes data."""
+
+  def __init__(self, config):
+    self.settings = specs.sampler(config)
+    self.spec = specs.diffusion(config)
+    self.image_size = config.data.image_size
+    self.seed = config.seed
+    self.prompts = eval_prompts(config)  # Read now: a missing file fails before training.
+    self.per_prompt = config.logging.eval_samples_per_prompt
+    self.score = config.data.dataset.startswith('shapes')
+    self._generator = None
+
+  def __call__(self, step, unet, text_encoder, unet_params, text_params, mesh) -> EvalResult:
+    del step
+    if self._generator is None:
+      self._generator = generate.Generator(unet, text_encoder, self.spec, self.image_size, mesh)
+    batch = [p for p in self.prompts for _ in range(self.per_prompt)]
+    t = time.time()
+    out = self._generator(unet_params, text_params, batch, seed=self.seed, settings=self.settings)
+    logging.info('Sampled %d eval images in %.1fs.', len(batch), time.time() - t)
+    imgs = images.to_uint8(out)
+    grid = images.captioned_grid(imgs, self.prompts, self.per_prompt)
+    scalars = {}
+    if self.score:
+      summary = shapes_scorer.aggregate(
+          [shapes_scorer.score_image(img, p) for img, p in zip(imgs, batch)], batch)
+      scalars = {k: float(v) for k, v in flatten(summary).items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return EvalResult(images={'grid': grid}, scalars=scalars)

@@ -1,0 +1,89 @@
+"""Typed settings: every default lives in configs/base.py, and each spec is read from it once."""
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import base, specs
+from diffusion.spec import DiffusionSpec, SamplerSettings, overridden
+from models.unet import UNetSpec
+from training import checkpoint
+
+SPEC_SECTIONS = ((DiffusionSpec, specs.diffusion, 'diffusion'), (UNetSpec, specs.unet, 'model'),
+                 (SamplerSettings, specs.sampler, 'sampler'))
+
+
+@pytest.mark.parametrize('cls, build, section', SPEC_SECTIONS)
+def test_spec_from_the_base_config_holds_its_values(cls, build, section):
+  config = base.get_config()
+  spec = build(config)
+  fields = [f.name for f in dataclasses.fields(cls) if f.name != 'options']
+  assert {f: getattr(spec, f) for f in fields} == {f: config[section][f] for f in fields}
+  # The spec has no default of its own: configs/base.py is the one place defaults live.
+  assert all(f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+             for f in dataclasses.fields(cls))
+  # And every field of the section is read by it (`sampler.eta` becomes DDIM's option).
+  assert set(config[section].keys()) - set(fields) == ({'eta'} if section == 'sampler' else set())
+
+
+def test_sampler_settings_take_the_configured_ddim_eta():
+  config = base.get_config()
+  config.sampler.eta = 0.5
+  assert specs.sampler(config).options == (('eta', 0.5),)
+  config.sampler.name, config.sampler.eta = 'dpmpp_2m', 0.0
+  assert specs.sampler(config).options == ()
+  config.sampler.eta = 0.5
+  with pytest.raises(ValueError, match="sampler.eta=0.5 is DDIM's eta"):
+    specs.sampler(config)
+
+
+@pytest.mark.parametrize('cls, build, section', SPEC_SECTIONS)
+def test_a_config_missing_a_field_is_refused_naming_it(cls, build, section):
+  config = base.get_config()
+  field = dataclasses.fields(cls)[0].name
+  del config[section][field]
+  with pytest.raises(ValueError, match=rf'{section}\.{field} is missing'):
+    build(config)
+
+
+@pytest.mark.parametrize('section, field, value', [
+    ('diffusion', 'schedule', 'quadratic'), ('diffusion', 'prediction', 'score'),
+    ('diffusion', 'num_train_timesteps', 0), ('model', 'dtype', 'float64'),
+    ('model', 'channel_mult', ()), ('sampler', 'name', 'plms'), ('sampler', 'num_steps', 0),
+    ('sampler', 'threshold_percentile', 101.0), ('sampler', 'guidance_interval', (2.0, 1.0))])
+def test_bad_values_are_refused_by_the_spec_that_owns_them(section, field, value):
+  config = base.get_config()
+  with config.ignore_type():
+    config[section][field] = value
+  build = {'diffusion': specs.diffusion, 'model': specs.unet, 'sampler': specs.sampler}[section]
+  with pytest.raises(ValueError, match=rf'{section}\.{field}|sampler\.name'):
+    build(config)
+
+
+def test_overridden_is_how_flags_change_a_recipe():
+  recipe = specs.sampler(base.get_config())  # ddim with eta 0.
+  assert overridden(recipe, num_steps=None, guidance_scale=None) == recipe  # unset flags
+  heun = overridden(recipe, sampler='heun', options={'s_churn': 2.0, 's_noise': None})
+  assert heun.name == 'heun' and heun.options == (('s_churn', 2.0),)  # DDIM's eta dropped.
+  with pytest.raises(ValueError, match="'heun' takes no option eta"):
+    overridden(recipe, sampler='heun', options={'eta': 1.0})
+  strengths = overridden(recipe, guidance_scale=5.0, guidance_interval=(-1.0, 2.0)).guidance()
+  assert float(strengths.scale) == 5.0 and tuple(map(float, strengths.interval)) == (-1.0, 2.0)
+  off = recipe.guidance()
+  assert float(off.interval[0]) == -np.inf and float(off.interval[1]) == np.inf
+  assert recipe.sampler_kwargs() == {'eta': jnp.float32(0.0)}
+
+
+def test_a_checkpointed_config_gets_defaults_for_fields_added_since(tmp_path):
+  """A workdir written before a field existed restores with that field's base default."""
+  old = base.get_config()
+  old.model.channels = 24
+  del old.model['head_dim']
+  ckpt = checkpoint.Checkpointer(str(tmp_path), old.checkpoint)
+  ckpt.save(1, {'x': np.zeros(2, np.float32)}, old, {'step': 1})
+  ckpt.close()
+  restored = checkpoint.Checkpointer(str(tmp_path), read_only=True).restore_config()
+  assert restored.model.head_dim == base.get_config().model.head_dim
+  assert restored.model.channels == 24 and restored.model.channel_mult == (1, 2, 2)
+  assert specs.unet(restored).channels == 24
