@@ -31,7 +31,10 @@ def main(argv):
   logging.info('Config:\n%s', config)
   evaluator = None
   if config.logging.eval_every_steps or config.logging.eval_at_end:
-    evaluator = sample_grid.SampleGridEvaluator(config)  # A missing prompt file fails here.
+    try:
+      evaluator = sample_grid.SampleGridEvaluator(config)  # Before training, not after it.
+    except (ValueError, FileNotFoundError) as e:
+      sys.exit(f'error: {e}')
   loop.train_and_evaluate(config, _WORKDIR.value, evaluator=evaluator)
 
 

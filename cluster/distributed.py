@@ -343,19 +343,6 @@ def _start_watchdog(state: _State, settings: Settings) -> None:
   atexit.register(_mark_done_at_exit)  # Registered after jax's own: runs before its shutdown.
 
 
-def shutdown() -> None:
-  """Clean exit: stops the watchdog, then leaves jax.distributed (waits for the other processes)."""
-  global _STATE
-  state, _STATE = _STATE, None
-  if state is None:
-    return
-  if state.watchdog is not None:
-    state.watchdog.stop(done=True)
-    sys.excepthook = state.previous_excepthook or sys.__excepthook__
-  import jax  # pylint: disable=g-import-not-at-top
-  jax.distributed.shutdown()
-
-
 def _mark_done_at_exit() -> None:
   """A normal interpreter exit is a clean end: stop beating without alarming the others."""
   if _STATE is not None and _STATE.watchdog is not None:

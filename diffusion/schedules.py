@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 
 SCHEDULES = ('linear', 'scaled_linear', 'cosine', 'sigmoid', 'edm')
-DISCRETE_SCHEDULES = ('linear', 'scaled_linear', 'cosine', 'sigmoid')
 SAMPLING_GRIDS = ('auto', 'uniform_t', 'karras', 'uniform_logsnr')
 NOISE_SAMPLINGS = ('uniform', 'lognormal')
 _MAX_BETA = 0.999  # Nichol & Dhariwal 2021 sec 3.2: clip betas to avoid singularities at t = T.
@@ -29,19 +28,10 @@ def alpha_sigma(logsnr):
   return jnp.sqrt(jax.nn.sigmoid(logsnr)), jnp.sqrt(jax.nn.sigmoid(-logsnr))
 
 
-def logsnr_from_alpha_bar(alpha_bar):
-  """logsnr = log(alpha_bar / (1 - alpha_bar)) (Ho et al. 2020 alpha_bar_t = alpha_t^2)."""
-  return logsnr_from_log_alpha_bar(jnp.log(alpha_bar))
-
-
 def logsnr_from_log_alpha_bar(log_alpha_bar):
-  """logsnr from log(alpha_bar), accurate near alpha_bar = 1 (returns +inf at 0, -inf at -inf)."""
+  """logsnr = log(alpha_bar / (1 - alpha_bar)) (Ho et al. 2020, alpha_bar_t = alpha_t^2) from
+  log(alpha_bar), accurate near alpha_bar = 1 (returns +inf at 0, -inf at -inf)."""
   return log_alpha_bar - jnp.log(-jnp.expm1(log_alpha_bar))
-
-
-def alpha_bar_from_logsnr(logsnr):
-  """Inverse of `logsnr_from_alpha_bar`: alpha_bar = sigmoid(logsnr)."""
-  return jax.nn.sigmoid(logsnr)
 
 
 def logsnr_from_sigma_ve(sigma_ve):

@@ -1,8 +1,9 @@
 """Text-to-image generation: tokens -> guided sampler -> images, as one jitted function.
 
-The guidance scale, sampler options and the seed are traced arguments, so changing
-them reuses the compiled program; the step count (the grid's length), the batch
-shape and the sampler name are what compile.
+`Generator(unet, text_encoder, diffusion_spec, image_size)(params..., prompts, seed=...,
+settings=SamplerSettings)`. The guidance strengths, sampler options and seeds are traced
+arguments, so changing them reuses the compiled program; the sampler, its step count (the
+grid's length), thresholding on or off and the batch shape are what compile.
 """
 
 from typing import Sequence

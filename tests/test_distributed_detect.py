@@ -143,7 +143,6 @@ def test_initialize_single_process_does_not_start_jax_distributed(monkeypatch):
   assert info.local_device_count == jax.local_device_count() == info.device_count
   assert info.is_main
   assert not jax.distributed.is_initialized()
-  dist.shutdown()  # A no-op without jax.distributed.
 
 
 # ----------------------------------------------------------------------------- watchdog

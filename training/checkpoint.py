@@ -106,9 +106,6 @@ class Checkpointer:
       raise FileNotFoundError(f'Checkpoint step {step} not in {self.directory}; available: {steps}.')
     return step
 
-  def wait(self):
-    self._mngr.wait_until_finished()
-
   def close(self):
     self._mngr.wait_until_finished()
     self._mngr.close()

@@ -113,6 +113,3 @@ def global_batch(mesh: Mesh, local: dict) -> dict:
       for k, v in local.items()
   }
 
-
-def data_parallel_size(mesh: Mesh) -> int:
-  return mesh.shape['data'] * mesh.shape['fsdp']
