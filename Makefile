@@ -8,6 +8,8 @@ VENV ?= .venv
 WORKDIR ?= runs/quickstart
 CONFIG ?= configs/shapes.py:cpu
 GUIDANCE ?= 2.0
+# pytest-xdist processes for the default tier (each test file stays on one).
+TEST_WORKERS ?= 2
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
 $(VENV)/.installed: requirements.txt
@@ -25,7 +27,7 @@ quickstart: setup
 	$(VENV)/bin/python evaluate.py --samples=$(WORKDIR)/benchmark_w$(GUIDANCE)
 
 test: setup
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-full: setup
 	$(VENV)/bin/python -m pytest -q -m full
