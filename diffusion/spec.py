@@ -103,8 +103,7 @@ class SamplerSettings:
     samplers.sampler_options(self.name, **dict(self.options))  # Unknown options raise here.
 
   def replace(self, **changes) -> SamplerSettings:
-    """A copy with `changes`; None values are ignored (unset command-line flags)."""
-    return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+    return dataclasses.replace(self, **changes)
 
   def with_options(self, **options) -> SamplerSettings:
     """A copy with these sampler options added or changed; None values are ignored."""
@@ -140,5 +139,6 @@ def overridden(settings: SamplerSettings, *, sampler: str | None = None,
   (eta, s_churn, ...) are then added; an option the sampler does not take raises ValueError.
   """
   if sampler and sampler != settings.name:
-    settings = dataclasses.replace(settings, name=sampler, options=())
-  return settings.replace(**fields).with_options(**(options or {}))
+    settings = settings.replace(name=sampler, options=())
+  given = {k: v for k, v in fields.items() if v is not None}  # Unset flags change nothing.
+  return settings.replace(**given).with_options(**(options or {}))
