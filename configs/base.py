@@ -18,20 +18,33 @@ def get_config(arg=None):
 
   # --- data ---------------------------------------------------------------
   config.data = data = ml_collections.ConfigDict()
-  data.dataset = 'shapes'  # 'shapes' (TFDS builder, offline) or 'shapes_rendered' (same examples, no TFDS).
-  data.image_size = 32  # Side S of the square images, in pixels.
-  data.num_train = 50_000  # Examples in the train split (Shapes: generated once into data_dir).
-  data.num_test = 1_000  # Examples in the test split.
+  data.dataset = 'shapes'  # 'shapes', 'shapes_rendered', 'folder', 'tfds' or 'array_record' (docs/data.md).
+  data.path = ''  # folder: the image tree; array_record: a glob of shards (python -m data.prepare).
+  data.eval_path = ''  # The same for a validation split ('' = none); eval prompts can come from it.
+  data.tfds_name = ''  # tfds: the dataset name (e.g. 'coco_captions'), prepared in data_dir.
+  data.train_split = 'train'  # tfds: the training split.
+  data.eval_split = ''  # tfds: the validation split ('' = none).
+  data.image_key = 'image'  # tfds: the image feature ('a/b' for a nested feature).
+  data.caption_key = 'text'  # Caption field: metadata.jsonl key (folder) or tfds feature ('captions/text').
+  data.image_size = 32  # Side S of the square training images, in pixels.
+  data.crop = 'center'  # After resizing the shorter side to S: 'center' or 'random' S x S crop.
+  data.flip = False  # Random horizontal flips (off for Shapes: left/right is in the captions).
+  data.upscale = True  # False: images with a side below S are bad records (skipped, or an error).
+  data.on_bad_record = 'skip'  # Unusable image or missing caption: 'skip' (log, count) or 'error'.
+  data.num_train = 50_000  # Shapes: examples in the train split (generated once into data_dir).
+  data.num_test = 1_000  # Shapes: examples in the test split.
   data.data_dir = ''  # TFDS data_dir; '' = the TFDS default (~/tensorflow_datasets).
   data.seed = 0  # Shuffle seed: the batch at step s is a pure function of (seed, s).
   data.global_batch_size = 64  # Examples per step over all processes.
-  data.prefetch = 2  # Host batches prepared ahead in a background thread (0 = off).
+  data.num_workers = 0  # grain worker processes decoding batches (0 = threads of this process).
+  data.prefetch = 2  # Batches prepared ahead (per worker with num_workers > 0); 0 = on demand.
 
   # --- text encoder ---------------------------------------------------------
   config.text = text = ml_collections.ConfigDict()
   text.encoder = 'scratch'  # 'scratch' (trained jointly) or 'pretrained' (frozen BERT/T5 folder).
   text.max_len = 16  # Tokens per caption, [BOS] included; longer captions are truncated.
-  text.vocab = 'shapes'  # Scratch tokenizer vocabulary: 'shapes' or a path to a one-word-per-line file.
+  text.vocab = 'shapes'  # Scratch tokenizer: 'shapes', a word-per-line file, 'bpe' or a tokenizer.json (README).
+  text.vocab_size = 8192  # Subword vocabulary size when text.vocab='bpe' trains one.
   text.width = 128  # Scratch encoder width (token embedding size).
   text.depth = 2  # Scratch encoder transformer blocks.
   text.num_heads = 4  # Scratch encoder attention heads.
@@ -152,8 +165,36 @@ def get_config(arg=None):
   log.every_steps = 50  # Write train metrics every N steps.
   log.eval_every_steps = 1000  # Sample grid (+ Shapes score) every N steps; 0 = never during training.
   log.eval_at_end = True  # Also sample (and score) the eval grid when training ends.
-  log.eval_prompts = 'shapes_benchmark'  # 'shapes_benchmark' or a path to a text file of prompts.
+  log.eval_prompts = 'shapes_benchmark'  # 'shapes_benchmark', 'data' (validation captions) or a file.
+  log.eval_prompt_list = ()  # Prompts for the grid, e.g. ('a cat', 'a dog'); overrides eval_prompts.
   log.eval_samples_per_prompt = 1  # Samples per prompt in the eval grid.
   log.eval_max_prompts = 63  # Cap on prompts sampled at each eval.
   log.profile_steps = 0  # Profile this many steps after step 10 (process 0, TensorBoard); 0 = off.
+  return config
+
+
+def shrink_for_tests(config):
+  """The `tiny` variants' sizes (16 px, a 16-channel U-Net, 4 steps): what the tests train."""
+  config.data.image_size = 16
+  config.data.global_batch_size = 8
+  config.data.prefetch = 0
+  config.text.width = 32
+  config.text.depth = 1
+  config.text.num_heads = 2
+  config.model.channels = 16
+  config.model.channel_mult = (1, 2)
+  config.model.num_res_blocks = 1
+  config.model.attn_resolutions = (8,)
+  config.model.num_heads = 2
+  config.model.norm_groups = 4
+  config.optim.num_steps = 4
+  config.optim.learning_rate = 1e-3
+  config.optim.warmup_steps = 2
+  config.optim.ema_decay = 0.9
+  config.checkpoint.every_steps = 2
+  config.checkpoint.async_save = False
+  config.logging.every_steps = 1
+  config.logging.eval_every_steps = 0
+  config.logging.eval_max_prompts = 4
+  config.sampler.num_steps = 3
   return config

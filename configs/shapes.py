@@ -66,30 +66,9 @@ def get_config(arg='cpu'):
     config.checkpoint.every_steps = 2000
     config.logging.eval_every_steps = 5000
   elif arg == 'tiny':
-    config.data.image_size = 16
+    base.shrink_for_tests(config)
     config.data.num_train = 256
     config.data.num_test = 64
-    config.data.global_batch_size = 8
-    config.data.prefetch = 0
-    config.text.width = 32
-    config.text.depth = 1
-    config.text.num_heads = 2
-    config.model.channels = 16
-    config.model.channel_mult = (1, 2)
-    config.model.num_res_blocks = 1
-    config.model.attn_resolutions = (8,)
-    config.model.num_heads = 2
-    config.model.norm_groups = 4
-    config.optim.num_steps = 4
-    config.optim.learning_rate = 1e-3
-    config.optim.warmup_steps = 2
-    config.optim.ema_decay = 0.9
-    config.checkpoint.every_steps = 2
-    config.checkpoint.async_save = False
-    config.logging.every_steps = 1
-    config.logging.eval_every_steps = 0
-    config.logging.eval_max_prompts = 4
-    config.sampler.num_steps = 3
   return config
 
 

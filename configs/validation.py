@@ -11,6 +11,8 @@ from text import encoders
 # sampler sections are checked by building their specs (configs/specs.py).
 CHOICES = {
     'data.dataset': pipeline.DATASETS,
+    'data.crop': pipeline.CROPS,
+    'data.on_bad_record': pipeline.ON_BAD_RECORD,
     'text.encoder': encoders.ENCODERS,
     'text.dtype': tuple(layers.DTYPES),
 }
@@ -45,5 +47,7 @@ def validate(config: ml_collections.ConfigDict):
   if config.data.image_size % factor:
     raise ValueError(f'data.image_size={config.data.image_size} must be divisible by '
                      f'model.patch_size * 2**(len(model.channel_mult)-1)={factor}.')
+  if config.data.num_workers < 0 or config.data.prefetch < 0:
+    raise ValueError('data.num_workers and data.prefetch must be >= 0.')
   if config.optim.warmup_steps < 0:
     raise ValueError('optim.warmup_steps must be >= 0.')

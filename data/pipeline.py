@@ -1,29 +1,46 @@
-"""Per-process batch iterator: a deterministic, resumable stream of shuffled epochs.
+"""Per-process batches on grain: the global batch of step s is a pure function of (seed, s).
 
-The global batch of step `t` is a pure function of (seed, t, global batch size,
-dataset size): the stream concatenates epochs, each a permutation drawn from
-(seed, epoch), and batch t is stream positions [t*B, (t+1)*B). Process p of P
-reads the contiguous slice p of that batch, so a resumed run (start_step = k)
-and a run on a different number of processes see exactly the same examples.
+The example stream concatenates epochs, each a permutation of the source drawn from
+(seed, epoch); batch s is stream positions [s*B, (s+1)*B) and process p of P loads the
+contiguous slice p of it, reading only those records. Everything random about an example
+(which caption, where to crop, whether to flip) is drawn from (seed, its stream position), so
+a resumed run, or a run on another number of processes or grain workers, sees exactly the same
+batches. A record that cannot be used (unreadable, not an image, no caption) is replaced by the
+next usable one in the stream, logged with its path and counted in the batch's 'bad' field
+(1 where the slot's own record was unusable, so an epoch counts each bad record once; the
+training loop reports the sum); `data.on_bad_record='error'` makes it fatal instead.
 
-  source = make_source(config.data)
-  for step, batch in iterate(source, config.data.seed, start_step, config.data.global_batch_size,
-                             jax.process_index(), jax.process_count(), config.data.prefetch):
-    ...  # batch: {'image': f32 [n,S,S,3] in [-1,1], 'caption': str [n], 'index': i64 [n]}
+  source = sources.make(config.data)
+  loader = make_loader(config.data, source, jax.process_index(), jax.process_count())
+  for step, batch in iterate(loader, start_step, prefetch=2, num_workers=0):
+    ...  # batch: 'image' f32 [n,S,S,3] in [-1,1], 'caption' str [n], 'index' i64 [n], 'bad' i32 [n]
+
+Steps are mapped to batches by a grain `MapDataset`; grain's threads (num_workers=0) or worker
+processes (num_workers > 0) prepare them ahead, in order.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-import queue
-import threading
-from typing import Any, Iterator, Mapping, Sequence
+import itertools
+from typing import Any, Iterator, Sequence
 
+from absl import flags
+from absl import logging
 import numpy as np
 
-from data import shapes
+from data import images, shapes, sources
 
-DATASETS = ('shapes', 'shapes_rendered')
-_EPOCH_STREAM = 0x4550  # Domain tag of the epoch permutations' random streams.
+DATASETS = ('shapes', 'shapes_rendered', 'folder', 'tfds', 'array_record')
+CROPS = ('center', 'random')
+ON_BAD_RECORD = ('skip', 'error')
+MAX_CONSECUTIVE_BAD = 64  # More unusable records than this in a row: the data is wrong, stop.
+_EPOCH_STREAM = 0x4550  # Domain tags of the random streams (never collide with other uses).
+_EXAMPLE_STREAM = 0x4558
+
+
+class DataError(ValueError):
+  """Data that cannot be trained on: a bad record under on_bad_record='error', or too many."""
 
 
 @functools.lru_cache(maxsize=4)
@@ -32,6 +49,17 @@ def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
   perm = np.argsort(shapes.uniforms((_EPOCH_STREAM, seed, epoch), num_examples), kind='stable')
   perm.flags.writeable = False
   return perm
+
+
+def stream_indices(seed: int, positions: np.ndarray, num_examples: int) -> np.ndarray:
+  """Example index at each stream position (int64, same shape)."""
+  positions = np.asarray(positions, np.int64)
+  epochs, offsets = np.divmod(positions, num_examples)
+  out = np.empty(positions.shape, np.int64)
+  for epoch in np.unique(epochs):
+    sel = epochs == epoch
+    out[sel] = epoch_permutation(int(seed), int(epoch), num_examples)[offsets[sel]]
+  return out
 
 
 def global_batch_indices(seed: int, step: int, global_batch_size: int,
@@ -46,12 +74,7 @@ def global_batch_indices(seed: int, step: int, global_batch_size: int,
   if step < 0:
     raise ValueError(f'step must be non-negative, got {step}.')
   positions = step * global_batch_size + np.arange(global_batch_size, dtype=np.int64)
-  epochs, offsets = np.divmod(positions, num_examples)
-  out = np.empty(global_batch_size, np.int64)
-  for epoch in np.unique(epochs):
-    sel = epochs == epoch
-    out[sel] = epoch_permutation(int(seed), int(epoch), num_examples)[offsets[sel]]
-  return out
+  return stream_indices(seed, positions, num_examples)
 
 
 def process_slice(global_batch_size: int, process_index: int, process_count: int) -> slice:
@@ -66,122 +89,145 @@ def process_slice(global_batch_size: int, process_index: int, process_count: int
   return slice(process_index * n, (process_index + 1) * n)
 
 
-class RenderedShapes(Sequence):
-  """Shapes examples rendered on demand, records as TFDS gives them (no TensorFlow needed)."""
+@dataclasses.dataclass(frozen=True)
+class Transform:
+  """Raw example -> (RGB uint8 [S, S, 3], caption index): the train-time geometry."""
+  image_size: int
+  crop: str = 'center'  # 'center' or 'random'
+  flip: bool = False  # Random horizontal flip.
+  upscale: bool = True  # False: an image smaller than image_size is a bad record.
 
-  def __init__(self, split: str, image_size: int, num_examples: int):
-    shapes.allowed_pairs(split)  # Validates the split name.
-    self.split, self.image_size, self.num_examples = split, image_size, num_examples
+  def __post_init__(self):
+    if self.crop not in CROPS:
+      raise ValueError(f'data.crop={self.crop!r} is not one of {CROPS}.')
 
-  def __len__(self) -> int:
-    return self.num_examples
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    if not 0 <= index < self.num_examples:
-      raise IndexError(f'index {index} out of range [0, {self.num_examples}).')
-    image, text = shapes.example(self.split, int(index), self.image_size)
-    return {'image': image, 'caption': text, 'index': int(index)}
-
-
-class BatchSource:
-  """Random access to a dataset's records as model-ready batches."""
-
-  def __init__(self, records: Sequence[Mapping[str, Any]]):
-    self.records = records
-
-  def __len__(self) -> int:
-    return len(self.records)
-
-  def get_batch(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
-    """{'image': float32 [n,S,S,3] in [-1, 1], 'caption': str [n], 'index': int64 [n]}."""
-    indices = [int(i) for i in indices]
-    getitems = getattr(self.records, '__getitems__', None)
-    rows = getitems(indices) if getitems else [self.records[i] for i in indices]
-    images = np.stack([np.asarray(r['image']) for r in rows])
-    captions = [r['caption'].decode() if isinstance(r['caption'], bytes) else str(r['caption'])
-                for r in rows]
-    return {
-        'image': images.astype(np.float32) / 127.5 - 1.0,
-        'caption': np.array(captions, dtype=str),
-        'index': np.array([r['index'] for r in rows], np.int64),
-    }
+  def __call__(self, raw: dict[str, Any], u: np.ndarray) -> tuple[np.ndarray, int]:
+    """`u`: 4 uniforms in [0, 1) of this stream position (caption, crop x, crop y, flip)."""
+    captions = raw['captions']
+    if not captions:
+      raise images.BadImage('no caption')
+    image = raw['image']
+    img = images.from_array(image) if isinstance(image, np.ndarray) else images.load_rgb(image)
+    crop_uv = (u[1], u[2]) if self.crop == 'random' else None
+    pixels = images.fit(img, self.image_size, upscale=self.upscale, crop_uv=crop_uv,
+                        flip=self.flip and u[3] < 0.5)
+    return pixels, int(u[0] * len(captions))
 
 
-def make_source(cfg, split: str = 'train') -> BatchSource:
-  """The BatchSource of `split` for `config.data`; 'shapes' prepares TFDS data in cfg.data_dir once.
+class BatchLoader:
+  """step -> this process's part of global batch `step` (picklable: runs in grain workers)."""
 
-  'shapes_rendered' renders the same examples on demand instead (no TFDS, no files).
-  """
-  num = {'train': cfg.num_train, 'test': cfg.num_test}.get(split)
-  if num is None:
-    raise ValueError(f"Unknown split {split!r}: use 'train' or 'test'.")
-  if cfg.dataset == 'shapes':
-    from data import shapes_tfds  # pylint: disable=g-import-not-at-top  (TensorFlow is heavy)
-    builder = shapes_tfds.prepare(cfg.data_dir, cfg.image_size, cfg.num_train, cfg.num_test)
-    return BatchSource(builder.as_data_source(split))
-  if cfg.dataset == 'shapes_rendered':
-    shapes.check_sizes(cfg.image_size, cfg.num_train, cfg.num_test)
-    return BatchSource(RenderedShapes(split, cfg.image_size, num))
-  raise ValueError(f'Unknown data.dataset {cfg.dataset!r}: use one of {DATASETS}.')
+  def __init__(self, source: Sequence, transform: Transform, *, seed: int, global_batch_size: int,
+               process_index: int = 0, process_count: int = 1, on_bad_record: str = 'skip'):
+    if on_bad_record not in ON_BAD_RECORD:
+      raise ValueError(f'data.on_bad_record={on_bad_record!r} is not one of {ON_BAD_RECORD}.')
+    self.source, self.transform = source, transform
+    self.seed, self.global_batch_size = seed, global_batch_size
+    self.part = process_slice(global_batch_size, process_index, process_count)
+    self.on_bad_record = on_bad_record
+    self.num_examples = len(source)
+    global_batch_indices(seed, 0, global_batch_size, self.num_examples)  # Validates eagerly.
 
-
-def _local_batches(source: BatchSource, seed: int, start_step: int, global_batch_size: int,
-                   part: slice) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-  step = start_step
-  while True:
-    indices = global_batch_indices(seed, step, global_batch_size, len(source))[part]
-    yield step, source.get_batch(indices)
-    step += 1
-
-
-def _prefetched(it: Iterator[Any], size: int) -> Iterator[Any]:
-  """Runs `it` in a daemon thread, `size` items ahead; re-raises its errors; stops when closed."""
-  buffer: queue.Queue = queue.Queue(maxsize=size)
-  stop = threading.Event()
-  done = object()
-
-  def put(entry) -> bool:  # False once the consumer has stopped.
-    while not stop.is_set():
+  def example(self, position: int) -> dict[str, Any]:
+    """The example filling stream `position`: its record, or the next usable one after it."""
+    failures = []
+    for attempt in range(MAX_CONSECUTIVE_BAD):
+      index = int(stream_indices(self.seed, np.array([position + attempt]), self.num_examples)[0])
+      key = f'example {index}'
       try:
-        buffer.put(entry, timeout=0.1)
-        return True
-      except queue.Full:
-        pass
-    return False
+        raw = self.source[index]
+        key = raw.get('key', key)
+        u = shapes.uniforms((_EXAMPLE_STREAM, self.seed, position + attempt), 4)
+        pixels, which = self.transform(raw, u)
+      except (OSError, images.BadImage) as e:
+        reason = str(e) or type(e).__name__
+        if self.on_bad_record == 'error':
+          raise DataError(f'{key}: {reason} (data.on_bad_record=error; use skip to count and '
+                          'skip such records).') from None
+        if attempt == 0:  # Counted (and logged) once per epoch: at its own stream position.
+          logging.warning('data: skipped %s: %s', key, reason)
+        failures.append(f'{key}: {reason}')
+        continue
+      out = {'image': pixels, 'caption': raw['captions'][which], 'index': index,
+             'bad': int(bool(failures))}
+      text = raw.get('text')
+      if text is not None:
+        out.update({name: np.asarray(text[name][which]) for name in ('emb', 'mask', 'pooled')})
+      return out
+    raise DataError(f'{MAX_CONSECUTIVE_BAD} records in a row could not be used (from stream '
+                    f'position {position}); the last: {failures[-1]}. Check data.path and '
+                    'data.image_size/data.upscale.')
 
-  def produce():
-    try:
-      for item in it:
-        if not put((item, None)):
-          return
-    except Exception as e:  # pylint: disable=broad-except  (handed to the consumer)
-      put((done, e))
-      return
-    put((done, None))
-
-  thread = threading.Thread(target=produce, name='batch-prefetch', daemon=True)
-  thread.start()
-  try:
-    while True:
-      item, error = buffer.get()
-      if error is not None:
-        raise error
-      if item is done:
-        return
-      yield item
-  finally:
-    stop.set()
-    thread.join(timeout=5)
+  def __call__(self, step: int) -> dict[str, np.ndarray]:
+    first = int(step) * self.global_batch_size + self.part.start
+    rows = [self.example(first + j) for j in range(self.part.stop - self.part.start)]
+    batch = {
+        'image': np.stack([r['image'] for r in rows]).astype(np.float32) / 127.5 - 1.0,
+        'caption': np.array([r['caption'] for r in rows], dtype=str),
+        'index': np.array([r['index'] for r in rows], np.int64),
+        'bad': np.array([r['bad'] for r in rows], np.int32),
+    }
+    for name in ('emb', 'mask', 'pooled'):
+      if name in rows[0]:
+        batch[name] = np.stack([r[name] for r in rows])
+    return batch
 
 
-def iterate(source: BatchSource, seed: int, start_step: int, global_batch_size: int,
-            process_index: int = 0, process_count: int = 1,
-            prefetch: int = 0) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-  """Yields (step, this process's part of batch `step`) for step = start_step, start_step+1, ...
+def make_loader(cfg, source: Sequence, process_index: int = 0,
+                process_count: int = 1) -> BatchLoader:
+  """The BatchLoader of `config.data` over `source` (from `sources.make`)."""
+  transform = Transform(cfg.image_size, cfg.crop, cfg.flip, cfg.upscale)
+  return BatchLoader(source, transform, seed=cfg.seed, global_batch_size=cfg.global_batch_size,
+                     process_index=process_index, process_count=process_count,
+                     on_bad_record=cfg.on_bad_record)
 
-  prefetch > 0 prepares that many batches ahead in a background thread.
+
+def make_source(cfg, split: str = 'train') -> Sequence:
+  """`sources.make` that refuses a missing split ('test' is accepted for 'eval')."""
+  source = sources.make(cfg, 'eval' if split == 'test' else split)
+  if source is None:
+    raise ValueError(f'data.dataset={cfg.dataset!r} has no {split} split configured '
+                     '(set data.eval_path or data.eval_split).')
+  return source
+
+
+class _Batches:
+  """Iterator of (step, batch) over a grain iterator; `close()` stops its threads and workers."""
+
+  def __init__(self, grain_iter, start_step: int):
+    self._it, self._steps = grain_iter, itertools.count(start_step)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    return next(self._steps), next(self._it)
+
+  def close(self):
+    close = getattr(self._it, 'close', None)
+    if close is not None:
+      close()
+
+
+def iterate(loader: BatchLoader, start_step: int, num_steps: int | None = None, *,
+            prefetch: int = 0, num_workers: int = 0) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+  """Yields (step, this process's part of batch `step`) for step = start_step, ... num_steps - 1.
+
+  prefetch: batches prepared ahead (grain threads, or per worker process); 0 = on demand.
+  num_workers: grain worker processes (0 = prepare batches in this process).
   """
-  part = process_slice(global_batch_size, process_index, process_count)
-  global_batch_indices(seed, start_step, global_batch_size, len(source))  # Validate eagerly.
-  batches = _local_batches(source, seed, start_step, global_batch_size, part)
-  return _prefetched(batches, prefetch) if prefetch > 0 else batches
+  import grain  # pylint: disable=g-import-not-at-top
+  if start_step < 0:
+    raise ValueError(f'step must be non-negative, got {start_step}.')
+  stop = start_step + 2**40 if num_steps is None else max(num_steps, start_step)
+  steps = grain.MapDataset.range(start_step, stop).map(loader)
+  if num_workers > 0:
+    if not flags.FLAGS.is_parsed():  # grain's worker options are absl flags (defaults are fine).
+      flags.FLAGS.mark_as_parsed()
+    it = steps.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    it = it.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=num_workers, per_worker_buffer_size=max(prefetch, 1)))
+  else:
+    it = steps.to_iter_dataset(grain.ReadOptions(num_threads=prefetch,
+                                                 prefetch_buffer_size=prefetch))
+  return _Batches(iter(it), start_step)

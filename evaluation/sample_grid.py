@@ -12,22 +12,51 @@ import time
 from absl import logging
 
 from configs import specs
+from data import sources
 from evaluation import shapes_scorer
 from sampling import generate, images
 from training.metrics import EvalResult, flatten
 
 
 def eval_prompts(config) -> list[str]:
-  """The prompts of the eval grid: the Shapes benchmark set, or one per line of a file."""
+  """The prompts of the eval grid (at most logging.eval_max_prompts), from the config or the data.
+
+  logging.eval_prompt_list, when not empty; else logging.eval_prompts: 'shapes_benchmark', 'data'
+  (the first caption of the first records of the validation split, or of the train split when
+  none is configured), or a text file with one prompt per line.
+  """
+  limit = config.logging.eval_max_prompts
+  if config.logging.eval_prompt_list:
+    return [str(p) for p in config.logging.eval_prompt_list][:limit]
   source = config.logging.eval_prompts
   if source == 'shapes_benchmark':
     prompts = shapes_scorer.benchmark_prompts()
+  elif source == 'data':
+    prompts = _data_prompts(config.data, limit)
   else:
     if not os.path.isfile(source):
-      raise FileNotFoundError(f'logging.eval_prompts={source!r}: no such file (one prompt per line).')
+      raise FileNotFoundError(f"logging.eval_prompts={source!r}: no such file (one prompt per "
+                              "line); or use 'data' or 'shapes_benchmark'.")
     with open(source) as f:
       prompts = [line.strip() for line in f if line.strip()]
-  return prompts[:config.logging.eval_max_prompts]
+  if not prompts:
+    raise ValueError(f'logging.eval_prompts={source!r} gave no prompts.')
+  return prompts[:limit]
+
+
+def _data_prompts(data_config, limit: int) -> list[str]:
+  dataset = sources.make(data_config, 'eval') or sources.make(data_config, 'train')
+  prompts = []
+  for i in range(len(dataset)):
+    if len(prompts) >= limit:
+      break
+    try:
+      captions = dataset.captions(i)
+    except OSError:
+      continue
+    if captions:
+      prompts.append(captions[0])
+  return prompts
 
 
 class SampleGridEvaluator:

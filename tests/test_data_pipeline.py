@@ -1,6 +1,5 @@
 """Batch pipeline: deterministic shuffled epochs, process slices, exact resume, prefetch."""
 import itertools
-import threading
 
 import ml_collections
 import numpy as np
@@ -13,7 +12,8 @@ from data import shapes
 def data_config(**overrides):
   cfg = ml_collections.ConfigDict(dict(
       dataset='shapes_rendered', image_size=16, num_train=40, num_test=8, data_dir='',
-      seed=3, global_batch_size=8, prefetch=0))
+      seed=3, global_batch_size=8, prefetch=0, crop='center', flip=False, upscale=True,
+      on_bad_record='skip'))
   cfg.update(overrides)
   return cfg
 
@@ -54,28 +54,31 @@ def test_process_slices():
     pipeline.process_slice(8, 4, 4)
 
 
-def test_get_batch_is_model_ready():
-  source = pipeline.make_source(data_config())
+def test_batches_are_model_ready():
+  cfg = data_config()
+  source = pipeline.make_source(cfg)
   assert len(source) == 40
-  batch = source.get_batch([3, 0, 3])
-  assert batch['image'].dtype == np.float32 and batch['image'].shape == (3, 16, 16, 3)
-  assert batch['image'].min() >= -1 and batch['image'].max() <= 1
+  batch = pipeline.make_loader(cfg, source)(0)
+  indices = pipeline.global_batch_indices(cfg.seed, 0, 8, 40)
+  assert batch['image'].dtype == np.float32 and batch['image'].shape == (8, 16, 16, 3)
   assert set(np.unique(batch['image'])) <= {-1.0, 1.0}  # Palette channels are 0 or 255.
-  image, text = shapes.example('train', 3, 16)
-  np.testing.assert_array_equal(batch['image'][0], image / 127.5 - 1)
-  assert batch['caption'].dtype.kind == 'U' and list(batch['caption']) == [
-      text, shapes.example('train', 0, 16)[1], text]
-  np.testing.assert_array_equal(batch['index'], [3, 0, 3])
-  test_source = pipeline.make_source(data_config(), split='test')
+  np.testing.assert_array_equal(batch['index'], indices)
+  for row, index in enumerate(indices):
+    image, text = shapes.example('train', int(index), 16)
+    np.testing.assert_array_equal(batch['image'][row], image / 127.5 - 1)
+    assert batch['caption'][row] == text
+  assert batch['caption'].dtype.kind == 'U'
+  np.testing.assert_array_equal(batch['bad'], 0)
+  test_source = pipeline.make_source(cfg, split='test')
   assert len(test_source) == 8
-  assert test_source.get_batch([1])['caption'][0] == shapes.example('test', 1, 16)[1]
+  assert test_source[1]['captions'] == [shapes.example('test', 1, 16)[1]]
 
 
 def test_process_batches_concatenate_to_the_global_batch():
   cfg = data_config()
   source = pipeline.make_source(cfg)
-  whole = take(pipeline.iterate(source, cfg.seed, 0, 8), 6)
-  parts = [take(pipeline.iterate(source, cfg.seed, 0, 8, p, 4), 6) for p in range(4)]
+  whole = take(pipeline.iterate(pipeline.make_loader(cfg, source), 0), 6)
+  parts = [take(pipeline.iterate(pipeline.make_loader(cfg, source, p, 4), 0), 6) for p in range(4)]
   for step in range(6):
     assert whole[step][0] == step and all(part[step][0] == step for part in parts)
     for key in ('image', 'caption', 'index'):
@@ -83,12 +86,14 @@ def test_process_batches_concatenate_to_the_global_batch():
           np.concatenate([part[step][1][key] for part in parts]), whole[step][1][key])
 
 
-@pytest.mark.parametrize('prefetch', [0, 2])
-def test_resuming_replays_the_same_batches(prefetch):
+@pytest.mark.parametrize('prefetch,workers', [(0, 0), (2, 0), (1, 2)])
+def test_resuming_replays_the_same_batches(prefetch, workers):
   cfg = data_config()
-  source = pipeline.make_source(cfg)
-  through = take(pipeline.iterate(source, cfg.seed, 0, 8, prefetch=prefetch), 9)
-  resumed = take(pipeline.iterate(source, cfg.seed, 5, 8, prefetch=prefetch), 4)
+  loader = pipeline.make_loader(cfg, pipeline.make_source(cfg))
+  through = take(pipeline.iterate(loader, 0), 9)
+  it = pipeline.iterate(loader, 5, 9, prefetch=prefetch, num_workers=workers)
+  resumed = list(it)
+  it.close()
   assert [s for s, _ in resumed] == [5, 6, 7, 8]
   for (s1, b1), (s2, b2) in zip(through[5:], resumed):
     assert s1 == s2
@@ -98,18 +103,16 @@ def test_resuming_replays_the_same_batches(prefetch):
   assert sorted(np.concatenate([b['index'] for _, b in through[:5]])) == list(range(40))
 
 
-def test_prefetch_thread_stops_when_closed_and_reraises_errors():
-  source = pipeline.make_source(data_config())
-  it = pipeline.iterate(source, 0, 0, 8, prefetch=2)
-  take(it, 3)
-  it.close()
-  assert not any(t.name == 'batch-prefetch' for t in threading.enumerate())
+def test_loader_errors_reach_the_consumer():
+  cfg = data_config()
 
-  class Broken(pipeline.BatchSource):
-    def get_batch(self, indices):
+  class Broken(list):
+    def __getitem__(self, index):
       raise RuntimeError('disk on fire')
+
+  loader = pipeline.make_loader(cfg, Broken(range(40)))
   with pytest.raises(RuntimeError, match='disk on fire'):
-    take(pipeline.iterate(Broken(source.records), 0, 0, 8, prefetch=1), 1)
+    take(pipeline.iterate(loader, 0, prefetch=1), 1)
 
 
 def test_config_errors_name_the_field():
@@ -121,6 +124,10 @@ def test_config_errors_name_the_field():
     pipeline.make_source(data_config(num_train=0))
   source = pipeline.make_source(data_config())
   with pytest.raises(ValueError, match='data.seed'):
-    pipeline.iterate(source, -1, 0, 8)
+    pipeline.make_loader(data_config(seed=-1), source)
   with pytest.raises(ValueError, match='data.global_batch_size'):
-    pipeline.iterate(source, 0, 0, 6, 0, 4)
+    pipeline.make_loader(data_config(global_batch_size=6), source, 0, 4)
+  with pytest.raises(ValueError, match='data.crop'):
+    pipeline.make_loader(data_config(crop='middle'), source)
+  with pytest.raises(ValueError, match='data.on_bad_record'):
+    pipeline.make_loader(data_config(on_bad_record='ignore'), source)

@@ -41,14 +41,15 @@ def test_building_again_reuses_the_prepared_data(data_dir):
   assert after == files
 
 
-def test_make_source_reads_the_tfds_data(data_dir):
+def test_shapes_batches_are_the_same_from_tfds_and_rendered(data_dir):
   cfg = ml_collections.ConfigDict(dict(
       dataset='shapes', image_size=16, num_train=64, num_test=16, data_dir=data_dir,
-      seed=0, global_batch_size=8, prefetch=0))
-  source = pipeline.make_source(cfg)
-  rendered = pipeline.BatchSource(pipeline.RenderedShapes('train', 16, 64))
-  indices = pipeline.global_batch_indices(0, 3, 8, len(source))
-  got, want = source.get_batch(indices), rendered.get_batch(indices)
+      seed=0, global_batch_size=8, prefetch=0, crop='center', flip=False, upscale=True,
+      on_bad_record='skip'))
+  got = pipeline.make_loader(cfg, pipeline.make_source(cfg))(3)
+  cfg.dataset = 'shapes_rendered'
+  want = pipeline.make_loader(cfg, pipeline.make_source(cfg))(3)
+  np.testing.assert_array_equal(got['index'], pipeline.global_batch_indices(0, 3, 8, 64))
   for key in ('image', 'caption', 'index'):
     np.testing.assert_array_equal(got[key], want[key])
 

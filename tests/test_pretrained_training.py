@@ -9,6 +9,7 @@ import pytest
 
 from configs import shapes, specs
 from sampling import from_checkpoint
+from text import embedding_cache
 from training import checkpoint, loop
 
 
@@ -31,13 +32,14 @@ def test_pretrained_cached_encoder_trains_resumes_and_samples(tmp_path):
   assert np.isfinite([l for _, l in first.history]).all()
   # Frozen: the encoder is not in the trained (and checkpointed) parameters.
   assert set(first.state.params) == {'unet'} and set(first.state.ema_params) == {'unet'}
-  index = json.load(open(os.path.join(workdir, 'text_cache', 'index.json')))
-  assert '' in index['captions']  # The CFG null caption is cached too.
-  assert len(index['captions']) <= config.data.num_train + 1
-  mtime = os.path.getmtime(os.path.join(workdir, 'text_cache', 'emb.npy'))
+  part = os.path.join(workdir, 'text_cache', 'part-00000-of-00001')  # One process, one part.
+  cache = embedding_cache.EmbeddingCache.load(os.path.join(workdir, 'text_cache'), 1)
+  assert '' in cache  # The CFG null caption is cached too.
+  assert json.load(open(os.path.join(part, 'index.json')))['count'] <= config.data.num_train + 1
+  mtime = os.path.getmtime(os.path.join(part, 'emb.npy'))
   second = loop.train_and_evaluate(config, workdir, devices=jax.devices()[:2])
   assert [s for s, _ in second.history] == [3, 4]
-  assert os.path.getmtime(os.path.join(workdir, 'text_cache', 'emb.npy')) == mtime  # Reused.
+  assert os.path.getmtime(os.path.join(part, 'emb.npy')) == mtime  # Reused.
   assert checkpoint.Checkpointer(workdir, read_only=True).latest_step() == 4
   out = str(tmp_path / 'samples')
   loaded = from_checkpoint.load(workdir)

@@ -20,10 +20,11 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from jax.experimental import multihost_utils
 
 from cluster import distributed
 from configs import specs, validation
-from data import pipeline
+from data import pipeline, sources
 from diffusion import losses
 from models import denoiser
 from training import checkpoint, metrics, sharding, state as state_lib
@@ -100,7 +101,8 @@ def train_step(state: TrainState, batch, rng, frozen_text_params, *, unet, text_
   # A non-finite step is not applied: the state (and so every checkpoint) stays the last good one.
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
-  return new_state, {'loss': loss, 'grad_norm': grad_norm, 'finite': finite}
+  return new_state, {'loss': loss, 'grad_norm': grad_norm, 'finite': finite,
+                     'bad_records': jnp.sum(batch['bad'])}
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -124,7 +126,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   logging.info('Mesh %s over %d devices, %d processes.', dict(mesh.shape), jax.device_count(),
                jax.process_count())
 
-  unet, text_encoder = state_lib.build_models(config)
+  source = sources.make(config.data, 'train')
+  _ensure_tokenizer(config, workdir, source)
+  unet, text_encoder = state_lib.build_models(config, workdir=workdir)
   tx, lr_schedule = state_lib.make_optimizer(config.optim)
   abstract, shardings, init_fn = state_lib.create_sharded_state(
       config, mesh, unet=unet, text_encoder=text_encoder, tx=tx)
@@ -144,10 +148,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   start_step = int(position['step'])
   writer.start(state, start_step)
 
-  source = pipeline.make_source(config.data)
   text_inputs = text_inputs_lib.TextInputs(text_encoder, config, workdir, source)
-  batch_shardings = {k: sharding.batch_sharding(mesh, np.ndim(v))
-                     for k, v in {'image': np.zeros((1,) * 4), **text_inputs.null}.items()}
+  batch_shardings = {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in
+                     {'image': np.zeros((1,) * 4), 'bad': np.zeros(1), **text_inputs.null}.items()}
   step_fn = jax.jit(
       functools.partial(train_step, unet=unet, text_encoder=text_encoder,
                         null_inputs=text_inputs.null, tx=tx, spec=spec, config=config),
@@ -160,9 +163,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     text_params = params['text'] if text_encoder.trainable else frozen_text
     return evaluator(step, unet, text_encoder, params['unet'], text_params, mesh)
 
-  batches = pipeline.iterate(source, config.data.seed, start_step, config.data.global_batch_size,
-                             jax.process_index(), jax.process_count(),
-                             prefetch=config.data.prefetch)
+  loader = pipeline.make_loader(config.data, source, jax.process_index(), jax.process_count())
+  batches = pipeline.iterate(loader, start_step, config.optim.num_steps,
+                             prefetch=config.data.prefetch, num_workers=config.data.num_workers)
   num_steps = config.optim.num_steps
   pending = None  # The previous step's metrics, read while the current step runs.
   step = start_step
@@ -181,7 +184,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           ckpt.save(step, state, config, {'step': step, 'seed': config.data.seed}, force=True)
         logging.warning('Stopping at step %d on request; the checkpoint is saved.', step)
         break
-      local = {'image': local['image'], **text_inputs(local['caption'])}
+      local = {'image': local['image'], 'bad': local['bad'], **text_inputs(local)}
       with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state, step_metrics = step_fn(state, sharding.global_batch(mesh, local), rng, frozen_text)
       if pending is not None:
@@ -210,6 +213,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   return TrainResult(state, writer.history)
 
 
+def _ensure_tokenizer(config, workdir, source):
+  """text.vocab='bpe': process 0 trains WORKDIR/tokenizer.json on a sample of the captions, once."""
+  if config.text.encoder != 'scratch' or config.text.vocab != 'bpe':
+    return
+  from text import subword  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:
+    subword.ensure_trained(config.text, workdir, lambda: sources.caption_sample(source))
+  multihost_utils.sync_global_devices('tokenizer_trained')
+
+
 class _StopOnSignal:
   """Turns SIGTERM into a flag the loop checks between steps (restored on exit)."""
 
@@ -236,4 +249,4 @@ def _record(writer, step, metrics, lr):
         f'Non-finite loss ({float(m["loss"])}) or gradient norm ({float(m["grad_norm"])}) at step '
         f'{step}; the step was not applied and the last checkpoint is intact. Lower '
         'optim.learning_rate, set optim.grad_clip, or use model.dtype=float32.')
-  writer.step(step, float(m['loss']), float(m['grad_norm']), lr)
+  writer.step(step, float(m['loss']), float(m['grad_norm']), lr, int(m['bad_records']))

@@ -34,6 +34,7 @@ class Evaluator(Protocol):
 class TrainMetrics(metrics.Collection):
   loss: metrics.Average.from_output('loss')
   grad_norm: metrics.Average.from_output('grad_norm')
+  bad_records: metrics.Average.from_output('bad_records')
 
 
 class JsonlWriter(metric_writers.MetricWriter):
@@ -98,6 +99,7 @@ class Reporter:
     self._steps_since = 0
     self.history = []  # (step, loss) of every step this run took.
     self.last_eval_step = None
+    self.bad_records_total = 0  # Bad records skipped by the loader in this run (data/pipeline.py).
 
   def start(self, state, step: int):
     if self.is_main:
@@ -107,10 +109,14 @@ class Reporter:
         self.writer.write_hparams(flatten(self.config.to_dict()))
     self._t0 = time.time()
 
-  def step(self, step: int, loss: float, grad_norm: float, lr: float):
-    """Merges one step's metrics; writes them every `logging.every_steps`."""
+  def step(self, step: int, loss: float, grad_norm: float, lr: float, bad_records: int = 0):
+    """Merges one step's metrics; writes them every `logging.every_steps`.
+
+    `bad_records`: records the loader skipped to fill this step's global batch (data/pipeline.py).
+    """
     update = TrainMetrics.single_from_model_output(loss=np.float32(loss),
-                                                   grad_norm=np.float32(grad_norm))
+                                                   grad_norm=np.float32(grad_norm),
+                                                   bad_records=np.int32(bad_records))
     self._merged = update if self._merged is None else self._merged.merge(update)
     self._steps_since += 1
     done = step + 1
@@ -121,7 +127,11 @@ class Reporter:
       self.profile(done)
     if done % self.config.logging.every_steps == 0 or done == self.config.optim.num_steps:
       elapsed = max(time.time() - self._t0, 1e-9)
-      scalars = {f'train/{k}': float(v) for k, v in self._merged.compute().items()}
+      computed = self._merged.compute()
+      scalars = {f'train/{k}': float(v) for k, v in computed.items() if k != 'bad_records'}
+      # Average per step x steps: the number of bad records skipped since the last write.
+      self.bad_records_total += int(round(float(computed['bad_records']) * self._steps_since))
+      scalars['data/bad_records'] = float(self.bad_records_total)
       steps_per_sec = self._steps_since / elapsed
       scalars.update({'train/learning_rate': lr, 'train/steps_per_sec': steps_per_sec,
                       'train/images_per_sec': steps_per_sec * self.config.data.global_batch_size})

@@ -30,9 +30,9 @@ class TrainState:
   ema_params: Any  # Exponential moving average of `params` (sampling uses it by default).
 
 
-def build_models(config) -> tuple[UNet, encoders.TextEncoder]:
-  """The U-Net and the text encoder named by the config."""
-  return UNet(specs.unet(config)), encoders.build(config.text)
+def build_models(config, workdir=None) -> tuple[UNet, encoders.TextEncoder]:
+  """The U-Net and the text encoder named by the config (`workdir`: where text.vocab='bpe' is)."""
+  return UNet(specs.unet(config)), encoders.build(config.text, workdir=workdir)
 
 
 def make_optimizer(cfg) -> tuple[optax.GradientTransformation, Callable[[Any], Any]]:
