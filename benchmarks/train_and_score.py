@@ -38,7 +38,7 @@ def main(argv=None):
   t0 = time.time()
   result = loop.train_and_evaluate(config, args.workdir)
   train_s = time.time() - t0
-  unet, text = state.build_models(config)
+  unet, text = state.build_models(config, workdir=args.workdir)
   gen = generate.Generator(unet, text, specs.diffusion(config), config.data.image_size)
   recipe = specs.sampler(config)
   ema = result.state.ema_params

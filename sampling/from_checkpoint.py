@@ -39,7 +39,7 @@ def load(workdir: str, step: int | None = None, *, use_ema: bool = True,
   ckpt = checkpoint.Checkpointer(workdir, read_only=True)
   config = ckpt.restore_config(step)
   mesh = sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})  # Data-parallel over all.
-  unet, text_encoder = state.build_models(config)
+  unet, text_encoder = state.build_models(config, workdir=workdir)
   abstract = state.abstract_params(config, mesh, unet=unet, text_encoder=text_encoder)
   params, ckpt_step = ckpt.restore_params(abstract, step, use_ema=use_ema)
   ckpt.close()

@@ -8,6 +8,7 @@ parameter, and is what users type for "no prompt".
 """
 
 import dataclasses
+import hashlib
 import os
 from typing import Any, Callable, Sequence
 
@@ -33,16 +34,42 @@ class TextEncoder:
   fingerprint: str = ''  # Identifies the weights (embedding caches check it).
 
 
-def _scratch(cfg) -> TextEncoder:
-  from text import scratch, tokenizer as tok
-  if cfg.vocab == 'shapes':
-    vocab = list(tok.SHAPES_VOCAB)
-  elif os.path.isfile(cfg.vocab):
-    vocab = tok.load_vocab(cfg.vocab)
+def _scratch_tokenizer(cfg, workdir):
+  """(tokenizer, fingerprint) for `text.vocab`: 'shapes', 'bpe', a *.json or a word-list file."""
+  from text import tokenizer as tok
+  vocab = str(cfg.vocab)
+  is_file = os.path.isfile(vocab)
+  if vocab == 'shapes':
+    return tok.WordTokenizer(list(tok.SHAPES_VOCAB), cfg.max_len), 'scratch'
+  if is_file and vocab != 'bpe' and not vocab.endswith('.json'):
+    return tok.WordTokenizer(tok.load_vocab(vocab), cfg.max_len), 'scratch'
+  from text import subword  # Only subword vocabularies need the tokenizers library.
+  if vocab == 'bpe':
+    if workdir is None:
+      raise ValueError("text.vocab='bpe' keeps its tokenizer in the workdir; pass workdir= to "
+                       'encoders.build / training.state.build_models.')
+    path = subword.workdir_path(workdir)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(
+          f"text.vocab='bpe' needs {path}, which is missing; training creates it "
+          '(text.subword.ensure_trained, on the captions) before building the encoder. '
+          'Sample from the workdir the run trained in.')
+  elif is_file:
+    path = vocab
   else:
-    raise FileNotFoundError(f'text.vocab={cfg.vocab!r} is neither "shapes" nor an existing vocabulary '
-                            'file (one word per line); build one with text.tokenizer.build_vocab.')
-  tokenizer = tok.WordTokenizer(vocab, cfg.max_len)
+    raise FileNotFoundError(
+        f'text.vocab={cfg.vocab!r} is not "shapes", not "bpe" and not an existing file; use '
+        '"shapes", "bpe" (train a BPE tokenizer on the captions into WORKDIR/tokenizer.json), '
+        'a path to a tokenizer.json, or a one-word-per-line vocabulary file (build one with '
+        'text.tokenizer.build_vocab).')
+  with open(path, 'rb') as f:
+    digest = hashlib.sha256(f.read()).hexdigest()[:16]
+  return subword.SubwordTokenizer.from_file(path, cfg.max_len), f'scratch-subword:{digest}'
+
+
+def _scratch(cfg, workdir=None) -> TextEncoder:
+  from text import scratch
+  tokenizer, fingerprint = _scratch_tokenizer(cfg, workdir)
   module_cfg = ml_collections.ConfigDict(cfg.to_dict())
   module_cfg.vocab_size = tokenizer.vocab_size
   module = scratch.ScratchTextEncoder(config=ml_collections.FrozenConfigDict(module_cfg))
@@ -54,7 +81,7 @@ def _scratch(cfg) -> TextEncoder:
     return module.apply({'params': params}, ids)
 
   return TextEncoder(tokenize=tokenizer.encode, init=init, encode=encode, trainable=True,
-                     dim=cfg.width, max_len=cfg.max_len, module=module, fingerprint='scratch')
+                     dim=cfg.width, max_len=cfg.max_len, module=module, fingerprint=fingerprint)
 
 
 def _pretrained(cfg) -> TextEncoder:
@@ -68,10 +95,13 @@ def _pretrained(cfg) -> TextEncoder:
                      fingerprint=getattr(enc, 'fingerprint', str(path)))
 
 
-def build(cfg) -> TextEncoder:
-  """Builds the encoder named by `config.text.encoder` from the `config.text` section."""
+def build(cfg, workdir=None) -> TextEncoder:
+  """Builds the encoder named by `config.text.encoder` from the `config.text` section.
+
+  `workdir`: the run's directory, where text.vocab='bpe' keeps its tokenizer.json.
+  """
   if cfg.encoder == 'scratch':
-    return _scratch(cfg)
+    return _scratch(cfg, workdir)
   if cfg.encoder == 'pretrained':
     return _pretrained(cfg)
   raise ValueError(f'text.encoder={cfg.encoder!r} is not supported; use one of {ENCODERS}.')
