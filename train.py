@@ -25,6 +25,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   from evaluation import sample_grid  # Heavy imports after flag parsing.
+  from data.sources import DataError
   from training import console, loop
   console.quiet_library_logs()
   config = _CONFIG.value
@@ -35,7 +36,10 @@ def main(argv):
       evaluator = sample_grid.SampleGridEvaluator(config)  # Before training, not after it.
     except (ValueError, FileNotFoundError) as e:
       sys.exit(f'error: {e}')
-  loop.train_and_evaluate(config, _WORKDIR.value, evaluator=evaluator)
+  try:
+    loop.train_and_evaluate(config, _WORKDIR.value, evaluator=evaluator)
+  except (DataError, FileNotFoundError) as e:  # Bad data or a missing file: one line, no traceback.
+    sys.exit(f'error: {e}')
 
 
 def _precheck(argv):

@@ -30,6 +30,7 @@ from absl import logging
 import numpy as np
 
 from data import images, shapes, sources
+from data.sources import DataError  # pylint: disable=unused-import  (raised here too)
 
 DATASETS = ('shapes', 'shapes_rendered', 'folder', 'tfds', 'array_record')
 CROPS = ('center', 'random')
@@ -37,10 +38,6 @@ ON_BAD_RECORD = ('skip', 'error')
 MAX_CONSECUTIVE_BAD = 64  # More unusable records than this in a row: the data is wrong, stop.
 _EPOCH_STREAM = 0x4550  # Domain tags of the random streams (never collide with other uses).
 _EXAMPLE_STREAM = 0x4558
-
-
-class DataError(ValueError):
-  """Data that cannot be trained on: a bad record under on_bad_record='error', or too many."""
 
 
 @functools.lru_cache(maxsize=4)

@@ -31,6 +31,10 @@ from data import images, records, shapes
 METADATA = 'metadata.jsonl'
 
 
+class DataError(ValueError):
+  """Data that cannot be trained on (a path, key or record); the message says which and why."""
+
+
 def _as_captions(value: Any) -> list[str]:
   """A caption field (str, bytes, or a sequence/array of them) -> list of non-empty str."""
   if value is None:
@@ -58,7 +62,7 @@ class FolderSource(Sequence):
 
   def __init__(self, root: str, caption_key: str = 'text'):
     if not root:
-      raise ValueError('data.path is empty: set it to the folder of images '
+      raise DataError('data.path is empty: set it to the folder of images '
                        '(e.g. --config.data.path=/data/my_images).')
     if not os.path.isdir(root):
       raise FileNotFoundError(f'data.path={root!r}: no such directory.')
@@ -77,7 +81,7 @@ class FolderSource(Sequence):
         elif name == METADATA:
           meta.update(self._read_metadata(os.path.join(dirpath, name), rel_dir))
     if not files:
-      raise ValueError(f'data.path={root!r} holds no images ({", ".join(images.EXTENSIONS)}).')
+      raise DataError(f'data.path={root!r} holds no images ({", ".join(images.EXTENSIONS)}).')
     self.files = sorted(files)
     self._meta = meta
     self._texts = texts
@@ -91,11 +95,11 @@ class FolderSource(Sequence):
         try:
           row = json.loads(line)
         except json.JSONDecodeError as e:
-          raise ValueError(f'{path}:{number}: not a JSON line ({e.msg}).') from None
+          raise DataError(f'{path}:{number}: not a JSON line ({e.msg}).') from None
         if not isinstance(row, dict) or 'file_name' not in row:
-          raise ValueError(f'{path}:{number}: no "file_name" field.')
+          raise DataError(f'{path}:{number}: no "file_name" field.')
         if self.caption_key not in row:
-          raise ValueError(f'{path}:{number}: no caption field {self.caption_key!r} '
+          raise DataError(f'{path}:{number}: no caption field {self.caption_key!r} '
                            f'(data.caption_key); the line has {sorted(row)}.')
         out[os.path.normpath(os.path.join(rel_dir, row['file_name']))] = _as_captions(
             row[self.caption_key])
@@ -127,15 +131,20 @@ class ArrayRecordSource(Sequence):
   def __init__(self, pattern: str):
     import grain  # pylint: disable=g-import-not-at-top
     if not pattern:
-      raise ValueError('data.path is empty: set it to a glob of ArrayRecord shards '
+      raise DataError('data.path is empty: set it to a glob of ArrayRecord shards '
                        '(e.g. --config.data.path=/data/train-*.array_record).')
     self.pattern = pattern
     self.files = sorted(globlib.glob(pattern))
     if not self.files:
       raise FileNotFoundError(f'data.path={pattern!r} matches no files.')
-    self._source = grain.sources.ArrayRecordDataSource(self.files)
+    try:
+      self._source = grain.sources.ArrayRecordDataSource(self.files)
+    except RuntimeError as e:
+      raise DataError(f'data.path={pattern!r}: {_unreadable_shard(self.files)} is not an '
+                      f'ArrayRecord file ({str(e).splitlines()[0][:120]}); write shards with '
+                      'python -m data.prepare.') from None
     if len(self._source) == 0:
-      raise ValueError(f'data.path={pattern!r}: the shards hold no records.')
+      raise DataError(f'data.path={pattern!r}: the shards hold no records.')
 
   def __len__(self) -> int:
     return len(self._source)
@@ -150,6 +159,16 @@ class ArrayRecordSource(Sequence):
 
   def captions(self, index: int) -> list[str]:
     return list(self[index]['captions'])
+
+
+def _unreadable_shard(files: list[str]) -> str:
+  import grain  # pylint: disable=g-import-not-at-top
+  for file in files:
+    try:
+      grain.sources.ArrayRecordDataSource([file])
+    except RuntimeError:
+      return file
+  return files[0]
 
 
 def _feature(example: dict[str, Any], key: str) -> Any:
@@ -177,22 +196,22 @@ class TfdsSource(Sequence):
   def __init__(self, name: str, split: str, data_dir: str, image_key: str, caption_key: str):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     if not name:
-      raise ValueError("data.tfds_name is empty: set it to a TFDS dataset (e.g. 'coco_captions').")
+      raise DataError("data.tfds_name is empty: set it to a TFDS dataset (e.g. 'coco_captions').")
     try:
       builder = tfds.builder(name, data_dir=data_dir or None)
     except Exception as e:  # pylint: disable=broad-except  (TFDS raises several kinds)
-      raise ValueError(f'data.tfds_name={name!r}: {e}'.splitlines()[0]) from None
+      raise DataError(f'data.tfds_name={name!r}: {e}'.splitlines()[0]) from None
     keys = _feature_keys(builder.info.features)
     for field, key in (('data.image_key', image_key), ('data.caption_key', caption_key)):
       if key not in keys:
-        raise ValueError(f'{field}={key!r} is not a feature of {name}; it has {keys}.')
+        raise DataError(f'{field}={key!r} is not a feature of {name}; it has {keys}.')
     if split not in builder.info.splits:
-      raise ValueError(f'split {split!r} is not in {name} (it has {list(builder.info.splits)}); '
+      raise DataError(f'split {split!r} is not in {name} (it has {list(builder.info.splits)}); '
                        'set data.train_split / data.eval_split.')
     try:
       self._source = builder.as_data_source(split)
     except Exception as e:  # pylint: disable=broad-except
-      raise ValueError(
+      raise DataError(
           f'{name} in {builder.data_dir} cannot be read randomly ({str(e).splitlines()[0]}); '
           "prepare it with file_format='array_record' (tfds build --file_format=array_record), "
           'or convert it with python -m data.prepare.') from None
@@ -263,7 +282,8 @@ def make(cfg, split: str = 'train') -> Sequence | None:
     split_name = cfg.train_split if train else cfg.eval_split
     return TfdsSource(cfg.tfds_name, split_name, cfg.data_dir, cfg.image_key,
                       cfg.caption_key) if split_name else None
-  raise ValueError(f'Unknown data.dataset {kind!r}: use folder, tfds, array_record, shapes or shapes_rendered.')
+  raise ValueError(f'Unknown data.dataset {kind!r}: use folder, tfds, array_record, shapes or '
+                   'shapes_rendered.')
 
 
 def caption_sample(source: Sequence, max_records: int = 20_000) -> list[str]:

@@ -156,6 +156,9 @@ def test_source_errors_name_the_path_or_key(tmp_path):
     sources.FolderSource(str(tmp_path / 'empty'))
   with pytest.raises(FileNotFoundError, match=r'matches no files'):
     sources.ArrayRecordSource(str(tmp_path / 'shards-*.array_record'))
+  (tmp_path / 'shard-00000.array_record').write_bytes(b'not an array record file')
+  with pytest.raises(sources.DataError, match=r'shard-00000.array_record is not an ArrayRecord'):
+    sources.ArrayRecordSource(str(tmp_path / 'shard-*.array_record'))
   bad = tmp_path / 'bad'
   bad.mkdir()
   (bad / 'a.png').write_bytes(image_folders.encode(image_folders.make_image('RGB', (8, 8), 0), 'PNG'))
@@ -179,3 +182,20 @@ def test_workers_give_the_same_batches_as_the_main_process(folder):
   for want, (step, got) in zip(direct, via_workers):
     for key in ('image', 'caption', 'index', 'bad'):
       np.testing.assert_array_equal(want[key], got[key])
+
+
+def test_train_py_reports_bad_data_in_one_line(tmp_path):
+  import subprocess
+  import sys
+  from tests.test_multihost_training import REPO, _clean_env
+  image_folders.make_folder(tmp_path / 'images')
+  out = subprocess.run(
+      [sys.executable, 'train.py', '--config=configs/images.py:tiny', f'--workdir={tmp_path / "w"}',
+       f'--config.data.path={tmp_path / "images"}', '--config.data.on_bad_record=error',
+       '--config.logging.eval_at_end=False'],
+      cwd=REPO, env=dict(_clean_env(), XLA_FLAGS='--xla_force_host_platform_device_count=1'),
+      capture_output=True, text=True, timeout=300)
+  assert out.returncode == 1
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: ') and 'data.on_bad_record=error' in last, out.stderr[-3000:]
+  assert 'Traceback' not in out.stderr

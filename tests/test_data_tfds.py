@@ -5,7 +5,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from data import pipeline
+from data import pipeline, sources
 from data import shapes
 
 shapes_tfds = pytest.importorskip('data.shapes_tfds')  # Needs tensorflow_datasets.
@@ -52,6 +52,33 @@ def test_shapes_batches_are_the_same_from_tfds_and_rendered(data_dir):
   np.testing.assert_array_equal(got['index'], pipeline.global_batch_indices(0, 3, 8, 64))
   for key in ('image', 'caption', 'index'):
     np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_any_tfds_dataset_by_name_gives_the_same_batches(data_dir):
+  """The generic tfds source (name, split, feature keys) reads what the Shapes source reads."""
+  name = 'shapes_benchmark/s16_train64_test16'
+  cfg = ml_collections.ConfigDict(dict(
+      dataset='tfds', tfds_name=name, train_split='train', eval_split='test', data_dir=data_dir,
+      image_key='image', caption_key='caption', image_size=16, seed=0, global_batch_size=8,
+      crop='center', flip=False, upscale=True, on_bad_record='skip'))
+  got = pipeline.make_loader(cfg, sources.make(cfg))(2)
+  cfg.update(dataset='shapes_rendered', num_train=64, num_test=16)
+  want = pipeline.make_loader(cfg, sources.make(cfg))(2)
+  for key in ('image', 'caption', 'index'):
+    np.testing.assert_array_equal(got[key], want[key])
+  assert len(sources.TfdsSource(name, 'test', data_dir, 'image', 'caption')) == 16
+
+
+def test_tfds_errors_name_the_key(data_dir):
+  name = 'shapes_benchmark/s16_train64_test16'
+  with pytest.raises(sources.DataError, match=r"data.caption_key='captions/text' is not a feature"):
+    sources.TfdsSource(name, 'train', data_dir, 'image', 'captions/text')
+  with pytest.raises(sources.DataError, match=r"data.image_key='img'"):
+    sources.TfdsSource(name, 'train', data_dir, 'img', 'caption')
+  with pytest.raises(sources.DataError, match=r"split 'validation' is not in"):
+    sources.TfdsSource(name, 'validation', data_dir, 'image', 'caption')
+  with pytest.raises(sources.DataError, match=r"data.tfds_name='no_such_dataset'"):
+    sources.TfdsSource('no_such_dataset', 'train', data_dir, 'image', 'caption')
 
 
 def test_predefined_configs_and_bad_sizes():
