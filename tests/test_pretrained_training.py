@@ -56,3 +56,25 @@ def test_pretrained_encoder_runs_inside_the_sharded_train_step(tmp_path):
   result = loop.train_and_evaluate(config, str(tmp_path / 'run'), devices=jax.devices()[:4],
                                    stop_at=2)
   assert len(result.history) == 2 and np.isfinite([l for _, l in result.history]).all()
+
+
+@pytest.mark.full
+def test_embeddings_precomputed_by_prepare_feed_training(tmp_path):
+  """data.prepare stores MiniLM embeddings in the records; training reads them, builds no cache."""
+  from data import prepare
+  from tests import image_folders
+  image_folders.make_folder(tmp_path / 'images', broken=False)
+  opts = prepare.Options(text=prepare.text_config(max_len=16))
+  summary = prepare.prepare(prepare.open_source('folder', path=str(tmp_path / 'images')),
+                            str(tmp_path / 'shards' / 'train'), num_shards=2, options=opts,
+                            progress=False)
+  assert summary['written'] == len(image_folders.GOOD)
+  config = pretrained_tiny_config(cache_embeddings=True)
+  config.data.update(dataset='array_record', path=str(tmp_path / 'shards' / 'train-*.array_record'))
+  workdir = str(tmp_path / 'run')
+  result = loop.train_and_evaluate(config, workdir, devices=jax.devices()[:2])
+  assert len(result.history) == 4 and np.isfinite([l for _, l in result.history]).all()
+  assert not os.path.exists(os.path.join(workdir, 'text_cache'))  # Read from the records.
+  config.text.max_len = 12  # Another encoder setting than the records were written with.
+  with pytest.raises(ValueError, match='run data.prepare again'):
+    loop.train_and_evaluate(config, str(tmp_path / 'other'), devices=jax.devices()[:2])

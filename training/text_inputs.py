@@ -16,6 +16,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from data.sources import DataError
 from text.encoders import NULL_CAPTION
 
 _EMBEDDINGS = ('emb', 'mask', 'pooled')
@@ -49,7 +50,7 @@ class TextInputs:
       stored = _precomputed_encoder(source)
       if stored is not None:
         if stored != text_encoder.fingerprint:
-          raise ValueError(
+          raise DataError(
               f'data.path={config.data.path!r}: the records hold embeddings of another encoder '
               f'({stored}), not of text.pretrained_path={config.text.pretrained_path!r} with '
               f'text.max_len={config.text.max_len} ({text_encoder.fingerprint}); run '
