@@ -198,12 +198,27 @@ class _Batches:
     return self
 
   def __next__(self):
-    return next(self._steps), next(self._it)
+    batch = next(self._it)
+    # Worker batches arrive in shared memory; copies free it now (a reference kept until exit
+    # would leave it to the resource tracker's clean-up, with a warning).
+    return next(self._steps), {k: np.array(v) for k, v in batch.items()}
 
   def close(self):
     close = getattr(self._it, 'close', None)
     if close is not None:
       close()
+    _flush_shared_memory_deletes()
+
+
+def _flush_shared_memory_deletes():
+  """Waits for grain's background unlinking of consumed worker batches (else: leak warnings)."""
+  from grain._src.python.ipc import shared_memory_array  # pylint: disable=g-import-not-at-top
+  cls = shared_memory_array.SharedMemoryArray
+  pool = getattr(cls, '_del_thread_pool', None)  # Private in grain 0.2.18 (pinned).
+  if pool is not None and hasattr(cls, '_disable_async_del'):
+    cls._disable_async_del()  # pylint: disable=protected-access
+    pool.close()
+    pool.join()
 
 
 def iterate(loader: BatchLoader, start_step: int, num_steps: int | None = None, *,
