@@ -49,12 +49,12 @@ import numpy as np
 from PIL import Image
 
 from data import images, records, sources, webdataset
+from text import record_text
 
 SOURCES = ('folder', 'tfds', 'webdataset')
 FORMATS = ('keep', 'jpeg', 'png', 'webp')
 ON_BAD_RECORD = ('skip', 'error')
 EXAMPLE_KEYS = 20  # Example keys kept per skip reason in the summaries.
-TEXT_BATCH = 32  # Captions per jitted text-encoder call (one compiled shape).
 _KEPT_FORMATS = ('JPEG', 'PNG', 'WEBP')
 # The sources name the loader's config fields in their errors; here the user typed these flags.
 _FLAG_NAMES = (('data.path', '--input'), ('data.tfds_name', '--tfds_name'),
@@ -177,36 +177,6 @@ def convert(raw: dict[str, Any], opts: Options) -> tuple[dict[str, Any] | None, 
   return {'key': str(raw['key']), 'image': image, 'captions': captions}, ''
 
 
-class _Embedder:
-  """Frozen text encoder: caption lists -> the `text` field of each record."""
-
-  def __init__(self, text_cfg: dict[str, Any]):
-    import jax  # pylint: disable=g-import-not-at-top  (only when embeddings are asked for)
-    import ml_collections  # pylint: disable=g-import-not-at-top
-    from text import encoders  # pylint: disable=g-import-not-at-top
-    self.enc = encoders.build(ml_collections.ConfigDict(text_cfg))
-    self.params = self.enc.init(None)
-    self.encode = jax.jit(self.enc.encode)
-    self.device_get = jax.device_get
-
-  def __call__(self, caption_lists: list[list[str]]) -> list[dict[str, Any]]:
-    flat = [c for captions in caption_lists for c in captions]
-    parts = []
-    for lo in range(0, len(flat), TEXT_BATCH):
-      chunk = flat[lo:lo + TEXT_BATCH]
-      ids = np.asarray(self.enc.tokenize(chunk), np.int32)
-      ids = np.concatenate([ids, np.repeat(ids[:1], TEXT_BATCH - len(chunk), axis=0)])
-      parts.append([np.asarray(x)[:len(chunk)] for x in self.device_get(self.encode(self.params, ids))])
-    emb, mask, pooled = (np.concatenate(p) for p in zip(*parts))
-    out, lo = [], 0
-    for captions in caption_lists:
-      hi = lo + len(captions)
-      out.append({'encoder': self.enc.fingerprint, 'emb': emb[lo:hi].astype(np.float16),
-                  'mask': mask[lo:hi].astype(bool), 'pooled': pooled[lo:hi].astype(np.float32)})
-      lo = hi
-    return out
-
-
 # ------------------------------------------------------------------------------- one shard
 
 
@@ -252,7 +222,7 @@ def _write_shard(job: _Job) -> dict[str, Any]:
   from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=g-import-not-at-top
   opts, report = _STATE['opts'], _STATE['report']
   if opts.text and _STATE['embedder'] is None:
-    _STATE['embedder'] = _Embedder(opts.text)
+    _STATE['embedder'] = record_text.Embedder(opts.text)
   side = {'file': os.path.basename(job.path), 'written': 0, 'skipped': 0, 'reasons': {},
           'contents': job.contents, 'settings': _STATE['settings']}
   pending, unreported = [], 0
@@ -282,7 +252,7 @@ def _write_shard(job: _Job) -> dict[str, Any]:
         side['skipped'] += 1
       else:
         pending.append(record)
-        if len(pending) >= TEXT_BATCH:
+        if len(pending) >= record_text.BATCH:
           flush()
       unreported += 1
       if report and unreported >= 16:
