@@ -3,7 +3,8 @@
 `to_rgb` converts what can be converted (grey, grey+alpha, RGBA, palette, CMYK, 16-bit and
 float modes; EXIF rotation applied) and raises `BadImage` with the reason for what cannot be read
 (zero bytes, truncated, not an image). `fit` resizes the shorter side to S with an antialiased
-filter and crops an S x S square (centre, or at a given offset for random crops).
+filter and crops an S x S square (centre, or at a given offset for random crops), resampling
+only the cropped window.
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def decode(data: bytes) -> Image.Image:
 def to_rgb(img: Image.Image) -> Image.Image:
   """RGB version of any PIL image: alpha composited on white, 16-bit/float scaled to 8 bits."""
   try:
-    img = ImageOps.exif_transpose(img)
+    ImageOps.exif_transpose(img, in_place=True)  # (Not a copy: most images need no rotation.)
   except (OSError, ValueError, TypeError, KeyError):  # A broken EXIF block: keep the pixels as stored.
     pass
   if img.mode in ('I;16', 'I;16B', 'I;16L', 'I;16N', 'I'):
@@ -88,19 +89,6 @@ def from_array(array: np.ndarray) -> Image.Image:
   return to_rgb(Image.fromarray(a))
 
 
-def resize_shorter_side(img: Image.Image, size: int, *, upscale: bool = True) -> Image.Image:
-  """Resizes so the shorter side is `size` (antialiased); BadImage if smaller and not `upscale`."""
-  w, h = img.size
-  short = min(w, h)
-  if short == size:
-    return img
-  if short < size and not upscale:
-    raise BadImage(f'{w}x{h} is smaller than data.image_size={size} and data.upscale=False')
-  scale = size / short
-  new = (max(size, round(w * scale)), max(size, round(h * scale)))
-  return img.resize(new, Image.Resampling.BICUBIC, reducing_gap=None if scale > 1 else 3.0)
-
-
 def crop_offsets(width: int, height: int, size: int, u: float | None = None,
                  v: float | None = None) -> tuple[int, int]:
   """Top-left (x, y) of the size x size crop: centred, or at fractions u, v in [0, 1) of the slack."""
@@ -112,11 +100,28 @@ def crop_offsets(width: int, height: int, size: int, u: float | None = None,
 
 def fit(img: Image.Image, size: int, *, upscale: bool = True, crop_uv: tuple[float, float] | None = None,
         flip: bool = False) -> np.ndarray:
-  """RGB uint8 [size, size, 3]: shorter side to `size`, square crop (centre or at crop_uv), flip."""
-  img = resize_shorter_side(img, size, upscale=upscale)
-  x, y = crop_offsets(img.width, img.height, size, *(crop_uv or (None, None)))
-  if (img.width, img.height) != (size, size):
-    img = img.crop((x, y, x + size, y + size))
+  """RGB uint8 [size, size, 3]: the shorter side resized to `size`, a square crop, a flip.
+
+  The crop is centred, or at fractions `crop_uv` of the slack. Only the cropped window is
+  resampled (PIL's `resize(box=)`: bicubic, antialiased when shrinking), which is the
+  resize-then-crop picture (within a few levels) at 2/3 of the work for 4:3 images. BadImage if
+  the shorter side is below `size` and not `upscale`.
+  """
+  w, h = img.size
+  short = min(w, h)
+  if short < size and not upscale:
+    raise BadImage(f'{w}x{h} is smaller than data.image_size={size} and data.upscale=False')
+  scale = size / short
+  resized = (max(size, round(w * scale)), max(size, round(h * scale)))
+  x, y = crop_offsets(*resized, size, *(crop_uv or (None, None)))
+  if short == size:  # No resampling: a plain crop.
+    if (w, h) != (size, size):
+      img = img.crop((x, y, x + size, y + size))
+  else:
+    sx, sy = w / resized[0], h / resized[1]  # The resize-then-crop sampling grid, per axis.
+    box = (x * sx, y * sy, (x + size) * sx, (y + size) * sy)
+    img = img.resize((size, size), Image.Resampling.BICUBIC, box=box,
+                     reducing_gap=None if scale > 1 else 3.0)
   out = np.asarray(img, dtype=np.uint8)
   if flip:
     out = out[:, ::-1]

@@ -98,11 +98,16 @@ class Transform:
     if self.crop not in CROPS:
       raise ValueError(f'data.crop={self.crop!r} is not one of {CROPS}.')
 
-  def __call__(self, raw: dict[str, Any], u: np.ndarray) -> tuple[np.ndarray, int]:
-    """`u`: 4 uniforms in [0, 1) of this stream position (caption, crop x, crop y, flip)."""
+  def __call__(self, raw: dict[str, Any], uniforms) -> tuple[np.ndarray, int]:
+    """`uniforms()`: 4 uniforms in [0, 1) of this stream position (caption, crop x, crop y, flip).
+
+    Drawn only when something is random (several captions, a random crop, flips).
+    """
     captions = raw['captions']
     if not captions:
       raise images.BadImage('no caption')
+    random = len(captions) > 1 or self.crop == 'random' or self.flip
+    u = uniforms() if random else (0.0, 0.0, 0.0, 1.0)
     image = raw['image']
     img = images.from_array(image) if isinstance(image, np.ndarray) else images.load_rgb(image)
     crop_uv = (u[1], u[2]) if self.crop == 'random' else None
@@ -125,17 +130,20 @@ class BatchLoader:
     self.num_examples = len(source)
     global_batch_indices(seed, 0, global_batch_size, self.num_examples)  # Validates eagerly.
 
-  def example(self, position: int) -> dict[str, Any]:
-    """The example filling stream `position`: its record, or the next usable one after it."""
+  def example(self, position: int, index: int | None = None) -> dict[str, Any]:
+    """The example filling stream `position` (whose record is `index`, if known): its record, or
+    the next usable one after it."""
     failures = []
     for attempt in range(MAX_CONSECUTIVE_BAD):
-      index = int(stream_indices(self.seed, np.array([position + attempt]), self.num_examples)[0])
+      at = position + attempt
+      if attempt or index is None:
+        index = int(stream_indices(self.seed, np.array([at]), self.num_examples)[0])
       key = f'example {index}'
       try:
         raw = self.source[index]
         key = raw.get('key', key)
-        u = shapes.uniforms((_EXAMPLE_STREAM, self.seed, position + attempt), 4)
-        pixels, which = self.transform(raw, u)
+        pixels, which = self.transform(
+            raw, lambda: shapes.uniforms((_EXAMPLE_STREAM, self.seed, at), 4))
       except (OSError, images.BadImage) as e:
         reason = str(e) or type(e).__name__
         if self.on_bad_record == 'error':
@@ -156,10 +164,15 @@ class BatchLoader:
                     'data.image_size/data.upscale.')
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
-    first = int(step) * self.global_batch_size + self.part.start
-    rows = [self.example(first + j) for j in range(self.part.stop - self.part.start)]
+    positions = int(step) * self.global_batch_size + np.arange(self.part.start, self.part.stop)
+    indices = stream_indices(self.seed, positions, self.num_examples)
+    rows = [self.example(int(p), int(i)) for p, i in zip(positions, indices)]
+    image = _batch_array((len(rows),) + rows[0]['image'].shape, np.float32)
+    for j, r in enumerate(rows):  # x / 127.5 - 1 in float32, written in place.
+      np.divide(r['image'], np.float32(127.5), out=image[j], dtype=np.float32)
+    np.subtract(image, np.float32(1.0), out=image)
     batch = {
-        'image': np.stack([r['image'] for r in rows]).astype(np.float32) / 127.5 - 1.0,
+        'image': image,
         'caption': np.array([r['caption'] for r in rows], dtype=str),
         'index': np.array([r['index'] for r in rows], np.int64),
         'bad': np.array([r['bad'] for r in rows], np.int32),
@@ -168,6 +181,23 @@ class BatchLoader:
       if name in rows[0]:
         batch[name] = np.stack([r[name] for r in rows])
     return batch
+
+
+_IN_WORKER = False  # Set in grain worker processes: batches are built in shared memory there.
+
+
+def _mark_worker(worker_index: int, worker_count: int) -> None:
+  del worker_index, worker_count
+  global _IN_WORKER
+  _IN_WORKER = True
+
+
+def _batch_array(shape: tuple[int, ...], dtype) -> np.ndarray:
+  """An empty array; in a grain worker, in shared memory, so the batch crosses without a copy."""
+  if _IN_WORKER:
+    import grain  # pylint: disable=g-import-not-at-top
+    return grain.multiprocessing.SharedMemoryArray(shape, dtype)
+  return np.empty(shape, dtype)
 
 
 def make_loader(cfg, source: Sequence, process_index: int = 0,
@@ -198,10 +228,7 @@ class _Batches:
     return self
 
   def __next__(self):
-    batch = next(self._it)
-    # Worker batches arrive in shared memory; copies free it now (a reference kept until exit
-    # would leave it to the resource tracker's clean-up, with a warning).
-    return next(self._steps), {k: np.array(v) for k, v in batch.items()}
+    return next(self._steps), next(self._it)
 
   def close(self):
     close = getattr(self._it, 'close', None)
@@ -237,8 +264,12 @@ def iterate(loader: BatchLoader, start_step: int, num_steps: int | None = None, 
     if not flags.FLAGS.is_parsed():  # grain's worker options are absl flags (defaults are fine).
       flags.FLAGS.mark_as_parsed()
     it = steps.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    # Small arrays (captions, indices) travel pickled; the image batch is built in shared memory.
+    it = grain.experimental.WithOptionsIterDataset(
+        it, grain.experimental.DatasetOptions(min_shm_size=1 << 16))
     it = it.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=num_workers, per_worker_buffer_size=max(prefetch, 1)))
+        num_workers=num_workers, per_worker_buffer_size=max(prefetch, 1)),
+                        worker_init_fn=_mark_worker)
   else:
     it = steps.to_iter_dataset(grain.ReadOptions(num_threads=prefetch,
                                                  prefetch_buffer_size=prefetch))

@@ -79,6 +79,12 @@ def test_fit_resizes_the_shorter_side_and_crops():
   with pytest.raises(images.BadImage, match='data.upscale'):
     images.fit(img, 32, upscale=False)
   assert images.fit(img, 32).shape == (32, 32, 3)  # Upscaled by default.
+  # Resampling only the crop window gives the resize-then-crop picture within a few levels.
+  photo = image_folders.make_image("RGB", (60, 45), 3).resize((600, 450))
+  whole = photo.resize((171, 128), Image.Resampling.BICUBIC, reducing_gap=3.0)
+  plain = np.asarray(whole.crop((21, 0, 149, 128)), np.int32)
+  assert images.crop_offsets(171, 128, 128) == (21, 0)
+  assert np.abs(images.fit(photo, 128).astype(np.int32) - plain).max() <= 4
   flipped = images.fit(img, 10, flip=True)
   np.testing.assert_array_equal(flipped, images.fit(img, 10)[:, ::-1])
 
