@@ -251,17 +251,20 @@ def run_train_step(args, overrides) -> dict:
   from configs import loading, specs  # pylint: disable=import-outside-toplevel
   from data import shapes  # pylint: disable=import-outside-toplevel
   from training import loop, sharding, state as state_lib, text_inputs  # pylint: disable=import-outside-toplevel
+  from text import subword  # pylint: disable=import-outside-toplevel
   config = loading.load(args.train_config, overrides)
   mesh = sharding.make_mesh(config.mesh)
-  unet, text_encoder = state_lib.build_models(config)
+  b, s = config.data.global_batch_size, config.data.image_size
+  captions = [shapes.example('train', i, 32)[1] for i in range(b)]
+  tokenizer_dir = tempfile.mkdtemp(prefix='jaxdiff-bench-')  # text.vocab='bpe': train it here.
+  subword.ensure_trained(config.text, tokenizer_dir, lambda: captions * 20)
+  unet, text_encoder = state_lib.build_models(config, workdir=tokenizer_dir)
   tx, _ = state_lib.make_optimizer(config.optim)
   _, shardings, init_fn = state_lib.create_sharded_state(config, mesh, unet=unet,
                                                          text_encoder=text_encoder, tx=tx)
   frozen = None if text_encoder.trainable else text_encoder.init(None)
-  b, s = config.data.global_batch_size, config.data.image_size
   with tempfile.TemporaryDirectory() as workdir:  # Only a pretrained encoder's cache writes here.
     inputs = text_inputs.TextInputs(text_encoder, config, workdir)
-  captions = [shapes.example('train', i, 32)[1] for i in range(b)]
   local = {'image': np.random.default_rng(0).uniform(-1, 1, (b, s, s, 3)).astype(np.float32),
            'bad': np.zeros(b, np.int32), **inputs({'caption': captions})}
   step_fn = jax.jit(functools.partial(

@@ -8,7 +8,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from configs import base, loading, shapes, validation
+from configs import base, images, loading, shapes, validation
 from launch import sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,13 +19,20 @@ def test_every_variant_validates(variant):
   validation.validate(shapes.get_config(variant))
 
 
+@pytest.mark.parametrize('variant', images.VARIANTS)
+def test_every_own_images_variant_validates(variant):
+  validation.validate(images.get_config(variant))
+
+
 def test_unknown_variant_names_the_choices():
   with pytest.raises(ValueError, match='cpu'):
     shapes.get_config('huge')
 
 
 def test_every_field_has_a_comment():
-  source = open(os.path.join(ROOT, 'configs', 'base.py')).read().splitlines()
+  text = open(os.path.join(ROOT, 'configs', 'base.py')).read()
+  body = text[text.index('def get_config('):]
+  source = body[:body.find('\ndef ', 1)].splitlines()  # get_config only: where fields are made.
   fields = [line for line in source if line.strip().startswith(('config.', 'data.', 'text.',
                                                                   'model.', 'diff.', 'sampler.',
                                                                   'optim.', 'mesh.', 'ckpt.',
