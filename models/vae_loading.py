@@ -105,18 +105,10 @@ def _require(path: str) -> str:
 
 def _read_tensors(folder: str) -> tuple[dict[str, np.ndarray], str]:
   """All tensors of diffusion_pytorch_model.safetensors, or of its index's shards."""
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  found = weights.read_safetensors(folder, WEIGHTS)
+  if found is not None:
+    return found
   single = os.path.join(folder, WEIGHTS)
-  index = single + '.index.json'
-  if os.path.isfile(single):
-    return load_file(single), single
-  if os.path.isfile(index):
-    with open(index) as f:
-      shards = sorted(set(json.load(f)['weight_map'].values()))
-    tensors = {}
-    for shard in shards:
-      tensors.update(load_file(_require(os.path.join(folder, shard))))
-    return tensors, index
   present = sorted(n for n in os.listdir(folder) if n.startswith('diffusion_pytorch_model'))
   hint = (f' (the folder has {present}: convert .bin to safetensors, or rename a variant such as '
           f'.fp16.safetensors to {WEIGHTS})' if present else '')

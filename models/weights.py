@@ -5,6 +5,8 @@ Shared by the frozen text encoders (text/pretrained.py) and the autoencoder (mod
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -43,3 +45,24 @@ def digest(params: Any) -> str:
   for _, leaf in leaves[:: max(1, len(leaves) // 4)]:
     digest.update(np.asarray(np.ravel(leaf)[:4096], np.float32).tobytes())
   return digest.hexdigest()[:16]
+
+
+def read_safetensors(folder: str, filename: str) -> tuple[dict[str, np.ndarray], str] | None:
+  """(tensors, source) of `folder/filename`, or of the shards its `.index.json` lists; None if
+  neither is there. A listed shard that is missing raises FileNotFoundError naming it."""
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  single = os.path.join(folder, filename)
+  index = os.path.splitext(single)[0] + '.safetensors.index.json'
+  if os.path.isfile(single):
+    return load_file(single), single
+  if not os.path.isfile(index):
+    return None
+  with open(index) as f:
+    shards = sorted(set(json.load(f)['weight_map'].values()))
+  tensors = {}
+  for shard in shards:
+    path = os.path.join(folder, shard)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f'{path} not found: {index} lists it as a shard of the weights.')
+    tensors.update(load_file(path))
+  return tensors, index

@@ -115,18 +115,10 @@ def _require(folder: str, name: str) -> str:
 
 def _read_tensors(folder: str) -> tuple[dict[str, np.ndarray], str]:
   """All tensors of model.safetensors, or of the shards listed in model.safetensors.index.json."""
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  found = weights.read_safetensors(folder, 'model.safetensors')
+  if found is not None:
+    return found
   single = os.path.join(folder, 'model.safetensors')
-  index = os.path.join(folder, 'model.safetensors.index.json')
-  if os.path.isfile(single):
-    return load_file(single), single
-  if os.path.isfile(index):
-    with open(index) as f:
-      shards = sorted(set(json.load(f)['weight_map'].values()))
-    tensors = {}
-    for shard in shards:
-      tensors.update(load_file(_require(folder, shard)))
-    return tensors, index
   hint = (' (only pytorch_model.bin is there: convert it to safetensors first)'
           if os.path.isfile(os.path.join(folder, 'pytorch_model.bin')) else '')
   raise FileNotFoundError(
