@@ -8,6 +8,7 @@ the first two tests. Data is `shapes_rendered` (rendered on the fly: no TFDS fil
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -166,10 +167,10 @@ def test_sigkilled_process_fails_the_real_trainer_within_a_minute(tmp_path):
                                       start_new_session=True))
       logs.append(log)
     survivor, victim = procs
-    # Process 0 logs every step's scalars ("[N] train/...=..."); metrics.jsonl is only flushed
-    # when the run ends, so the log is where a few steps show up while it runs.
+    # Process 0 logs every step's scalars ("[N] data/...=..., train/loss=..."); metrics.jsonl is
+    # only flushed when the run ends, so the log is where a few steps show up while it runs.
     deadline = time.monotonic() + 240
-    while not any(f'] [{s}] train/' in _read(logs[0]) for s in (3, 4, 5)):
+    while not any(re.search(rf'\] \[{s}\] .*train/loss=', _read(logs[0])) for s in (3, 4, 5)):
       assert survivor.poll() is None and victim.poll() is None, _read(logs[0])[-5000:]
       assert time.monotonic() < deadline, 'no training step after 240 s:\n' + _read(logs[0])[-5000:]
       time.sleep(0.2)
