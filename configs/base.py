@@ -72,6 +72,12 @@ def get_config(arg=None):
   model.param_dtype = 'float32'  # Parameter dtype.
   model.remat = False  # Rematerialise blocks in the backward pass (saves memory, costs compute).
 
+  # --- autoencoder (latent diffusion, docs/latent.md) -----------------------
+  config.autoencoder = ae = ml_collections.ConfigDict()
+  ae.path = ''  # '' = pixel space; a diffusers AutoencoderKL folder = diffuse in its latent space.
+  ae.dtype = 'float32'  # Compute dtype of the frozen autoencoder ('bfloat16' on accelerators).
+  ae.decode_chunk = 8  # Latents per decoder call when sampling (the decoder is memory-hungry).
+
   # --- diffusion ------------------------------------------------------------
   config.diffusion = diff = ml_collections.ConfigDict()
   diff.schedule = 'cosine'  # 'linear', 'scaled_linear', 'cosine', 'sigmoid' or 'edm'.

@@ -47,6 +47,17 @@ def validate(config: ml_collections.ConfigDict):
   if config.data.image_size % factor:
     raise ValueError(f'data.image_size={config.data.image_size} must be divisible by '
                      f'model.patch_size * 2**(len(model.channel_mult)-1)={factor}.')
+  if config.autoencoder.path:
+    from models import vae_loading  # pylint: disable=g-import-not-at-top
+    vae_factor = vae_loading.read_config(config.autoencoder.path).downsample_factor
+    if config.data.image_size % (factor * vae_factor):
+      raise ValueError(
+          f'data.image_size={config.data.image_size} must be divisible by the autoencoder\'s '
+          f'downsampling ({vae_factor}, autoencoder.path) x model.patch_size x '
+          f'2**(len(model.channel_mult)-1) = {factor * vae_factor}: the U-Net runs on latents '
+          f'of side image_size / {vae_factor}.')
+  if config.autoencoder.decode_chunk < 1:
+    raise ValueError('autoencoder.decode_chunk must be >= 1.')
   if config.data.num_workers < 0 or config.data.prefetch < 0:
     raise ValueError('data.num_workers and data.prefetch must be >= 0.')
   if config.optim.warmup_steps < 0:

@@ -15,6 +15,7 @@ from configs import specs
 from data import sources
 from evaluation import shapes_scorer
 from sampling import generate, images
+from training import state
 from training.metrics import EvalResult, flatten
 
 
@@ -70,12 +71,16 @@ class SampleGridEvaluator:
     self.prompts = eval_prompts(config)  # Read now: a missing file fails before training.
     self.per_prompt = config.logging.eval_samples_per_prompt
     self.score = config.data.dataset.startswith('shapes')
+    self.autoencoder = state.build_autoencoder(config)  # Latent diffusion: decode the samples.
+    self.decode_chunk = config.autoencoder.decode_chunk
     self._generator = None
 
   def __call__(self, step, unet, text_encoder, unet_params, text_params, mesh) -> EvalResult:
     del step
     if self._generator is None:
-      self._generator = generate.Generator(unet, text_encoder, self.spec, self.image_size, mesh)
+      self._generator = generate.Generator(unet, text_encoder, self.spec, self.image_size, mesh,
+                                           autoencoder=self.autoencoder,
+                                           decode_chunk=self.decode_chunk)
     batch = [p for p in self.prompts for _ in range(self.per_prompt)]
     t = time.time()
     out = self._generator(unet_params, text_params, batch, seed=self.seed, settings=self.settings)

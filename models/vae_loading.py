@@ -14,6 +14,9 @@ returns a `PretrainedVAE` whose functions are pure and jittable:
 Latent scaling follows Rombach et al. 2022 (arXiv:2112.10752, sec. 4.3.2): z = (x - shift) * scale
 with `scaling_factor` (SD: 0.18215, SDXL: 0.13025) and `shift_factor` (0 unless config.json sets
 it).
+
+`save_vae(folder, config, params, scaling_factor=...)` writes the same layout back (a VAE trained
+here, e.g. by training/autoencoder.py), readable by `load_vae` and by diffusers.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import json
 import os
 from typing import Any
 
+import flax.core
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -261,3 +265,108 @@ def load_vae(path: str, dtype: str | Any = 'float32', *,
                  f'{weights.digest(params)}')
   return PretrainedVAE(path=folder, config=config, module=module,
                        params=jax.tree.map(jnp.asarray, params), fingerprint=fingerprint)
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def diffusers_tensors(config: VAEConfig, params: Any) -> dict[str, np.ndarray]:
+  """`AutoencoderKL` params -> {diffusers tensor name: float32 array in PyTorch layout}.
+
+  The exact inverse of `convert_diffusers_weights`, derived from it rather than restated: the
+  converter is run on tensors holding their own element indices, so each parameter leaf says
+  which checkpoint element every one of its values came from (OIHW <-> HWIO, (out, in) <->
+  (in, out) included) and the values are scattered back there.
+  """
+  layout, count = {}, [0]
+
+  def index_tensor(names, shape):
+    name = names if isinstance(names, str) else names[0]  # The current diffusers name.
+    size = int(np.prod(shape))
+    layout[name] = (count[0], tuple(shape))
+    count[0] += size
+    return np.arange(count[0] - size, count[0], dtype=np.int64).reshape(shape)
+
+  indices = convert_diffusers_weights(index_tensor, config)
+  values = jax.tree.map(np.asarray, nn.meta.unbox(flax.core.unfreeze(params)))
+  got = jax.tree.map(np.shape, values)
+  expected = jax.tree.map(np.shape, indices)
+  if got != expected:
+    raise ValueError(f'save_vae: params do not match the AutoencoderKL of config '
+                     f'(block_out_channels={list(config.block_out_channels)}, layers_per_block='
+                     f'{config.layers_per_block}, latent_channels={config.latent_channels}, '
+                     f'mid_block_add_attention={config.mid_block_add_attention}); pass the '
+                     f'config the params were made with. Shapes: {got} vs {expected}')
+  flat = np.empty(count[0], np.float32)
+  for idx, value in zip(jax.tree.leaves(indices), jax.tree.leaves(values)):
+    flat[idx.ravel()] = np.asarray(value, np.float32).ravel()
+  return {name: flat[start:start + int(np.prod(shape))].reshape(shape)
+          for name, (start, shape) in layout.items()}
+
+
+def diffusers_config(config: VAEConfig) -> dict[str, Any]:
+  """The config.json dict diffusers' `AutoencoderKL.from_pretrained` reads for `config`."""
+  sample_size = config.sample_size
+  return {
+      '_class_name': 'AutoencoderKL',
+      '_diffusers_version': '0.42.1',
+      'in_channels': config.in_channels,
+      'out_channels': config.out_channels,
+      'down_block_types': list(config.down_block_types),
+      'up_block_types': list(config.up_block_types),
+      'block_out_channels': list(config.block_out_channels),
+      'layers_per_block': config.layers_per_block,
+      'act_fn': config.act_fn,
+      'latent_channels': config.latent_channels,
+      'norm_num_groups': config.norm_num_groups,
+      'sample_size': list(sample_size) if isinstance(sample_size, tuple) else sample_size,
+      'scaling_factor': config.scaling_factor,
+      'shift_factor': config.shift_factor or None,  # SD's VAEs: null (= 0).
+      'latents_mean': None,
+      'latents_std': None,
+      'force_upcast': config.force_upcast,
+      'use_quant_conv': config.use_quant_conv,
+      'use_post_quant_conv': config.use_post_quant_conv,
+      'mid_block_add_attention': config.mid_block_add_attention,
+  }
+
+
+def save_vae(folder: str, config: VAEConfig, params: Any, *,
+             scaling_factor: float | None = None) -> str:
+  """Writes `params` as a diffusers AutoencoderKL folder that `load_vae` (and diffusers) read.
+
+  Writes config.json and diffusion_pytorch_model.safetensors (float32, diffusers names, PyTorch
+  layouts) to temporary files in `folder` and moves each into place with os.replace, weights
+  first, so neither file is ever half-written; other files in `folder` are left alone.
+
+  Args:
+    folder: destination (created if missing).
+    config: the config the params were made with.
+    params: `AutoencoderKL` parameters (boxed or plain, any float dtype).
+    scaling_factor: replaces config.scaling_factor when given (e.g. 1 / std of the latents).
+  Returns:
+    The absolute folder.
+  """
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  if scaling_factor is not None:
+    if not np.isfinite(scaling_factor) or scaling_factor <= 0:
+      raise ValueError(f'save_vae: scaling_factor={scaling_factor!r} must be positive and '
+                       'finite (1 / std of the latents).')
+    config = dataclasses.replace(config, scaling_factor=float(scaling_factor))
+  tensors = diffusers_tensors(config, params)
+  folder = os.path.abspath(os.path.expanduser(str(folder)))
+  os.makedirs(folder, exist_ok=True)
+  tmp = f'.tmp-{os.getpid()}'
+  weights_path, config_path = os.path.join(folder, WEIGHTS), os.path.join(folder, 'config.json')
+  try:
+    save_file(tensors, weights_path + tmp, metadata={'format': 'pt'})
+    with open(config_path + tmp, 'w') as f:
+      json.dump(diffusers_config(config), f, indent=2)
+      f.write('\n')
+    os.replace(weights_path + tmp, weights_path)
+    os.replace(config_path + tmp, config_path)
+  finally:
+    for path in (weights_path + tmp, config_path + tmp):
+      if os.path.exists(path):
+        os.remove(path)
+  return folder

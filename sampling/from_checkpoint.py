@@ -47,7 +47,9 @@ def load(workdir: str, step: int | None = None, *, use_ema: bool = True,
   spec = specs.diffusion(config)
   if sampling_grid:
     spec = spec.replace(sampling_grid=sampling_grid)
-  gen = generate.Generator(unet, text_encoder, spec, config.data.image_size, mesh)
+  gen = generate.Generator(unet, text_encoder, spec, config.data.image_size, mesh,
+                           autoencoder=state.build_autoencoder(config),
+                           decode_chunk=config.autoencoder.decode_chunk)
   return Loaded(config, gen, params['unet'], text_params, ckpt_step)
 
 
@@ -77,6 +79,8 @@ def sample_to_folder(loaded: Loaded, out_dir: str, prompts: Sequence[str],
   # What every manifest line records besides its file, prompt and seed.
   record = {**recipe.record(), 'grid': schedules.effective_grid(gen.spec, recipe.name),
             'checkpoint_step': loaded.step}
+  if gen.vae is not None:  # Latent diffusion: which autoencoder decoded the samples.
+    record['autoencoder'] = gen.vae.fingerprint
   os.makedirs(out_dir, exist_ok=True)
   all_images, t0 = [], time.time()
   with open(os.path.join(out_dir, 'manifest.jsonl'), 'w') as manifest:

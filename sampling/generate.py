@@ -1,7 +1,7 @@
 """Text-to-image generation: tokens -> guided sampler -> images, as one jitted function.
 
 `Generator(unet, text_encoder, diffusion_spec, image_size)(params..., prompts, seed=...,
-settings=SamplerSettings)`. The guidance strengths, sampler options and seeds are traced
+settings=SamplerSettings)`; with `autoencoder=` it samples latents and decodes them. The guidance strengths, sampler options and seeds are traced
 arguments, so changing them reuses the compiled program; the sampler, its step count (the
 grid's length), thresholding on or off and the batch shape are what compile.
 """
@@ -27,18 +27,29 @@ def _cond(encode, text_params, ids):
 class Generator:
   """Holds the compiled sampling program for one (U-Net, text encoder, diffusion spec, size)."""
 
-  def __init__(self, unet, text_encoder, spec: DiffusionSpec, image_size: int, mesh=None):
+  def __init__(self, unet, text_encoder, spec: DiffusionSpec, image_size: int, mesh=None, *,
+               autoencoder=None, decode_chunk: int = 8):
+    """`autoencoder`: a frozen `models.vae_loading.PretrainedVAE` for latent diffusion (the
+    sampler runs on its latents, which are decoded `decode_chunk` at a time), or None."""
     self.unet = unet
     self.text = text_encoder
     self.spec = spec
-    self.image_shape = (image_size, image_size, 3)
+    self.vae, self.decode_chunk = autoencoder, decode_chunk
+    self.vae_params = None
+    if autoencoder is None:
+      self.image_shape = (image_size, image_size, 3)
+    else:
+      f, c = autoencoder.config.downsample_factor, autoencoder.config.latent_channels
+      self.image_shape = (image_size // f, image_size // f, c)  # The latent the sampler draws.
+      self.vae_params = jax.device_put(
+          autoencoder.params, NamedSharding(mesh, P()) if mesh is not None else None)
     self.null_ids = np.asarray(text_encoder.tokenize([NULL_CAPTION]))
     out_sharding = NamedSharding(mesh, P()) if mesh is not None else None
     self._jitted = jax.jit(self._sample, static_argnames=('sampler_name', 'thresholding'),
                            out_shardings=out_sharding)
 
-  def _sample(self, unet_params, text_params, ids, logsnrs, seeds, strengths, opts, *,
-              sampler_name, thresholding):
+  def _sample(self, unet_params, text_params, vae_params, ids, logsnrs, seeds, strengths, opts, *,
+               sampler_name, thresholding):
     cond = _cond(self.text.encode, text_params, ids)
     null = jnp.broadcast_to(self.null_ids, ids.shape)
     uncond = _cond(self.text.encode, text_params, null)
@@ -50,6 +61,9 @@ class Generator:
     noise = jax.vmap(lambda k: jax.random.normal(k, self.image_shape, jnp.float32))(keys)
     rng_sampler = jax.random.fold_in(keys[0], 1)
     x0 = samplers.get_sampler(sampler_name)(denoise_fn, noise, logsnrs, rng_sampler, **opts)
+    if self.vae is not None:
+      chunk = min(self.decode_chunk, x0.shape[0])
+      x0 = self.vae.decode_chunked(vae_params, self.vae.from_latents(x0), chunk)
     return jnp.clip(x0, -1.0, 1.0)
 
   def __call__(self, unet_params, text_params, prompts: Sequence[str], *, seed,
@@ -64,8 +78,8 @@ class Generator:
     logsnrs = schedules.sampling_logsnrs(self.spec, settings.num_steps, settings.name)
     seeds = np.asarray(seed, np.int32) if np.ndim(seed) else np.int32(seed) + np.arange(
         len(ids), dtype=np.int32)
-    out = self._jitted(unet_params, text_params, ids, logsnrs, seeds, settings.guidance(),
-                       settings.sampler_kwargs(), sampler_name=settings.name,
+    out = self._jitted(unet_params, text_params, self.vae_params, ids, logsnrs, seeds,
+                       settings.guidance(), settings.sampler_kwargs(), sampler_name=settings.name,
                        thresholding=settings.thresholding)
     return np.asarray(jax.device_get(out))
 

@@ -32,6 +32,9 @@ from training import text_inputs as text_inputs_lib
 from training.state import TrainState
 
 
+_LATENT_STREAM = 0x1A7E  # fold_in tag of the posterior samples' randomness.
+
+
 class TrainResult(NamedTuple):
   state: Any  # The final TrainState.
   history: list  # (step, loss) for every step this run took, as process 0 saw them.
@@ -70,15 +73,27 @@ def drop_condition(cond, null, keep):
 # ----------------------------------------------------------------------------- train step
 
 
-def train_step(state: TrainState, batch, rng, frozen_text_params, *, unet, text_encoder,
-               null_inputs, tx, spec, config):
+def diffusion_input(batch, autoencoder, vae_params, rng):
+  """What the U-Net denoises: the images, or latents of the frozen autoencoder drawn from its
+  posterior (a fresh sample every step)."""
+  if autoencoder is None:
+    return batch['image']
+  mean, logvar = autoencoder.encode(vae_params, batch['image'])
+  return autoencoder.to_latents(mean, logvar, rng)
+
+
+def train_step(state: TrainState, batch, rng, frozen_text_params, vae_params=None, *, unet,
+               text_encoder, null_inputs, tx, spec, config, autoencoder=None):
   """One optimiser step; returns the new state and this step's scalar metrics.
 
-  `spec`: the DiffusionSpec of the loss; `config`: reads text.cond_drop_prob and optim (EMA).
+  `spec`: the DiffusionSpec of the loss; `config`: reads text.cond_drop_prob and optim (EMA);
+  `autoencoder` (frozen, with `vae_params`): diffuse in its latent space.
   """
   rng = jax.random.fold_in(rng, state.step)
   rng_drop, rng_loss, rng_dropout = jax.random.split(rng, 3)
+  rng_latent = jax.random.fold_in(rng, _LATENT_STREAM)  # (Pixel-space runs draw as before.)
   batch_size = batch['image'].shape[0]
+  x = diffusion_input(batch, autoencoder, vae_params, rng_latent)
 
   def loss_fn(params):
     cond = text_condition(text_encoder, params, frozen_text_params, batch)
@@ -88,7 +103,7 @@ def train_step(state: TrainState, batch, rng, frozen_text_params, *, unet, text_
     pred_fn = lambda x_t, logsnr: denoiser.apply_network(
         unet, params['unet'], x_t, logsnr, cond, spec, train=True,
         rngs={'dropout': rng_dropout})
-    per_example, _ = losses.diffusion_loss(pred_fn, batch['image'], rng_loss, spec)
+    per_example, _ = losses.diffusion_loss(pred_fn, x, rng_loss, spec)
     return jnp.mean(per_example)
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
@@ -129,13 +144,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   source = sources.make(config.data, 'train')
   _ensure_tokenizer(config, workdir, source)
   unet, text_encoder = state_lib.build_models(config, workdir=workdir)
+  autoencoder = state_lib.build_autoencoder(config)
   tx, lr_schedule = state_lib.make_optimizer(config.optim)
   abstract, shardings, init_fn = state_lib.create_sharded_state(
       config, mesh, unet=unet, text_encoder=text_encoder, tx=tx)
-  frozen_text = None
+  frozen_text = vae_params = None
+  replicated = sharding.NamedSharding(mesh, sharding.P())
   if not text_encoder.trainable:
-    frozen_text = jax.device_put(text_encoder.init(None),
-                                 sharding.NamedSharding(mesh, sharding.P()))
+    frozen_text = jax.device_put(text_encoder.init(None), replicated)
+  if autoencoder is not None:
+    vae_params = jax.device_put(autoencoder.params, replicated)
 
   ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
   if ckpt.latest_step() is not None:
@@ -153,8 +171,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                      {'image': np.zeros((1,) * 4), 'bad': np.zeros(1), **text_inputs.null}.items()}
   step_fn = jax.jit(
       functools.partial(train_step, unet=unet, text_encoder=text_encoder,
-                        null_inputs=text_inputs.null, tx=tx, spec=spec, config=config),
-      in_shardings=(shardings, batch_shardings, None, None), out_shardings=(shardings, None),
+                        null_inputs=text_inputs.null, tx=tx, spec=spec, config=config,
+                        autoencoder=autoencoder),
+      in_shardings=(shardings, batch_shardings, None, None, None), out_shardings=(shardings, None),
       donate_argnums=(0,))
   rng = jax.random.PRNGKey(config.seed)
 
@@ -186,7 +205,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         break
       local = {'image': local['image'], 'bad': local['bad'], **text_inputs(local)}
       with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        state, step_metrics = step_fn(state, sharding.global_batch(mesh, local), rng, frozen_text)
+        state, step_metrics = step_fn(state, sharding.global_batch(mesh, local), rng, frozen_text,
+                                      vae_params)
       if pending is not None:
         _record(writer, *pending)
       pending = (step, step_metrics, float(lr_schedule(step)))

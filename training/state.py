@@ -35,6 +35,15 @@ def build_models(config, workdir=None) -> tuple[UNet, encoders.TextEncoder]:
   return UNet(specs.unet(config)), encoders.build(config.text, workdir=workdir)
 
 
+def build_autoencoder(config):
+  """The frozen autoencoder of `config.autoencoder.path` (a `models.vae_loading.PretrainedVAE`),
+  or None for pixel-space diffusion."""
+  if not config.autoencoder.path:
+    return None
+  from models import vae_loading  # pylint: disable=g-import-not-at-top
+  return vae_loading.load_vae(config.autoencoder.path, config.autoencoder.dtype)
+
+
 def make_optimizer(cfg) -> tuple[optax.GradientTransformation, Callable[[Any], Any]]:
   """(AdamW with global-norm clipping and no decay on norms/biases, its learning-rate schedule).
 
@@ -52,12 +61,22 @@ def make_optimizer(cfg) -> tuple[optax.GradientTransformation, Callable[[Any], A
   return optax.chain(*chain), lr
 
 
-def init_params(rng, *, unet, text_encoder, image_size: int) -> dict:
+def diffusion_shape(config) -> tuple[int, int, int]:
+  """(H, W, C) of what the U-Net denoises: the image, or the autoencoder's latent of it."""
+  s = config.data.image_size
+  if not config.autoencoder.path:
+    return (s, s, 3)
+  from models import vae_loading  # pylint: disable=g-import-not-at-top
+  vae = vae_loading.read_config(config.autoencoder.path)
+  return (s // vae.downsample_factor, s // vae.downsample_factor, vae.latent_channels)
+
+
+def init_params(rng, *, unet, text_encoder, input_shape: tuple[int, int, int]) -> dict:
   """Initial (boxed, i.e. logically annotated) trainable parameters: {'unet', 'text'?}."""
   rng_unet, rng_text = jax.random.split(rng)
-  s, length = image_size, text_encoder.max_len
+  length = text_encoder.max_len
   unet_params = unet.init(
-      {'params': rng_unet}, jnp.zeros((1, s, s, 3)), jnp.zeros((1,)),
+      {'params': rng_unet}, jnp.zeros((1,) + tuple(input_shape)), jnp.zeros((1,)),
       jnp.zeros((1, length, text_encoder.dim)), jnp.ones((1, length), bool),
       jnp.zeros((1, text_encoder.dim)), train=False)['params']
   params = {'unet': unet_params}
@@ -66,9 +85,9 @@ def init_params(rng, *, unet, text_encoder, image_size: int) -> dict:
   return params
 
 
-def init_state(rng, *, unet, text_encoder, tx, image_size: int) -> TrainState:
+def init_state(rng, *, unet, text_encoder, tx, input_shape: tuple[int, int, int]) -> TrainState:
   """Initial boxed train state; jit/eval_shape it, do not call eagerly."""
-  params = init_params(rng, unet=unet, text_encoder=text_encoder, image_size=image_size)
+  params = init_params(rng, unet=unet, text_encoder=text_encoder, input_shape=input_shape)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     ema_params=params)
 
@@ -76,7 +95,7 @@ def init_state(rng, *, unet, text_encoder, tx, image_size: int) -> TrainState:
 def create_sharded_state(config, mesh, *, unet, text_encoder, tx):
   """Abstract state + its shardings (from logical axis names), and the jitted initialiser."""
   init = functools.partial(init_state, unet=unet, text_encoder=text_encoder, tx=tx,
-                           image_size=config.data.image_size)
+                           input_shape=diffusion_shape(config))
   boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
   shardings = sharding.tree_shardings(boxed, mesh, config.mesh.logical_axis_rules)
   abstract = nn.meta.unbox(boxed)
@@ -87,7 +106,7 @@ def create_sharded_state(config, mesh, *, unet, text_encoder, tx):
 def abstract_params(config, mesh, *, unet, text_encoder) -> Any:
   """ShapeDtypeStructs of the trainable parameters with their shardings (no optimiser state)."""
   init = functools.partial(init_params, unet=unet, text_encoder=text_encoder,
-                           image_size=config.data.image_size)
+                           input_shape=diffusion_shape(config))
   boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
   shardings = sharding.tree_shardings(boxed, mesh, config.mesh.logical_axis_rules)
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

@@ -1,0 +1,76 @@
+"""Latent diffusion end to end on a tiny random VAE: folder -> on-the-fly latents -> train ->
+sample decoded images; resume (full tier); the validation of sizes."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import images as images_config
+from configs import specs, validation
+from sampling import from_checkpoint
+from tests import image_folders
+from tests.test_models_autoencoder import write_vae
+from training import loop
+
+
+@pytest.fixture(scope='module')
+def latent_setup(tmp_path_factory):
+  root = tmp_path_factory.mktemp('latent')
+  image_folders.make_folder(root / 'images', broken=False)
+  vae_dir = write_vae(str(root / 'vae'))  # Channels (8, 16): latents of side S/2, 4 channels.
+  config = images_config.get_config('tiny')
+  config.data.path = str(root / 'images')
+  config.autoencoder.path = vae_dir
+  config.mesh.data, config.mesh.fsdp = 2, 2
+  config.logging.eval_at_end = False
+  return root, config
+
+
+@pytest.fixture(scope='module')
+def full_run(latent_setup):
+  root, config = latent_setup
+  workdir = str(root / 'full')
+  return workdir, loop.train_and_evaluate(config, workdir, devices=jax.devices()[:4])
+
+
+def test_latent_run_trains_and_samples_images(latent_setup, full_run):
+  root, _ = latent_setup
+  workdir, full = full_run
+  assert [s for s, _ in full.history] == [1, 2, 3, 4]
+  assert np.isfinite([l for _, l in full.history]).all()
+  # The U-Net works on latents: its output conv has 4 (latent) channels, not 3.
+  out_bias = jax.device_get(full.state.params['unet']['conv_out']['bias'])
+  assert out_bias.shape == (4,)
+  loaded = from_checkpoint.load(workdir)
+  assert loaded.generator.image_shape == (8, 8, 4)
+  out = str(root / 'samples')
+  recipe = specs.sampler(loaded.config).replace(num_steps=2)
+  from_checkpoint.sample_to_folder(loaded, out, ['a photo of a rgb', 'the grey picture'], recipe)
+  from PIL import Image
+  assert Image.open(os.path.join(out, '00000.png')).size == (16, 16)  # Decoded to pixels.
+  with open(os.path.join(out, 'manifest.jsonl')) as f:
+    line = json.loads(f.readline())
+  assert line['autoencoder'].startswith('vae:')
+
+
+@pytest.mark.full
+def test_latent_run_resumes_to_the_same_parameters(latent_setup, full_run):
+  root, config = latent_setup
+  _, full = full_run
+  workdir = str(root / 'resumed')
+  loop.train_and_evaluate(config, workdir, devices=jax.devices()[:4], stop_at=2)
+  resumed = loop.train_and_evaluate(config, workdir, devices=jax.devices()[:4])
+  assert [s for s, _ in resumed.history] == [3, 4]
+  for a, b in zip(jax.tree.leaves(jax.device_get(resumed.state.params)),
+                  jax.tree.leaves(jax.device_get(full.state.params))):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_image_size_must_fit_the_latent_unet(latent_setup):
+  _, config = latent_setup
+  config = config.copy_and_resolve_references()
+  config.data.image_size = 18  # Fits the pixel U-Net (18 / 2), not the latent one (9 / 2).
+  with pytest.raises(ValueError, match=r"autoencoder's downsampling \(2"):
+    validation.validate(config)
