@@ -77,6 +77,7 @@ def get_config(arg=None):
   ae.path = ''  # '' = pixel space; a diffusers AutoencoderKL folder = diffuse in its latent space.
   ae.dtype = 'float32'  # Compute dtype of the frozen autoencoder ('bfloat16' on accelerators).
   ae.decode_chunk = 8  # Latents per decoder call when sampling (the decoder is memory-hungry).
+  ae.cached_latents = True  # Use posterior moments stored in the records (data.prepare --autoencoder).
 
   # --- diffusion ------------------------------------------------------------
   config.diffusion = diff = ml_collections.ConfigDict()

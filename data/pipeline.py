@@ -158,6 +158,9 @@ class BatchLoader:
       text = raw.get('text')
       if text is not None:
         out.update({name: np.asarray(text[name][which]) for name in ('emb', 'mask', 'pooled')})
+      latent = raw.get('latent')  # Posterior moments stored by data.prepare --autoencoder.
+      if latent is not None:
+        out.update(latent_mean=np.asarray(latent['mean']), latent_logvar=np.asarray(latent['logvar']))
       return out
     raise DataError(f'{MAX_CONSECUTIVE_BAD} records in a row could not be used (from stream '
                     f'position {position}); the last: {failures[-1]}. Check data.path and '
@@ -177,7 +180,7 @@ class BatchLoader:
         'index': np.array([r['index'] for r in rows], np.int64),
         'bad': np.array([r['bad'] for r in rows], np.int32),
     }
-    for name in ('emb', 'mask', 'pooled'):
+    for name in ('emb', 'mask', 'pooled', 'latent_mean', 'latent_logvar'):
       if name in rows[0]:
         batch[name] = np.stack([r[name] for r in rows])
     return batch

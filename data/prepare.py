@@ -6,6 +6,7 @@
       --image_key=image --caption_key=captions/text --output=/data/shards/coco
   python -m data.prepare --source=webdataset --input='/data/wds/{00000..00099}.tar' --output=...
   ... --text_encoder=pretrained [--pretrained_path=DIR] [--max_len=16]   # also store embeddings
+  ... --autoencoder=VAE_DIR --image_size=256    # also store latents' posterior moments (docs/latent.md)
 
 then train with data.dataset='array_record', data.path='/data/shards/train-*.array_record'.
 
@@ -48,7 +49,7 @@ from absl import app, flags, logging
 import numpy as np
 from PIL import Image
 
-from data import images, records, sources, webdataset
+from data import images, latents, records, sources, webdataset
 from text import record_text
 
 SOURCES = ('folder', 'tfds', 'webdataset')
@@ -75,6 +76,7 @@ class Options:
   quality: int = 95  # JPEG/WebP quality when re-encoding.
   on_bad_record: str = 'skip'  # 'skip' (count it) or 'error' (the first unusable example is fatal).
   text: dict | None = None  # `text_config(...)`: store frozen-encoder embeddings of every caption.
+  latent: dict | None = None  # {'path', 'image_size', 'dtype'}: store the VAE posterior's moments.
 
   def check(self):
     if self.fmt not in FORMATS:
@@ -88,7 +90,8 @@ class Options:
 
   def settings(self) -> dict[str, Any]:
     text = self.text and {k: self.text[k] for k in ('pretrained_path', 'max_len', 'dtype')}
-    return {'max_side': self.max_side, 'format': self.fmt, 'quality': self.quality, 'text': text}
+    return {'max_side': self.max_side, 'format': self.fmt, 'quality': self.quality, 'text': text,
+            'latent': self.latent}
 
 
 def text_config(pretrained_path: str = '', max_len: int = 0) -> dict[str, Any]:
@@ -193,7 +196,8 @@ _STATE: dict[str, Any] = {}  # Per process: source, options, settings, progress 
 def _init_worker(source, opts: Options, settings: dict, report) -> None:
   """Sets this process's state; `report(n)` counts n examples done on the progress bar."""
   _STATE.clear()
-  _STATE.update(source=source, opts=opts, settings=settings, report=report, embedder=None)
+  _STATE.update(source=source, opts=opts, settings=settings, report=report, embedder=None,
+                latents=None)
 
 
 def _raw_examples(job: _Job) -> Iterator[dict[str, Any]]:
@@ -223,6 +227,8 @@ def _write_shard(job: _Job) -> dict[str, Any]:
   opts, report = _STATE['opts'], _STATE['report']
   if opts.text and _STATE['embedder'] is None:
     _STATE['embedder'] = record_text.Embedder(opts.text)
+  if opts.latent and _STATE['latents'] is None:
+    _STATE['latents'] = latents.LatentEncoder(**opts.latent)
   side = {'file': os.path.basename(job.path), 'written': 0, 'skipped': 0, 'reasons': {},
           'contents': job.contents, 'settings': _STATE['settings']}
   pending, unreported = [], 0
@@ -231,6 +237,9 @@ def _write_shard(job: _Job) -> dict[str, Any]:
     if pending and _STATE['embedder'] is not None:
       for record, text in zip(pending, _STATE['embedder']([r['captions'] for r in pending])):
         record['text'] = text
+    if pending and _STATE['latents'] is not None:
+      for record, latent in zip(pending, _STATE['latents']([r['image'] for r in pending])):
+        record['latent'] = latent
     for record in pending:
       writer.write(records.encode(record))
     side['written'] += len(pending)
@@ -411,6 +420,9 @@ def _define_flags() -> None:
   flags.DEFINE_string('text_encoder', '', "'pretrained': also store caption embeddings.")
   flags.DEFINE_string('pretrained_path', '', "Pretrained encoder folder ('': packaged MiniLM).")
   flags.DEFINE_integer('max_len', 0, 'Tokens per caption (0: configs/base.py text.max_len).')
+  flags.DEFINE_string('autoencoder', '', 'A VAE folder: also store each image\'s posterior moments.')
+  flags.DEFINE_integer('image_size', 0, '--autoencoder: the training data.image_size (centre crop).')
+  flags.DEFINE_string('autoencoder_dtype', 'float32', '--autoencoder: its compute dtype.')
   flags.DEFINE_bool('progress', True, 'Show a progress bar.')
 
 
@@ -422,8 +434,12 @@ def main(argv: Sequence[str]) -> None:
   try:
     if f.text_encoder not in ('', 'pretrained'):
       raise ValueError(f"--text_encoder={f.text_encoder!r}: use 'pretrained' (or leave it unset).")
+    if f.autoencoder and f.image_size < 1:
+      raise ValueError('--autoencoder needs --image_size: the data.image_size the run trains at.')
+    latent = (dict(path=f.autoencoder, image_size=f.image_size, dtype=f.autoencoder_dtype)
+              if f.autoencoder else None)
     options = Options(max_side=f.max_side, fmt=f.format, quality=f.quality,
-                      on_bad_record=f.on_bad_record,
+                      on_bad_record=f.on_bad_record, latent=latent,
                       text=text_config(f.pretrained_path, f.max_len) if f.text_encoder else None)
     options.check()
     source = open_source(f.source, path=f.input, caption_key=f.caption_key, tfds_name=f.tfds_name,

@@ -74,3 +74,29 @@ def test_image_size_must_fit_the_latent_unet(latent_setup):
   config.data.image_size = 18  # Fits the pixel U-Net (18 / 2), not the latent one (9 / 2).
   with pytest.raises(ValueError, match=r"autoencoder's downsampling \(2"):
     validation.validate(config)
+
+
+@pytest.mark.full
+def test_cached_posteriors_give_the_on_the_fly_loss(latent_setup):
+  """data.prepare --autoencoder stores the moments; step 1's loss matches encoding on the fly."""
+  from data import prepare, sources
+  root, config = latent_setup
+  opts = prepare.Options(latent=dict(path=config.autoencoder.path, image_size=16))
+  prepare.prepare(prepare.open_source('folder', path=config.data.path), str(root / 'shards' / 'tr'),
+                  num_shards=2, options=opts, progress=False)
+  config = config.copy_and_resolve_references()
+  config.data.update(dataset='array_record', path=str(root / 'shards' / 'tr-*.array_record'),
+                     crop='center', flip=False)
+  from training import state
+  source = sources.make(config.data)
+  assert 'latent' in source[0]
+  assert loop._cached_latents(config, source, state.build_autoencoder(config))  # pylint: disable=protected-access
+  cached = loop.train_and_evaluate(config, str(root / 'cached'), devices=jax.devices()[:4],
+                                   stop_at=1)
+  config.autoencoder.cached_latents = False
+  fly = loop.train_and_evaluate(config, str(root / 'fly'), devices=jax.devices()[:4], stop_at=1)
+  np.testing.assert_allclose(cached.history[0][1], fly.history[0][1], rtol=1e-4)
+  config.autoencoder.cached_latents = True
+  config.data.flip = True  # Moments of unflipped centre crops cannot serve flipped images.
+  with pytest.raises(sources.DataError, match='cached latents.*data.flip=False'):
+    loop.train_and_evaluate(config, str(root / 'flip'), devices=jax.devices()[:4], stop_at=1)

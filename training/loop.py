@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 from cluster import distributed
 from configs import specs, validation
 from data import pipeline, sources
+from data.sources import DataError
 from diffusion import losses
 from models import denoiser
 from training import checkpoint, metrics, sharding, state as state_lib
@@ -78,6 +79,8 @@ def diffusion_input(batch, autoencoder, vae_params, rng):
   posterior (a fresh sample every step)."""
   if autoencoder is None:
     return batch['image']
+  if 'latent_mean' in batch:  # Cached by data.prepare --autoencoder (checked at start).
+    return autoencoder.to_latents(batch['latent_mean'], batch['latent_logvar'], rng)
   mean, logvar = autoencoder.encode(vae_params, batch['image'])
   return autoencoder.to_latents(mean, logvar, rng)
 
@@ -167,8 +170,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   writer.start(state, start_step)
 
   text_inputs = text_inputs_lib.TextInputs(text_encoder, config, workdir, source)
+  latent_keys = ('latent_mean', 'latent_logvar') if _cached_latents(config, source,
+                                                                    autoencoder) else ()
   batch_shardings = {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in
-                     {'image': np.zeros((1,) * 4), 'bad': np.zeros(1), **text_inputs.null}.items()}
+                     {'image': np.zeros((1,) * 4), 'bad': np.zeros(1), **text_inputs.null,
+                      **{k: np.zeros((1,) * 4) for k in latent_keys}}.items()}
   step_fn = jax.jit(
       functools.partial(train_step, unet=unet, text_encoder=text_encoder,
                         null_inputs=text_inputs.null, tx=tx, spec=spec, config=config,
@@ -203,7 +209,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           ckpt.save(step, state, config, {'step': step, 'seed': config.data.seed}, force=True)
         logging.warning('Stopping at step %d on request; the checkpoint is saved.', step)
         break
-      local = {'image': local['image'], 'bad': local['bad'], **text_inputs(local)}
+      local = {'image': local['image'], 'bad': local['bad'], **text_inputs(local),
+               **{k: local[k] for k in latent_keys}}
       with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state, step_metrics = step_fn(state, sharding.global_batch(mesh, local), rng, frozen_text,
                                       vae_params)
@@ -231,6 +238,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if hasattr(batches, 'close'):
       batches.close()
   return TrainResult(state, writer.history)
+
+
+def _cached_latents(config, source, autoencoder) -> bool:
+  """Whether batches carry the records' stored posterior moments; refuses moments of another VAE
+  or geometry (DataError naming data.path)."""
+  if autoencoder is None or not config.autoencoder.cached_latents:
+    return False
+  try:
+    stored = source[0].get('latent')
+  except (OSError, IndexError):
+    return False
+  if stored is None:
+    return False
+  problems = []
+  if stored['encoder'] != autoencoder.fingerprint:
+    problems.append(f"they come from {stored['encoder']}, not autoencoder.path="
+                    f'{config.autoencoder.path!r} ({autoencoder.fingerprint})')
+  if int(stored['image_size']) != config.data.image_size:
+    problems.append(f"they were computed at {stored['image_size']} px, not data.image_size="
+                    f'{config.data.image_size}')
+  if config.data.crop != 'center' or config.data.flip:
+    problems.append('they are of centre crops without flips (set data.crop=center, data.flip=False)')
+  if problems:
+    raise DataError(f'data.path={config.data.path!r} holds cached latents, but '
+                    + '; '.join(problems) + '. Run data.prepare --autoencoder again, or set '
+                    'autoencoder.cached_latents=False to encode on the fly.')
+  logging.info('Latents: posterior moments cached in the records.')
+  return True
 
 
 def _ensure_tokenizer(config, workdir, source):
