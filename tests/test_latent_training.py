@@ -1,5 +1,5 @@
-"""Latent diffusion end to end on a tiny random VAE: folder -> on-the-fly latents -> train ->
-sample decoded images; resume (full tier); the validation of sizes."""
+"""Latent diffusion end to end on a tiny random VAE (full tier): folder -> on-the-fly latents ->
+train -> sample decoded images; resume; cached posteriors. The validation of sizes (default tier)."""
 import json
 import os
 
@@ -35,6 +35,7 @@ def full_run(latent_setup):
   return workdir, loop.train_and_evaluate(config, workdir, devices=jax.devices()[:4])
 
 
+@pytest.mark.full  # (The default tier keeps the VAE's unit tests; this trains and samples.)
 def test_latent_run_trains_and_samples_images(latent_setup, full_run):
   root, _ = latent_setup
   workdir, full = full_run
