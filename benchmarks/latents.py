@@ -1,0 +1,103 @@
+"""Latent diffusion's train step: latents encoded on the fly against cached posterior moments.
+
+  PYTHONPATH=. .venv/bin/python -m benchmarks.latents --config=configs/shapes.py:cpu \
+      --config.data.image_size=64 --config.autoencoder.path=runs/vae_shapes64 [--rounds=5 --steps=10]
+
+Builds the run's jitted `train_step` (training/loop.py) once and times it on two batches of the
+config's shape: images only (the frozen encoder runs in the step), and images plus stored moments
+(as `data.prepare --autoencoder` records give; the encoder is skipped). The two are timed in turn,
+A B A B, `--rounds` times `--steps` steps after a compile-and-warm-up step each; the ratio is the
+median of the per-round ratios. Prints images/s of both on the device present.
+"""
+import functools
+import json
+import statistics
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from configs import loading, specs
+from data import shapes
+from training import loop, sharding, state as state_lib, text_inputs
+
+
+def _flag(argv, name, default):
+  for arg in argv:
+    if arg.startswith(f'--{name}='):
+      return type(default)(arg.split('=', 1)[1])
+  return default
+
+
+def main(argv):
+  spec, overrides = loading.split_argv(
+      [a for a in argv[1:] if not a.startswith(('--rounds=', '--steps=', '--json_out='))],
+      'configs/shapes.py:cpu')
+  rounds, steps, json_out = _flag(argv, 'rounds', 5), _flag(argv, 'steps', 10), _flag(
+      argv, 'json_out', '')
+  config = loading.load(spec, overrides)
+  if not config.autoencoder.path:
+    sys.exit('error: set --config.autoencoder.path to a VAE folder (the latents are its).')
+  mesh = sharding.make_mesh(config.mesh)
+  unet, text_encoder = state_lib.build_models(config)
+  autoencoder = state_lib.build_autoencoder(config)
+  tx, _ = state_lib.make_optimizer(config.optim)
+  _, shardings, init_fn = state_lib.create_sharded_state(config, mesh, unet=unet,
+                                                         text_encoder=text_encoder, tx=tx)
+  frozen = None if text_encoder.trainable else text_encoder.init(None)
+  inputs = text_inputs.TextInputs(text_encoder, config, '/tmp')
+  b, s = config.data.global_batch_size, config.data.image_size
+  rng = np.random.default_rng(0)
+  latent = state_lib.diffusion_shape(config)
+  fly = {'image': rng.uniform(-1, 1, (b, s, s, 3)).astype(np.float32), 'bad': np.zeros(b, np.int32),
+         **inputs.from_captions([shapes.example('train', i, 32)[1] for i in range(b)])}
+  cached = dict(fly, latent_mean=rng.normal(size=(b,) + latent).astype(np.float32),
+                latent_logvar=np.full((b,) + latent, -4.0, np.float32))
+  vae_params = jax.device_put(autoencoder.params, sharding.NamedSharding(mesh, sharding.P()))
+  step = functools.partial(loop.train_step, unet=unet, text_encoder=text_encoder,
+                           null_inputs=inputs.null, tx=tx, spec=specs.diffusion(config),
+                           config=config, autoencoder=autoencoder)
+  results = {}
+  with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.logical_axis_rules):
+    runs = {}
+    for name, local in (('on_the_fly', fly), ('cached', cached)):
+      fn = jax.jit(step, in_shardings=(shardings, {k: sharding.batch_sharding(mesh, v.ndim)
+                                                   for k, v in local.items()}, None, None, None),
+                   out_shardings=(shardings, None), donate_argnums=(0,))
+      batch = sharding.global_batch(mesh, local)
+      state = init_fn(jax.random.PRNGKey(0))
+      t = time.perf_counter()
+      state, m = fn(state, batch, jax.random.PRNGKey(0), frozen, vae_params)
+      jax.block_until_ready(m)
+      results[f'{name}_compile_s'] = time.perf_counter() - t
+      runs[name] = [fn, batch, state, []]
+    for _ in range(rounds):
+      for name, run in runs.items():
+        fn, batch, state, rates = run
+        t = time.perf_counter()
+        for _ in range(steps):
+          state, m = fn(state, batch, jax.random.PRNGKey(0), frozen, vae_params)
+        jax.block_until_ready((state, m))
+        rates.append(steps * b / (time.perf_counter() - t))
+        run[2] = state
+  device = jax.devices()[0]
+  for name, run in runs.items():
+    results[f'{name}_img_per_s'] = statistics.median(run[3])
+    results[f'{name}_rounds'] = run[3]
+  ratio = statistics.median(c / f for c, f in zip(runs['cached'][3], runs['on_the_fly'][3]))
+  results.update(ratio_cached_over_fly=ratio, device=f'{jax.device_count()} x {device.device_kind}',
+                 batch=b, image_size=s, latent_shape=list(latent), spec=spec,
+                 overrides=list(overrides))
+  print(f"{spec} {' '.join(overrides)}\n  batch {b}, {s} px -> latents {latent} on "
+        f"{results['device']}: on the fly {results['on_the_fly_img_per_s']:.1f} img/s, cached "
+        f"{results['cached_img_per_s']:.1f} img/s, cached / on the fly {ratio:.2f} (median of "
+        f'{rounds} interleaved rounds of {steps} steps)')
+  if json_out:
+    with open(json_out, 'w') as f:
+      json.dump(results, f, indent=1)
+
+
+if __name__ == '__main__':
+  main(sys.argv)
