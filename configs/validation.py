@@ -47,15 +47,25 @@ def validate(config: ml_collections.ConfigDict):
   if config.data.image_size % factor:
     raise ValueError(f'data.image_size={config.data.image_size} must be divisible by '
                      f'model.patch_size * 2**(len(model.channel_mult)-1)={factor}.')
+  vae_factor, where = 1, ''
   if config.autoencoder.path:
     from models import vae_loading  # pylint: disable=g-import-not-at-top
     vae_factor = vae_loading.read_config(config.autoencoder.path).downsample_factor
+    where = f' / the autoencoder\'s {vae_factor}'
     if config.data.image_size % (factor * vae_factor):
       raise ValueError(
           f'data.image_size={config.data.image_size} must be divisible by the autoencoder\'s '
           f'downsampling ({vae_factor}, autoencoder.path) x model.patch_size x '
           f'2**(len(model.channel_mult)-1) = {factor * vae_factor}: the U-Net runs on latents '
           f'of side image_size / {vae_factor}.')
+  side = config.data.image_size // vae_factor // unet.patch_size
+  heights = [side // 2 ** i for i in range(len(unet.channel_mult))]
+  missing = [r for r in unet.attn_resolutions if r not in heights]
+  if missing:
+    raise ValueError(
+        f'model.attn_resolutions has {missing}, but the U-Net levels (data.image_size='
+        f'{config.data.image_size}{where} / model.patch_size={unet.patch_size}) have heights '
+        f'{heights}; use values from that list.')
   if config.autoencoder.decode_chunk < 1:
     raise ValueError('autoencoder.decode_chunk must be >= 1.')
   if config.data.num_workers < 0 or config.data.prefetch < 0:

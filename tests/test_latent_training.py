@@ -75,6 +75,10 @@ def test_image_size_must_fit_the_latent_unet(latent_setup):
   config.data.image_size = 18  # Fits the pixel U-Net (18 / 2), not the latent one (9 / 2).
   with pytest.raises(ValueError, match=r"autoencoder's downsampling \(2"):
     validation.validate(config)
+  config.data.image_size = 16  # Latents of 8 x 8: the U-Net's levels are 8 and 4 px high.
+  config.model.attn_resolutions = (16,)
+  with pytest.raises(ValueError, match=r"model.attn_resolutions has \[16\].*heights \[8, 4\]"):
+    validation.validate(config)
 
 
 @pytest.mark.full
