@@ -88,6 +88,7 @@ def test_diffusers_loads_saved_folder(saved):
   np.testing.assert_allclose(mean.numpy().transpose(0, 2, 3, 1), np.asarray(ours), atol=1e-4)
 
 
+@pytest.mark.full
 def test_train_autoencoder_learns_and_saves(tmp_path):
   data = base.get_config().data
   data.dataset, data.image_size = 'shapes_rendered', 16
