@@ -128,12 +128,7 @@ def read_config(folder: str) -> VAEConfig:
   if cls != 'AutoencoderKL':
     raise ValueError(f"{path}: _class_name={cls!r} is not supported; only diffusers' "
                      "'AutoencoderKL' (the Stable Diffusion VAE) is.")
-  kwargs = {}
-  for field in dataclasses.fields(VAEConfig):
-    if field.name in cfg and cfg[field.name] is not None:
-      kwargs[field.name] = cfg[field.name]
-    elif field.default is dataclasses.MISSING:
-      raise ValueError(f'{path}: required field {field.name!r} is missing.')
+  kwargs = weights.dataclass_fields(VAEConfig, cfg, path)
   kwargs['source'] = path
   return VAEConfig(**kwargs)
 

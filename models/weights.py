@@ -4,6 +4,7 @@ Shared by the frozen text encoders (text/pretrained.py) and the autoencoder (mod
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -66,3 +67,15 @@ def read_safetensors(folder: str, filename: str) -> tuple[dict[str, np.ndarray],
       raise FileNotFoundError(f'{path} not found: {index} lists it as a shard of the weights.')
     tensors.update(load_file(path))
   return tensors, index
+
+
+def dataclass_fields(cls, cfg: Mapping[str, Any], source: str) -> dict[str, Any]:
+  """The keyword arguments of dataclass `cls` found in a parsed config.json (None counts as
+  absent); a missing required field is a ValueError naming `source`."""
+  kwargs = {}
+  for field in dataclasses.fields(cls):
+    if field.name in cfg and cfg[field.name] is not None:
+      kwargs[field.name] = cfg[field.name]
+    elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+      raise ValueError(f'{source}: required field {field.name!r} is missing.')
+  return kwargs

@@ -129,13 +129,7 @@ def _read_tensors(folder: str) -> tuple[dict[str, np.ndarray], str]:
 
 def _config_from_json(cls, cfg: Mapping[str, Any], source: str):
   """Dataclass `cls` from the matching keys of a parsed config.json; missing required -> error."""
-  kwargs = {}
-  for field in dataclasses.fields(cls):
-    if field.name in cfg and cfg[field.name] is not None:
-      kwargs[field.name] = cfg[field.name]
-    elif field.default is dataclasses.MISSING:
-      raise ValueError(f'{source}: required field {field.name!r} is missing.')
-  out = cls(**kwargs)
+  out = cls(**weights.dataclass_fields(cls, cfg, source))
   out.validate(source)
   return out
 
