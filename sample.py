@@ -50,6 +50,11 @@ _SEED = flags.DEFINE_integer('seed', 0, 'Base seed; sample k of the run gets see
 _NUM = flags.DEFINE_integer('num', 1, 'Samples per prompt.')
 _BATCH = flags.DEFINE_integer('batch_size', 64, 'Images per device program.')
 _EMA = flags.DEFINE_bool('ema', True, 'Sample with the EMA parameters (--noema: the raw ones).')
+_SIZE = flags.DEFINE_integer('image_size', None, 'Side of the images in pixels (default: the '
+                             'trained data.image_size; another needs --allow_other_resolution).')
+_ALLOW_SIZE = flags.DEFINE_bool('allow_other_resolution', None, 'Allow --image_size to differ from '
+                                'the trained size (default: the config\'s '
+                                'data.allow_other_sample_size).')
 flags.mark_flags_as_required(['workdir'])
 
 
@@ -74,7 +79,8 @@ def _sample():
   prompts = from_checkpoint.read_prompts(prompts, _PROMPT_FILE.value)
   out = _OUT.value or os.path.join(_WORKDIR.value, 'samples_cli')
   loaded = from_checkpoint.load(_WORKDIR.value, _STEP.value, use_ema=_EMA.value,
-                                sampling_grid=_GRID.value)
+                                sampling_grid=_GRID.value, image_size=_SIZE.value,
+                                allow_other_resolution=_ALLOW_SIZE.value)
   recipe = settings.overridden(
       specs.sampler(loaded.config), sampler=_SAMPLER.value, num_steps=_STEPS.value,
       guidance_scale=_GUIDANCE.value, guidance_rescale=_RESCALE.value,

@@ -27,6 +27,7 @@ def get_config(arg=None):
   data.image_key = 'image'  # tfds: the image feature ('a/b' for a nested feature).
   data.caption_key = 'text'  # Caption field: metadata.jsonl key (folder) or tfds feature ('captions/text').
   data.image_size = 32  # Side S of the square training images, in pixels.
+  data.allow_other_sample_size = False  # Let sample.py --image_size differ from image_size.
   data.crop = 'center'  # After resizing the shorter side to S: 'center' or 'random' S x S crop.
   data.flip = False  # Random horizontal flips (off for Shapes: left/right is in the captions).
   data.upscale = True  # False: images with a side below S are bad records (skipped, or an error).

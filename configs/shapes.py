@@ -1,4 +1,5 @@
-"""Shapes benchmark (32 px), in three sizes: `cpu` (the quickstart), `gpu` and `tiny` (tests).
+"""Shapes benchmark (32 px), in three sizes: `cpu` (the quickstart), `gpu` and `tiny` (tests), and
+`latent`: the quickstart in the latent space of the demo autoencoder.
 
 Launch:
 
@@ -6,13 +7,17 @@ Launch:
   python train.py --config=configs/shapes.py:cpu --workdir=runs/shapes_cpu
   # One accelerator (or a host of 8: the batch is split over all devices).
   python train.py --config=configs/shapes.py:gpu --workdir=runs/shapes_gpu
+  # Latent space: the quickstart's U-Net on 16 x 16 x 4 latents of 64 px images, after training
+  # the demo autoencoder once (about 4 minutes; docs/latent.md).
+  python -m training.autoencoder --out=runs/vae_shapes64 --image_size=64 --steps=600
+  python train.py --config=configs/shapes.py:latent --workdir=runs/shapes_latent
   # Smoke test: 16 px, a few steps.
   python train.py --config=configs/shapes.py:tiny --workdir=/tmp/tiny
 """
 
 from configs import base
 
-VARIANTS = ('cpu', 'gpu', 'tiny')
+VARIANTS = ('cpu', 'gpu', 'tiny', 'latent')
 
 
 def get_config(arg='cpu'):
@@ -27,7 +32,7 @@ def get_config(arg='cpu'):
   config.text.vocab = 'shapes'
   config.text.max_len = 12  # [BOS] + at most 10 words.
 
-  if arg == 'cpu':
+  if arg in ('cpu', 'latent'):
     # Tuned for 2 CPU cores (BENCHMARKS.md): 2x2 patches so the U-Net runs at 16x16, two levels,
     # attention at 8x8, a large learning rate and a short EMA.
     config.data.num_train = 20_000
@@ -49,6 +54,13 @@ def get_config(arg='cpu'):
     config.logging.eval_every_steps = 0
     config.sampler.num_steps = 25
     config.sampler.guidance_scale = 2.0
+    if arg == 'latent':
+      # The same U-Net at the same 16 x 16 working size: 64 px images -> the demo autoencoder's
+      # 16 x 16 x 4 latents (encoded in the train step) instead of 32 px images in 2 x 2 patches.
+      config.data.dataset = 'shapes_rendered'
+      config.data.image_size = 64
+      config.autoencoder.path = 'runs/vae_shapes64'
+      config.model.patch_size = 1
   elif arg == 'gpu':
     config.data.num_train = 200_000
     config.data.global_batch_size = 256

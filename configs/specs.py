@@ -27,7 +27,7 @@ def diffusion(config: ml_collections.ConfigDict) -> DiffusionSpec:
 
 
 def unet(config: ml_collections.ConfigDict) -> UNetSpec:
-  return UNetSpec(**_read(UNetSpec, config, 'model'))
+  return UNetSpec(**_read(UNetSpec, config, 'model', skip=('attn_levels',)))
 
 
 def sampler(config: ml_collections.ConfigDict) -> SamplerSettings:

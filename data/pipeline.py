@@ -103,30 +103,41 @@ class Transform:
 
     Drawn only when something is random (several captions, a random crop, flips).
     """
-    captions = raw['captions']
-    if not captions:
-      raise images.BadImage('no caption')
-    random = len(captions) > 1 or self.crop == 'random' or self.flip
-    u = uniforms() if random else (0.0, 0.0, 0.0, 1.0)
+    u, which = self._draw(raw, uniforms)
     image = raw['image']
     img = images.from_array(image) if isinstance(image, np.ndarray) else images.load_rgb(image)
     crop_uv = (u[1], u[2]) if self.crop == 'random' else None
     pixels = images.fit(img, self.image_size, upscale=self.upscale, crop_uv=crop_uv,
                         flip=self.flip and u[3] < 0.5)
-    return pixels, int(u[0] * len(captions))
+    return pixels, which
+
+  def caption_only(self, raw: dict[str, Any], uniforms) -> int:
+    """The caption index `__call__` would pick, without decoding the image (cached latents)."""
+    return self._draw(raw, uniforms)[1]
+
+  def _draw(self, raw, uniforms):
+    captions = raw['captions']
+    if not captions:
+      raise images.BadImage('no caption')
+    random = len(captions) > 1 or self.crop == 'random' or self.flip
+    u = uniforms() if random else (0.0, 0.0, 0.0, 1.0)
+    return u, int(u[0] * len(captions))
 
 
 class BatchLoader:
   """step -> this process's part of global batch `step` (picklable: runs in grain workers)."""
 
   def __init__(self, source: Sequence, transform: Transform, *, seed: int, global_batch_size: int,
-               process_index: int = 0, process_count: int = 1, on_bad_record: str = 'skip'):
+               process_index: int = 0, process_count: int = 1, on_bad_record: str = 'skip',
+               images: bool = True):
     if on_bad_record not in ON_BAD_RECORD:
       raise ValueError(f'data.on_bad_record={on_bad_record!r} is not one of {ON_BAD_RECORD}.')
     self.source, self.transform = source, transform
     self.seed, self.global_batch_size = seed, global_batch_size
     self.part = process_slice(global_batch_size, process_index, process_count)
     self.on_bad_record = on_bad_record
+    # False: batches carry the records' cached latents instead of images (nothing is decoded).
+    self.images = images
     self.num_examples = len(source)
     global_batch_indices(seed, 0, global_batch_size, self.num_examples)  # Validates eagerly.
 
@@ -142,8 +153,15 @@ class BatchLoader:
       try:
         raw = self.source[index]
         key = raw.get('key', key)
-        pixels, which = self.transform(
-            raw, lambda: shapes.uniforms((_EXAMPLE_STREAM, self.seed, at), 4))
+        uniforms = lambda: shapes.uniforms((_EXAMPLE_STREAM, self.seed, at), 4)
+        if self.images:
+          pixels, which = self.transform(raw, uniforms)
+        else:
+          pixels, which = None, self.transform.caption_only(raw, uniforms)
+          if raw.get('latent') is None:
+            raise DataError(f'{key} has no cached latents, unlike the first record of the '
+                            'dataset; run data.prepare --autoencoder over all of data.path, or '
+                            'set autoencoder.cached_latents=False.')
       except (OSError, images.BadImage) as e:
         reason = str(e) or type(e).__name__
         if self.on_bad_record == 'error':
@@ -153,8 +171,9 @@ class BatchLoader:
           logging.warning('data: skipped %s: %s', key, reason)
         failures.append(f'{key}: {reason}')
         continue
-      out = {'image': pixels, 'caption': raw['captions'][which], 'index': index,
-             'bad': int(bool(failures))}
+      out = {'caption': raw['captions'][which], 'index': index, 'bad': int(bool(failures))}
+      if pixels is not None:
+        out['image'] = pixels
       text = raw.get('text')
       if text is not None:
         out.update({name: np.asarray(text[name][which]) for name in ('emb', 'mask', 'pooled')})
@@ -170,16 +189,17 @@ class BatchLoader:
     positions = int(step) * self.global_batch_size + np.arange(self.part.start, self.part.stop)
     indices = stream_indices(self.seed, positions, self.num_examples)
     rows = [self.example(int(p), int(i)) for p, i in zip(positions, indices)]
-    image = _batch_array((len(rows),) + rows[0]['image'].shape, np.float32)
-    for j, r in enumerate(rows):  # x / 127.5 - 1 in float32, written in place.
-      np.divide(r['image'], np.float32(127.5), out=image[j], dtype=np.float32)
-    np.subtract(image, np.float32(1.0), out=image)
     batch = {
-        'image': image,
         'caption': np.array([r['caption'] for r in rows], dtype=str),
         'index': np.array([r['index'] for r in rows], np.int64),
         'bad': np.array([r['bad'] for r in rows], np.int32),
     }
+    if self.images:
+      image = _batch_array((len(rows),) + rows[0]['image'].shape, np.float32)
+      for j, r in enumerate(rows):  # x / 127.5 - 1 in float32, written in place.
+        np.divide(r['image'], np.float32(127.5), out=image[j], dtype=np.float32)
+      np.subtract(image, np.float32(1.0), out=image)
+      batch['image'] = image
     for name in ('emb', 'mask', 'pooled', 'latent_mean', 'latent_logvar'):
       if name in rows[0]:
         batch[name] = np.stack([r[name] for r in rows])
@@ -203,13 +223,14 @@ def _batch_array(shape: tuple[int, ...], dtype) -> np.ndarray:
   return np.empty(shape, dtype)
 
 
-def make_loader(cfg, source: Sequence, process_index: int = 0,
-                process_count: int = 1) -> BatchLoader:
-  """The BatchLoader of `config.data` over `source` (from `sources.make`)."""
+def make_loader(cfg, source: Sequence, process_index: int = 0, process_count: int = 1, *,
+                images: bool = True) -> BatchLoader:
+  """The BatchLoader of `config.data` over `source` (from `sources.make`); `images=False`: the
+  batches carry the records' cached latents and no images."""
   transform = Transform(cfg.image_size, cfg.crop, cfg.flip, cfg.upscale)
   return BatchLoader(source, transform, seed=cfg.seed, global_batch_size=cfg.global_batch_size,
                      process_index=process_index, process_count=process_count,
-                     on_bad_record=cfg.on_bad_record)
+                     on_bad_record=cfg.on_bad_record, images=images)
 
 
 def make_source(cfg, split: str = 'train') -> Sequence:

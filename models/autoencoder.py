@@ -43,6 +43,8 @@ class VAEConfig:
   sample_size: int | tuple[int, ...] = 32
   scaling_factor: float = 0.18215
   shift_factor: float = 0.0  # None/absent in config.json -> 0 (SD3/Flux VAEs set it).
+  latents_mean: tuple[float, ...] | None = None  # Per-channel statistics some VAEs ship (e.g.
+  latents_std: tuple[float, ...] | None = None   # Playground's): z -> (z - mean) * scale / std.
   down_block_types: tuple[str, ...] = ()
   up_block_types: tuple[str, ...] = ()
   mid_block_add_attention: bool = True
@@ -85,6 +87,23 @@ class VAEConfig:
       object.__setattr__(self, name, float(value))
     if self.scaling_factor <= 0:
       raise ValueError(f'{src}: scaling_factor={self.scaling_factor} must be positive.')
+    if (self.latents_mean is None) != (self.latents_std is None):
+      raise ValueError(f'{src}: latents_mean and latents_std must be given together (or both '
+                       'null).')
+    for name in ('latents_mean', 'latents_std'):
+      value = getattr(self, name)
+      if value is None:
+        continue
+      if (not isinstance(value, (list, tuple)) or len(value) != self.latent_channels
+          or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value)):
+        raise ValueError(f'{src}: {name} must be a list of {self.latent_channels} numbers (one '
+                         f'per latent channel), got {value!r}.')
+      object.__setattr__(self, name, tuple(float(v) for v in value))
+    if self.latents_std is not None and min(self.latents_std) <= 0:
+      raise ValueError(f'{src}: latents_std={list(self.latents_std)} must be positive.')
+    if self.latents_mean is not None and self.shift_factor:
+      raise ValueError(f'{src}: shift_factor and latents_mean are both set; a VAE uses one or '
+                       'the other.')
     for name in ('mid_block_add_attention', 'use_quant_conv', 'use_post_quant_conv',
                  'force_upcast'):
       if not isinstance(getattr(self, name), bool):

@@ -100,7 +100,8 @@ def _heads(spec: UNetSpec, width: int) -> tuple[int, int]:
   return spec.num_heads, width // spec.num_heads
 
 
-def _check_inputs(spec: UNetSpec, x, c_noise, context, context_mask, pooled) -> None:
+def _check_inputs(spec: UNetSpec, x, c_noise, context, context_mask, pooled,
+                  fixed_levels: bool = False) -> None:
   if x.ndim != 4:
     raise ValueError(f'UNet input x must be NHWC [B, H, W, C], got shape {x.shape}.')
   b, hgt, wid, _ = x.shape
@@ -114,7 +115,7 @@ def _check_inputs(spec: UNetSpec, x, c_noise, context, context_mask, pooled) -> 
         f'levels in model.channel_mult={spec.channel_mult} or another image size.')
   sizes = [hgt // 2 ** i for i in range(len(spec.channel_mult))]
   missing = [r for r in spec.attn_resolutions if r not in sizes]
-  if missing:
+  if missing and not fixed_levels:
     raise ValueError(
         f'model.attn_resolutions has {missing}, but at {hgt}x{wid} (after model.patch_size) the '
         'U-Net levels have '
@@ -132,13 +133,17 @@ def _check_inputs(spec: UNetSpec, x, c_noise, context, context_mask, pooled) -> 
 class UNet(nn.Module):
   """Text-conditioned U-Net built from its `UNetSpec`."""
   spec: UNetSpec
+  # Levels (0 = the input's resolution) with attention, fixed from the training size by
+  # `training.state.build_models` so that sampling at another size keeps them; None: the levels
+  # whose height is in spec.attn_resolutions at the input's size.
+  attn_levels: tuple[int, ...] | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, c_noise: jax.Array, context: jax.Array,
                context_mask: jax.Array, pooled: jax.Array, *, train: bool) -> jax.Array:
     """x [B,H,W,C], c_noise [B], context [B,L,Dt], context_mask [B,L], pooled [B,Dt] -> [B,H,W,C] f32."""
     spec = self.spec
-    _check_inputs(spec, x, c_noise, context, context_mask, pooled)
+    _check_inputs(spec, x, c_noise, context, context_mask, pooled, self.attn_levels is not None)
     dt, pdt, ch = spec.compute_dtype, spec.weight_dtype, spec.channels
     res_cls, attn_cls = layers.ResBlock, SpatialAttention
     if spec.remat:  # self=0, x=1, emb=2, train=3 (static).
@@ -169,10 +174,13 @@ class UNet(nn.Module):
     h = layers.constrain(layers.conv(ch, 3, dt, pdt, name='conv_in')(x.astype(dt)))
     skips = [h]
     last = len(spec.channel_mult) - 1
+    attn_levels = self.attn_levels
+    if attn_levels is None:
+      attn_levels = [lv for lv in range(last + 1) if h.shape[1] // 2 ** lv in spec.attn_resolutions]
     for level, mult in enumerate(spec.channel_mult):
       for i in range(spec.num_res_blocks):
         h = res_block(h, ch * mult, f'down_{level}_res_{i}')
-        if h.shape[1] in spec.attn_resolutions:
+        if level in attn_levels:
           h = attn_block(h, f'down_{level}_attn_{i}')
         skips.append(h)
       if level != last:
@@ -187,7 +195,7 @@ class UNet(nn.Module):
       for i in range(spec.num_res_blocks + 1):
         h = jnp.concatenate([h, skips.pop()], axis=-1)
         h = res_block(h, ch * spec.channel_mult[level], f'up_{level}_res_{i}')
-        if h.shape[1] in spec.attn_resolutions:
+        if level in attn_levels:
           h = attn_block(h, f'up_{level}_attn_{i}')
       if level != 0:
         h = layers.Upsample(dt, pdt, name=f'up_{level}_upsample')(h)

@@ -13,7 +13,8 @@ returns a `PretrainedVAE` whose functions are pure and jittable:
 
 Latent scaling follows Rombach et al. 2022 (arXiv:2112.10752, sec. 4.3.2): z = (x - shift) * scale
 with `scaling_factor` (SD: 0.18215, SDXL: 0.13025) and `shift_factor` (0 unless config.json sets
-it).
+it); a VAE whose config.json gives per-channel `latents_mean`/`latents_std` uses
+(x - latents_mean) * scaling_factor / latents_std instead, as diffusers' pipelines do.
 
 `save_vae(folder, config, params, scaling_factor=...)` writes the same layout back (a VAE trained
 here, e.g. by training/autoencoder.py), readable by `load_vae` and by diffusers.
@@ -77,14 +78,25 @@ class PretrainedVAE:
     out = jax.lax.map(lambda zc: self.decode(params, zc), z.reshape((n, chunk) + z.shape[1:]))
     return out.reshape((n * chunk,) + out.shape[2:])[:b]
 
+  def _affine(self) -> tuple[Any, Any]:
+    """(shift, scale) of z -> (z - shift) * scale, per channel where latents_mean/std are set
+    (as diffusers' SDXL pipeline applies them), else shift_factor and scaling_factor."""
+    cfg = self.config
+    if cfg.latents_mean is None:
+      return cfg.shift_factor, cfg.scaling_factor
+    return (np.asarray(cfg.latents_mean, np.float32),
+            cfg.scaling_factor / np.asarray(cfg.latents_std, np.float32))
+
   def to_latents(self, mean: jax.Array, logvar: jax.Array, rng: jax.Array) -> jax.Array:
-    """A posterior sample in diffusion space: (z - shift_factor) * scaling_factor."""
+    """A posterior sample in diffusion space: (z - shift) * scale (see `_affine`)."""
     z = DiagonalGaussian(mean, logvar).sample(rng)
-    return (z - self.config.shift_factor) * self.config.scaling_factor
+    shift, scale = self._affine()
+    return (z - shift) * scale
 
   def from_latents(self, z: jax.Array) -> jax.Array:
-    """Diffusion-space latents -> the decoder's input: z / scaling_factor + shift_factor."""
-    return z.astype(jnp.float32) / self.config.scaling_factor + self.config.shift_factor
+    """Diffusion-space latents -> the decoder's input: z / scale + shift."""
+    shift, scale = self._affine()
+    return z.astype(jnp.float32) / scale + shift
 
   def _check(self, x: Any, channels: int, multiple: int, name: str) -> None:
     shape = tuple(x.shape)
@@ -317,8 +329,8 @@ def diffusers_config(config: VAEConfig) -> dict[str, Any]:
       'sample_size': list(sample_size) if isinstance(sample_size, tuple) else sample_size,
       'scaling_factor': config.scaling_factor,
       'shift_factor': config.shift_factor or None,  # SD's VAEs: null (= 0).
-      'latents_mean': None,
-      'latents_std': None,
+      'latents_mean': list(config.latents_mean) if config.latents_mean else None,
+      'latents_std': list(config.latents_std) if config.latents_std else None,
       'force_upcast': config.force_upcast,
       'use_quant_conv': config.use_quant_conv,
       'use_post_quant_conv': config.use_post_quant_conv,

@@ -31,13 +31,18 @@ class Loaded(NamedTuple):
 
 
 def load(workdir: str, step: int | None = None, *, use_ema: bool = True,
-         sampling_grid: str | None = None) -> Loaded:
+         sampling_grid: str | None = None, image_size: int | None = None,
+         allow_other_resolution: bool | None = None) -> Loaded:
   """Reads the saved config and only the (EMA) parameters of a checkpoint, over all devices.
 
   `sampling_grid` (e.g. 'karras') samples on another grid than the run's diffusion.sampling_grid.
+  `image_size` (default: the trained data.image_size) samples at another size; that is refused
+  unless `allow_other_resolution` (default: the config's data.allow_other_sample_size).
   """
   ckpt = checkpoint.Checkpointer(workdir, read_only=True)
   config = ckpt.restore_config(step)
+  if image_size is not None:
+    check_resolution(config, image_size, allow_other_resolution)
   mesh = sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})  # Data-parallel over all.
   unet, text_encoder = state.build_models(config, workdir=workdir)
   abstract = state.abstract_params(config, mesh, unet=unet, text_encoder=text_encoder)
@@ -47,10 +52,27 @@ def load(workdir: str, step: int | None = None, *, use_ema: bool = True,
   spec = specs.diffusion(config)
   if sampling_grid:
     spec = spec.replace(sampling_grid=sampling_grid)
-  gen = generate.Generator(unet, text_encoder, spec, config.data.image_size, mesh,
+  gen = generate.Generator(unet, text_encoder, spec, image_size or config.data.image_size, mesh,
                            autoencoder=state.build_autoencoder(config),
                            decode_chunk=config.autoencoder.decode_chunk)
   return Loaded(config, gen, params['unet'], text_params, ckpt_step)
+
+
+def check_resolution(config: ml_collections.ConfigDict, image_size: int,
+                     allow: bool | None = None) -> None:
+  """Raises ValueError if `image_size` is not the trained one and that is not allowed, or does not
+  fit the U-Net (and the autoencoder)."""
+  from configs import validation  # pylint: disable=g-import-not-at-top
+  trained = config.data.image_size
+  allow = config.data.allow_other_sample_size if allow is None else allow
+  if image_size != trained and not allow:
+    raise ValueError(
+        f'--image_size={image_size}: this model was trained at {trained} px (data.image_size), '
+        'and a diffusion model sampled at another size usually makes worse images (objects '
+        'repeated or cut). Pass --allow_other_resolution (or train with '
+        'data.allow_other_sample_size=True) to sample at it anyway.')
+  # The attention levels stay those of the trained size (training.state.build_models).
+  validation.check_image_size(config, image_size, '--image_size', attention=False)
 
 
 def read_prompts(prompts: Sequence[str], prompt_file: str | None) -> list[str]:
@@ -78,7 +100,7 @@ def sample_to_folder(loaded: Loaded, out_dir: str, prompts: Sequence[str],
           for j in range(samples_per_prompt)]
   # What every manifest line records besides its file, prompt and seed.
   record = {**recipe.record(), 'grid': schedules.effective_grid(gen.spec, recipe.name),
-            'checkpoint_step': loaded.step}
+            'checkpoint_step': loaded.step, 'image_size': gen.image_size}
   if gen.vae is not None:  # Latent diffusion: which autoencoder decoded the samples.
     record['autoencoder'] = gen.vae.fingerprint
   os.makedirs(out_dir, exist_ok=True)

@@ -35,6 +35,7 @@ class Generator:
     self.text = text_encoder
     self.spec = spec
     self.vae, self.decode_chunk = autoencoder, decode_chunk
+    self.image_size = image_size
     self.vae_params = None
     if autoencoder is None:
       self.image_shape = (image_size, image_size, 3)

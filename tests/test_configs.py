@@ -15,8 +15,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize('variant', shapes.VARIANTS)
-def test_every_variant_validates(variant):
-  validation.validate(shapes.get_config(variant))
+def test_every_variant_validates(variant, tmp_path):
+  config = shapes.get_config(variant)
+  if config.autoencoder.path:  # `latent`: a VAE of the demo's geometry (64 px -> 16 x 16 x 4).
+    from tests.test_models_autoencoder import TINY, write_vae  # pylint: disable=g-import-not-at-top
+    config.autoencoder.path = write_vae(str(tmp_path / 'vae'), dict(
+        TINY, block_out_channels=[8, 16, 16], down_block_types=['DownEncoderBlock2D'] * 3,
+        up_block_types=['UpDecoderBlock2D'] * 3))
+  validation.validate(config)
 
 
 @pytest.mark.parametrize('variant', images.VARIANTS)

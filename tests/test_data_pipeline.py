@@ -131,3 +131,28 @@ def test_config_errors_name_the_field():
     pipeline.make_loader(data_config(crop='middle'), source)
   with pytest.raises(ValueError, match='data.on_bad_record'):
     pipeline.make_loader(data_config(on_bad_record='ignore'), source)
+
+
+def test_cached_latents_are_loaded_without_decoding_images():
+  """images=False (a run on cached latents): the batch carries the stored moments and the same
+  captions, and the image bytes are never decoded (here they are not an image at all)."""
+  rng = np.random.default_rng(0)
+  records = [{'key': f'r{i}', 'image': rng.integers(0, 255, (8, 8, 3), np.uint8),
+              'captions': [f'caption {i}a', f'caption {i}b'],
+              'latent': {'mean': np.full((2, 2, 4), i, np.float32),
+                         'logvar': np.zeros((2, 2, 4), np.float32)}} for i in range(12)]
+  transform = pipeline.Transform(8)
+  with_images = pipeline.BatchLoader(records, transform, seed=3, global_batch_size=4)
+  undecodable = [dict(r, image=b'not an image') for r in records]
+  latents_only = pipeline.BatchLoader(undecodable, transform, seed=3, global_batch_size=4,
+                                      images=False)
+  for step in range(4):
+    a, b = with_images(step), latents_only(step)
+    assert 'image' in a and 'image' not in b
+    np.testing.assert_array_equal(a['caption'], b['caption'])
+    np.testing.assert_array_equal(b['latent_mean'][:, 0, 0, 0], b['index'])
+    assert not b['bad'].any()
+  no_latent = [dict(r, latent=None) if i == 5 else r for i, r in enumerate(undecodable)]
+  loader = pipeline.BatchLoader(no_latent, transform, seed=3, global_batch_size=12, images=False)
+  with pytest.raises(pipeline.DataError, match='r5 has no cached latents'):
+    loader(0)

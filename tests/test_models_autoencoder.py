@@ -223,6 +223,23 @@ def test_latent_scaling_round_trip(tmp_path, images):
   np.testing.assert_allclose(vae.from_latents(z), mean, atol=1e-5)
 
 
+def test_per_channel_latent_statistics(tmp_path, images):
+  """config.json's latents_mean/latents_std: (z - mean) * scaling_factor / std per channel, as
+  diffusers' pipelines apply them; save_vae writes them back."""
+  mu, sd = [0.1, -0.2, 0.3, 0.0], [1.0, 2.0, 0.5, 4.0]
+  vae = vae_loading.load_vae(write_vae(tmp_path / 'stats', dict(TINY, scaling_factor=0.5,
+                                                                latents_mean=mu, latents_std=sd)))
+  assert vae.config.latents_mean == tuple(mu) and vae.config.latents_std == tuple(sd)
+  mean, _ = vae.encode(vae.params, images)
+  z = vae.to_latents(mean, jnp.full_like(mean, -30.0), jax.random.key(0))
+  np.testing.assert_allclose(z, (mean - np.array(mu)) * 0.5 / np.array(sd), atol=1e-5)
+  np.testing.assert_allclose(vae.from_latents(z), mean, atol=1e-5)
+  saved = vae_loading.save_vae(tmp_path / 'saved', vae.config, vae.params)
+  with open(os.path.join(saved, 'config.json')) as f:
+    written = json.load(f)
+  assert written['latents_mean'] == mu and written['latents_std'] == sd
+
+
 # ----------------------------------------------------------------------------- loader
 
 
@@ -294,9 +311,13 @@ def test_missing_files(tmp_path, tiny_dir):
     ('_class_name', 'AutoencoderTiny', "_class_name='AutoencoderTiny' is not supported"),
     ('norm_num_groups', 3, 'norm_num_groups=3 must divide'),
     ('block_out_channels', None, "required field 'block_out_channels'"),
+    ('latents_mean', [0.0] * 4, 'latents_mean and latents_std must be given together'),
+    ('latents_mean', [0.0] * 3, 'latents_mean must be a list of 4 numbers'),
 ])
 def test_unsupported_config(tmp_path, tiny_dir, field, value, match):
   cfg = dict(TINY, **{field: value})
+  if field == 'latents_mean' and len(value) == 3:
+    cfg['latents_std'] = [1.0] * 4
   folder = tmp_path / 'bad'
   os.makedirs(folder)
   with open(folder / 'config.json', 'w') as f:
@@ -357,3 +378,24 @@ def test_matches_diffusers(tmp_path, overrides):
   assert np.max(np.abs(np.asarray(logvar) - nhwc(dist.logvar))) <= 1e-4
   out = ours.decode(ours.params, jnp.asarray(nhwc(z)))
   assert np.max(np.abs(np.asarray(out) - nhwc(decoded))) <= 1e-4
+
+
+def test_frozen_weights_are_split_over_fsdp(vae, images):
+  """On a (data 2, fsdp 4) mesh the VAE's larger kernels are split over 'fsdp' on their output
+  channels, small arrays are replicated, and the jitted encoder gives the unsharded result."""
+  import ml_collections
+  from training import sharding
+  mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': 2, 'fsdp': 4, 'tensor': 1,
+                                                       'dcn_data': 1, 'dcn_fsdp': 1}))
+  placed = sharding.put_frozen(vae.params, mesh)
+  conv = placed['decoder']['up_0_res_0']['conv1']['kernel']  # 3x3x16x16 = 2304 elements.
+  assert conv.sharding.spec == sharding.P()  # Below min_size: replicated.
+  small = sharding.frozen_shardings(vae.params, mesh, min_size=1000)
+  assert small['decoder']['up_0_res_0']['conv1']['kernel'].spec == sharding.P(
+      None, None, None, 'fsdp')
+  assert small['decoder']['up_0_res_0']['conv1']['bias'].spec == sharding.P()  # 16 elements.
+  split = jax.tree.map(lambda x, s: jax.device_put(x, s), vae.params, small)
+  assert len(split['decoder']['up_0_res_0']['conv1']['kernel'].addressable_shards[0].data
+             .reshape(-1)) == 2304 // 4
+  mean, _ = jax.jit(vae.encode)(split, images)
+  np.testing.assert_allclose(mean, vae.encode(vae.params, images)[0], atol=1e-5)

@@ -219,3 +219,22 @@ def test_sampler_benchmark_runs_on_a_workdir(workdir, tmp_path, monkeypatch):
   assert raw['guidance_rescale'] == 0.5 and raw['threshold'] == 0.0
   assert thresholded and set(thresholded) == {0.0}  # 0 is static clipping, not 'off' or 99.5.
   assert loaded == [{'use_ema': False, 'sampling_grid': None}]
+
+
+def test_another_resolution_is_refused_unless_allowed(workdir, tmp_path):
+  """The tiny model trained at 16 px (attention at 8 px, level 1): --image_size=32 is refused with
+  the trained size named, and when allowed, samples 32 px images with attention at the same level
+  (8 px at training, 16 px here) from the same parameters."""
+  with pytest.raises(ValueError, match=r'--image_size=32: this model was trained at 16 px '
+                                       r'\(data.image_size\).*--allow_other_resolution'):
+    from_checkpoint.load(workdir, image_size=32)
+  with pytest.raises(ValueError, match='--image_size=17 must be divisible by'):
+    from_checkpoint.load(workdir, image_size=17, allow_other_resolution=True)
+  big = from_checkpoint.load(workdir, image_size=32, allow_other_resolution=True)
+  assert big.generator.unet.attn_levels == (1,)
+  out = str(tmp_path / 'big')
+  sample_to_folder(big, out, ['a red square'], num_steps=2)
+  from PIL import Image
+  assert Image.open(os.path.join(out, '00000.png')).size == (32, 32)
+  assert json.loads(open(os.path.join(out, 'manifest.jsonl')).readline())['image_size'] == 32
+  assert from_checkpoint.load(workdir, image_size=16).generator.image_size == 16  # As trained.

@@ -95,8 +95,8 @@ def train_step(state: TrainState, batch, rng, frozen_text_params, vae_params=Non
   rng = jax.random.fold_in(rng, state.step)
   rng_drop, rng_loss, rng_dropout = jax.random.split(rng, 3)
   rng_latent = jax.random.fold_in(rng, _LATENT_STREAM)  # (Pixel-space runs draw as before.)
-  batch_size = batch['image'].shape[0]
   x = diffusion_input(batch, autoencoder, vae_params, rng_latent)
+  batch_size = x.shape[0]
 
   def loss_fn(params):
     cond = text_condition(text_encoder, params, frozen_text_params, batch)
@@ -151,12 +151,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   tx, lr_schedule = state_lib.make_optimizer(config.optim)
   abstract, shardings, init_fn = state_lib.create_sharded_state(
       config, mesh, unet=unet, text_encoder=text_encoder, tx=tx)
-  frozen_text = vae_params = None
-  replicated = sharding.NamedSharding(mesh, sharding.P())
+  frozen_text = vae_params = None  # Frozen weights: split over 'fsdp' like the trained ones.
   if not text_encoder.trainable:
-    frozen_text = jax.device_put(text_encoder.init(None), replicated)
+    frozen_text = sharding.put_frozen(text_encoder.init(None), mesh)
   if autoencoder is not None:
-    vae_params = jax.device_put(autoencoder.params, replicated)
+    vae_params = sharding.put_frozen(autoencoder.params, mesh)
 
   ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
   if ckpt.latest_step() is not None:
@@ -170,11 +169,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   writer.start(state, start_step)
 
   text_inputs = text_inputs_lib.TextInputs(text_encoder, config, workdir, source)
-  latent_keys = ('latent_mean', 'latent_logvar') if _cached_latents(config, source,
-                                                                    autoencoder) else ()
+  # Cached latents: the batches carry posterior moments instead of images (nothing is decoded).
+  array_keys = (('latent_mean', 'latent_logvar') if _cached_latents(config, source, autoencoder)
+                else ('image',))
   batch_shardings = {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in
-                     {'image': np.zeros((1,) * 4), 'bad': np.zeros(1), **text_inputs.null,
-                      **{k: np.zeros((1,) * 4) for k in latent_keys}}.items()}
+                     {'bad': np.zeros(1), **text_inputs.null,
+                      **{k: np.zeros((1,) * 4) for k in array_keys}}.items()}
   step_fn = jax.jit(
       functools.partial(train_step, unet=unet, text_encoder=text_encoder,
                         null_inputs=text_inputs.null, tx=tx, spec=spec, config=config,
@@ -188,7 +188,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     text_params = params['text'] if text_encoder.trainable else frozen_text
     return evaluator(step, unet, text_encoder, params['unet'], text_params, mesh)
 
-  loader = pipeline.make_loader(config.data, source, jax.process_index(), jax.process_count())
+  loader = pipeline.make_loader(config.data, source, jax.process_index(), jax.process_count(),
+                                images='image' in array_keys)
   batches = pipeline.iterate(loader, start_step, config.optim.num_steps,
                              prefetch=config.data.prefetch, num_workers=config.data.num_workers)
   num_steps = config.optim.num_steps
@@ -209,8 +210,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           ckpt.save(step, state, config, {'step': step, 'seed': config.data.seed}, force=True)
         logging.warning('Stopping at step %d on request; the checkpoint is saved.', step)
         break
-      local = {'image': local['image'], 'bad': local['bad'], **text_inputs(local),
-               **{k: local[k] for k in latent_keys}}
+      local = {'bad': local['bad'], **text_inputs(local), **{k: local[k] for k in array_keys}}
       with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state, step_metrics = step_fn(state, sharding.global_batch(mesh, local), rng, frozen_text,
                                       vae_params)

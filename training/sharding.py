@@ -97,6 +97,30 @@ def tree_shardings(abstract_boxed: Any, mesh: Mesh, rules) -> Any:
   return shardings
 
 
+def frozen_shardings(params: Any, mesh: Mesh, min_size: int = 1 << 14) -> Any:
+  """Shardings of a frozen, unannotated parameter tree (a pretrained VAE or text encoder): like
+  the trained ones under FSDP, each array of at least `min_size` elements is split over 'fsdp'
+  along its last axis divisible by the fsdp size (a kernel's output channels); the rest, and
+  everything when fsdp is 1, is replicated. XLA gathers a weight where it is used."""
+  n = mesh.shape.get('fsdp', 1)
+
+  def spec(x):
+    shape = np.shape(x)
+    if n > 1 and math.prod(shape) >= min_size:
+      for axis in reversed(range(len(shape))):
+        if shape[axis] % n == 0:
+          return NamedSharding(mesh, P(*([None] * axis + ['fsdp'])))
+    return NamedSharding(mesh, P())
+  return jax.tree.map(spec, params)
+
+
+def put_frozen(params: Any, mesh: Mesh) -> Any:
+  """`params` placed on `mesh` with `frozen_shardings` (one process's full copy in, global out)."""
+  host = jax.tree.map(np.asarray, params)
+  return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i: x[i]),
+                      host, frozen_shardings(host, mesh))
+
+
 def batch_spec(ndim: int) -> P:
   """Batch arrays: leading axis over ('data', 'fsdp'), the rest replicated."""
   return P(('data', 'fsdp'), *([None] * (ndim - 1)))

@@ -32,7 +32,11 @@ class TrainState:
 
 def build_models(config, workdir=None) -> tuple[UNet, encoders.TextEncoder]:
   """The U-Net and the text encoder named by the config (`workdir`: where text.vocab='bpe' is)."""
-  return UNet(specs.unet(config)), encoders.build(config.text, workdir=workdir)
+  spec = specs.unet(config)
+  side = diffusion_shape(config)[0] // spec.patch_size  # The U-Net's level-0 height in training.
+  levels = tuple(lv for lv in range(len(spec.channel_mult))
+                 if side // 2 ** lv in spec.attn_resolutions)
+  return UNet(spec, attn_levels=levels), encoders.build(config.text, workdir=workdir)
 
 
 def build_autoencoder(config):
