@@ -52,6 +52,7 @@ _BATCH = flags.DEFINE_integer('batch_size', 64, 'Images per device program.')
 _EMA = flags.DEFINE_bool('ema', True, 'Sample with the EMA parameters (--noema: the raw ones).')
 _SIZE = flags.DEFINE_integer('image_size', None, 'Side of the images in pixels (default: the '
                              'trained data.image_size; another needs --allow_other_resolution).')
+_VERBOSE = flags.DEFINE_bool('verbose', False, 'On an error, print the whole traceback.')
 _ALLOW_SIZE = flags.DEFINE_bool('allow_other_resolution', None, 'Allow --image_size to differ from '
                                 'the trained size (default: the config\'s '
                                 'data.allow_other_sample_size).')
@@ -59,19 +60,44 @@ flags.mark_flags_as_required(['workdir'])
 
 
 def main(argv):
-  del argv
-  try:
-    _sample()
-  except (ValueError, FileNotFoundError) as e:  # Bad flags, prompts or workdir: one line.
-    sys.exit(f'error: {e}')
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  _check_flags()  # Before anything is loaded.
+  from training import console
+  console.quiet_library_noise()
+  # Bad flags, prompts or workdir, a damaged checkpoint: one `error:` line (no traceback).
+  console.run_or_exit(_sample, verbose=_VERBOSE.value)
+
+
+def _check_flags():
+  """Flag values that can never work: one `error:` line at once, before anything is loaded."""
+  problems = []
+  for flag, low in ((_NUM, 1), (_BATCH, 1), (_STEPS, 1), (_SIZE, 1)):
+    if flag.value is not None and flag.value < low:
+      problems.append(f'--{flag.name}={flag.value} must be >= {low}')
+  if _GUIDANCE.value is not None and _GUIDANCE.value < 0:
+    problems.append(f'--guidance={_GUIDANCE.value} must be >= 0 (0: unconditional, 1: '
+                    'conditional only, > 1: guided)')
+  if _THRESHOLD.value is not None and not 0 <= _THRESHOLD.value <= 100:
+    problems.append(f'--threshold={_THRESHOLD.value} must be a percentile in [0, 100]')
+  if _INTERVAL.value is not None:
+    try:
+      lo, hi = (float(v) for v in _INTERVAL.value)
+      if lo > hi:
+        raise ValueError
+    except ValueError:
+      problems.append(f'--guidance_interval={",".join(_INTERVAL.value)} must be lo,hi with lo <= '
+                      'hi (log-SNR)')
+  if not os.path.isdir(_WORKDIR.value):
+    problems.append(f'--workdir={_WORKDIR.value}: no such folder')
+  if problems:
+    sys.exit('error: ' + '; '.join(problems) + '.')
 
 
 def _sample():
   from configs import specs
   from diffusion import spec as settings
   from sampling import from_checkpoint
-  from training import console
-  console.quiet_library_logs()
   prompts = list(_PROMPT.value)
   if _BENCH.value:
     from evaluation import shapes_scorer

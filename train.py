@@ -18,28 +18,29 @@ from configs import loading  # noqa: E402
 _DEFAULT_CONFIG = 'configs/shapes.py:cpu'
 _CONFIG = config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'Config file[:variant].')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and samples go here.')
+_VERBOSE = flags.DEFINE_bool('verbose', False, 'On an error, print the whole traceback (it always '
+                             'goes to WORKDIR/error.log).')
 flags.mark_flags_as_required(['workdir'])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  from evaluation import sample_grid  # Heavy imports after flag parsing.
-  from data.sources import DataError
-  from training import console, loop
-  console.quiet_library_logs()
+  from training import console  # Heavy imports after flag parsing.
+  console.quiet_library_noise()
+  # A bad value, file or workdir, or a diverging run: one `error:` line (no traceback).
+  console.run_or_exit(_train, verbose=_VERBOSE.value, log_dir=_WORKDIR.value)
+
+
+def _train():
+  from evaluation import sample_grid
+  from training import loop
   config = _CONFIG.value
   logging.info('Config:\n%s', config)
   evaluator = None
   if config.logging.eval_every_steps or config.logging.eval_at_end:
-    try:
-      evaluator = sample_grid.SampleGridEvaluator(config)  # Before training, not after it.
-    except (ValueError, FileNotFoundError) as e:
-      sys.exit(f'error: {e}')
-  try:
-    loop.train_and_evaluate(config, _WORKDIR.value, evaluator=evaluator)
-  except (DataError, FileNotFoundError) as e:  # Bad data or a missing file: one line, no traceback.
-    sys.exit(f'error: {e}')
+    evaluator = sample_grid.SampleGridEvaluator(config)  # Before training, not after it.
+  loop.train_and_evaluate(config, _WORKDIR.value, evaluator=evaluator)
 
 
 def _precheck(argv):

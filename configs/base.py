@@ -52,6 +52,7 @@ def get_config(arg=None):
   text.dtype = 'float32'  # Compute dtype of the encoder ('float32' or 'bfloat16').
   text.param_dtype = 'float32'  # Parameter dtype of the scratch encoder.
   text.pretrained_path = ''  # Pretrained: local HF folder or hub name; '' = packaged all-MiniLM-L6-v2.
+  text.allow_download = True  # A pretrained_path 'org/name' that is no local folder: fetch it from the hub.
   text.cache_embeddings = False  # Pretrained: precompute caption embeddings once (finite datasets).
   text.cond_drop_prob = 0.1  # Probability of replacing a caption by the empty one (CFG training).
 
@@ -167,6 +168,9 @@ def get_config(arg=None):
   ckpt.every_steps = 1000  # Save every N steps (and at the end).
   ckpt.keep = 3  # Keep the last K checkpoints.
   ckpt.async_save = True  # Write in the background; the loop waits only at exit.
+  # Divergence guard (README "Reliability"): a state with non-finite parameters is never saved.
+  ckpt.divergence_factor = 100.0  # Nor one whose loss/grad norm/param norm is over this x median; 0 = off.
+  ckpt.divergence_window = 100  # Steps in that trailing median.
 
   # --- logging and evaluation -----------------------------------------------
   config.logging = log = ml_collections.ConfigDict()

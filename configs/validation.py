@@ -48,8 +48,55 @@ def validate(config: ml_collections.ConfigDict):
     raise ValueError('autoencoder.decode_chunk must be >= 1.')
   if config.data.num_workers < 0 or config.data.prefetch < 0:
     raise ValueError('data.num_workers and data.prefetch must be >= 0.')
-  if config.optim.warmup_steps < 0:
-    raise ValueError('optim.warmup_steps must be >= 0.')
+  for path, low, high, what in _RANGES:
+    value = _get(config, path)
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and (value > low if path in _OPEN_LOW else value >= low)
+          and (value < high if path in _OPEN_HIGH else value <= high))
+    if not ok:
+      raise ValueError(f'{path}={value!r} {what}.')
+  if config.logging.eval_prompts not in ('shapes_benchmark', 'data') and not (
+      config.logging.eval_prompt_list) and (config.logging.eval_every_steps
+                                            or config.logging.eval_at_end):
+    import os  # pylint: disable=g-import-not-at-top
+    if not os.path.isfile(config.logging.eval_prompts):
+      raise ValueError(f'logging.eval_prompts={config.logging.eval_prompts!r}: no such file (one '
+                       "prompt per line); or use 'data' or 'shapes_benchmark'.")
+
+
+# (field, low, high, what it must be): the optimiser's signs and ranges, and the guard's.
+_INF = float('inf')
+_RANGES = (
+    ('optim.learning_rate', 0.0, _INF, 'must be positive (a negative rate is gradient ascent)'),
+    ('optim.warmup_steps', 0, _INF, 'must be >= 0'),
+    ('optim.end_lr_factor', 0.0, _INF, 'must be >= 0 (the final rate is learning_rate x it)'),
+    ('optim.b1', 0.0, 1.0, 'must be in [0, 1) (AdamW beta1, e.g. 0.9)'),
+    ('optim.b2', 0.0, 1.0, 'must be in [0, 1) (AdamW beta2, e.g. 0.99)'),
+    ('optim.eps', 0.0, _INF, 'must be positive (AdamW epsilon, e.g. 1e-8)'),
+    ('optim.weight_decay', 0.0, _INF, 'must be >= 0'),
+    ('optim.grad_clip', 0.0, _INF, 'must be >= 0 (0 = no clipping)'),
+    ('checkpoint.divergence_factor', 0.0, _INF, 'must be >= 0 (0 = guard off; e.g. 100)'),
+    ('checkpoint.divergence_window', 1, _INF, 'must be a positive number of steps'),
+    ('sampler.guidance_scale', 0.0, _INF, 'must be >= 0 (0: unconditional, 1: conditional only, '
+     '> 1: guided)'),
+)
+_OPEN_LOW = ('optim.learning_rate', 'optim.eps')  # Must be strictly above `low`.
+_OPEN_HIGH = ('optim.b1', 'optim.b2')  # Must be strictly below `high`.
+
+
+def check_mesh(config: ml_collections.ConfigDict, mesh, process_count: int) -> None:
+  """Raises ValueError unless the global batch splits evenly over the mesh's data-parallel
+  devices (mesh.data x mesh.fsdp) and over the processes."""
+  b = config.data.global_batch_size
+  parallel = mesh.shape['data'] * mesh.shape['fsdp']
+  if b % parallel:
+    raise ValueError(
+        f'data.global_batch_size={b} must be divisible by the data-parallel devices: mesh.data='
+        f"{mesh.shape['data']} x mesh.fsdp={mesh.shape['fsdp']} = {parallel} (of "
+        f'{mesh.size} devices); use a multiple of {parallel}, e.g. {(b // parallel + 1) * parallel}.')
+  if b % process_count:
+    raise ValueError(f'data.global_batch_size={b} must be divisible by the {process_count} '
+                     'processes.')
 
 
 def check_image_size(config: ml_collections.ConfigDict, size: int, name: str, *,

@@ -9,7 +9,9 @@ A source is a sequence: `len(source)` examples, `source[i]` the raw example i as
 
 and `source.captions(i)` reads only the captions where it can (for tokenizer training and eval
 prompts). Reading `source[i]` may raise OSError (an unreadable file): the loader treats that as a
-bad record. Sources are picklable: grain worker processes receive them.
+bad record. A truncated or corrupt ArrayRecord file (a shard, or a TFDS file) is no bad record but
+DataError, which names the file, the config field that points at it and the command that rebuilds
+it. Sources are picklable: grain worker processes receive them.
 
   folder        a directory tree of .jpg/.jpeg/.png/.webp files; captions from metadata.jsonl
                 (`file_name` + `data.caption_key`, Hugging Face imagefolder) or a .txt beside each
@@ -22,6 +24,7 @@ from __future__ import annotations
 import glob as globlib
 import json
 import os
+import re
 from typing import Any, Sequence
 
 import numpy as np
@@ -126,33 +129,43 @@ class FolderSource(Sequence):
 
 
 class ArrayRecordSource(Sequence):
-  """Shards written by `python -m data.prepare`, matched by a glob, in sorted order."""
+  """Shards written by `python -m data.prepare`, matched by a glob, in sorted order.
 
-  def __init__(self, pattern: str):
+  `field` is the config field that holds the glob (data.path, or data.eval_path), for errors.
+  """
+
+  def __init__(self, pattern: str, field: str = 'data.path'):
     import grain  # pylint: disable=g-import-not-at-top
     if not pattern:
-      raise DataError('data.path is empty: set it to a glob of ArrayRecord shards '
-                       '(e.g. --config.data.path=/data/train-*.array_record).')
-    self.pattern = pattern
+      raise DataError(f'{field} is empty: set it to a glob of ArrayRecord shards '
+                      f'(e.g. --config.{field}=/data/train-*.array_record).')
+    self.pattern, self.field = pattern, field
     self.files = sorted(globlib.glob(pattern))
     if not self.files:
-      raise FileNotFoundError(f'data.path={pattern!r} matches no files.')
+      raise FileNotFoundError(f'{field}={pattern!r} matches no files.')
     try:
       self._source = grain.sources.ArrayRecordDataSource(self.files)
-    except RuntimeError as e:
-      raise DataError(f'data.path={pattern!r}: {_unreadable_shard(self.files)} is not an '
-                      f'ArrayRecord file ({str(e).splitlines()[0][:120]}); write shards with '
-                      'python -m data.prepare.') from None
+    except RuntimeError as e:  # What array_record raises for a file that does not open.
+      raise self._unopenable(_first_line(e)) from None
     if len(self._source) == 0:
-      raise DataError(f'data.path={pattern!r}: the shards hold no records.')
+      raise DataError(f'{field}={pattern!r}: the shards hold no records.')
 
   def __len__(self) -> int:
     return len(self._source)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     try:
-      record = records.decode(self._source[index])
-    except ValueError as e:
+      data = self._source[index]
+    except RuntimeError as e:  # A checksum failed, or the file cannot be read: a damaged shard.
+      shard, why = self._shard_of(index)
+      raise self._damaged(shard, why or _first_line(e)) from None
+    if not data:  # What array_record reads from a file that it cannot open (truncated since).
+      shard, why = self._shard_of(index)
+      if why:
+        raise self._damaged(shard, why)
+    try:
+      record = records.decode(data)
+    except ValueError as e:  # The file is sound but the record is not ours: a bad record.
       raise OSError(f'record {index}: {e}') from None
     record['key'] = record.get('key') or f'{self.pattern}[{index}]'
     return record
@@ -160,15 +173,87 @@ class ArrayRecordSource(Sequence):
   def captions(self, index: int) -> list[str]:
     return list(self[index]['captions'])
 
+  def _shard_of(self, index: int) -> tuple[str, str]:
+    """The shard holding record `index` (or an earlier one that no longer opens), and why it
+    does not open ('' if it does). Opens the shards in order: only after a read failed."""
+    start = 0
+    for shard in self.files:
+      count, why = _open_status(shard)
+      if why or index < start + count:
+        return shard, why
+      start += count
+    return self.files[-1], ''
 
-def _unreadable_shard(files: list[str]) -> str:
-  import grain  # pylint: disable=g-import-not-at-top
-  for file in files:
-    try:
-      grain.sources.ArrayRecordDataSource([file])
-    except RuntimeError:
-      return file
-  return files[0]
+  def _unopenable(self, error: str) -> DataError:
+    for shard in self.files:
+      why = _open_status(shard)[1]
+      if not why:
+        continue
+      if _written_as_array_record(shard):
+        return self._damaged(shard, why)
+      return DataError(f'{self.field}={self.pattern!r}: {shard} is not an ArrayRecord file '
+                       f'({why}); write shards with python -m data.prepare.')
+    return DataError(f'{self.field}={self.pattern!r}: the shards cannot be opened ({error}).')
+
+  def _damaged(self, shard: str, why: str) -> DataError:
+    """The error for a truncated or corrupt shard: which, where it is set, how to rebuild it."""
+    name = _SHARD_NAME.fullmatch(shard)
+    flags = f'--output={name[1]} --num_shards={int(name[3])}' if name else '--output=...'
+    sidecar = f'; {shard}.json records its input and settings' if os.path.isfile(
+        shard + '.json') else ''
+    return DataError(
+        f'{self.field}={self.pattern!r}: shard {shard} is truncated or corrupt ({why}); a damaged '
+        'shard stops the run whatever data.on_bad_record says. Delete it and rerun the python -m '
+        f'data.prepare command that wrote it, with the same flags (... {flags}): it keeps the '
+        f'finished shards and writes only the missing ones{sidecar}.')
+
+
+# `{output}-{k:05d}-of-{N:05d}.array_record`: data.prepare's shard names (prepare.shard_path).
+_SHARD_NAME = re.compile(r'(.*)-(\d{5})-of-(\d{5})\.array_record')
+# Every Riegeli file (the container of ArrayRecord) begins with this block header.
+_RIEGELI_MAGIC = bytes.fromhex('83af70d10d884a3f')
+
+
+def _first_line(error: BaseException, limit: int = 160) -> str:
+  return (str(error).strip().splitlines() or [''])[0][:limit]
+
+
+def _open_status(path: str) -> tuple[int, str]:
+  """(records, '') for an ArrayRecord file that opens, else (0, why it does not)."""
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  reader = array_record_module.ArrayRecordReader(path)
+  count, ok = reader.num_records(), reader.ok()
+  try:
+    reader.close()  # Raises why the file did not open (no message for some truncated files).
+  except RuntimeError as e:
+    return 0, _first_line(e) or 'array_record cannot open it and gives no reason, as for a cut file'
+  return (count, '') if ok else (0, 'it does not open')
+
+
+def _written_as_array_record(path: str) -> bool:
+  """Whether `path` was written as an ArrayRecord file: it has data.prepare's sidecar or the
+  Riegeli header."""
+  if os.path.isfile(path + '.json'):
+    return True
+  with open(path, 'rb') as f:
+    return f.read(len(_RIEGELI_MAGIC)) == _RIEGELI_MAGIC
+
+
+def _read_tfds(records, index: int, damaged) -> Any:
+  """`records[index]` of a TFDS ArrayRecord data source; `damaged(file, why)`: the DataError to
+  raise when the file holding the record is truncated or corrupt (else the record's own error)."""
+  try:
+    return records[index]
+  except Exception as e:  # pylint: disable=broad-except  (a cut file reads b'': any decode error)
+    start = 0
+    for instruction in records.dataset_info.splits[records.split].file_instructions:
+      if index < start + instruction.take:
+        why = _open_status(instruction.filename)[1]
+        if why or isinstance(e, RuntimeError):  # array_record raises RuntimeError for a bad chunk.
+          raise damaged(instruction.filename, why or _first_line(e)) from None
+        break
+      start += instruction.take
+    raise
 
 
 def _feature(example: dict[str, Any], key: str) -> Any:
@@ -216,12 +301,21 @@ class TfdsSource(Sequence):
           "prepare it with file_format='array_record' (tfds build --file_format=array_record), "
           'or convert it with python -m data.prepare.') from None
     self.name, self.split, self.image_key, self.caption_key = name, split, image_key, caption_key
+    self.data_dir, self._folder = data_dir, str(builder.data_dir)
 
   def __len__(self) -> int:
     return len(self._source)
 
+  def _damaged(self, file: str, why: str) -> DataError:
+    data_dir = f' --data_dir={self.data_dir}' if self.data_dir else ''
+    return DataError(
+        f'data.tfds_name={self.name!r} (data.data_dir={self.data_dir!r}): {file} is truncated or '
+        f'corrupt ({why}); a damaged file stops the run whatever data.on_bad_record says. To '
+        f'rebuild it, delete {self._folder} and prepare the dataset again (tfds build {self.name}'
+        f'{data_dir} --file_format=array_record, or its builder\'s download_and_prepare).')
+
   def __getitem__(self, index: int) -> dict[str, Any]:
-    example = self._source[index]
+    example = _read_tfds(self._source, index, self._damaged)
     return {'key': f'tfds:{self.name}/{self.split}/{index}',
             'image': _feature(example, self.image_key),
             'captions': _as_captions(_feature(example, self.caption_key))}
@@ -237,7 +331,7 @@ class ShapesSource(Sequence):
                rendered: bool, num_train: int = 0, num_test: int = 0):
     shapes.check_sizes(image_size, num_train or num_examples, num_test or num_examples)
     self.split, self.image_size, self.num_examples = split, image_size, num_examples
-    self._records = None
+    self.data_dir, self._records = data_dir, None
     if not rendered:
       from data import shapes_tfds  # pylint: disable=g-import-not-at-top  (TFDS is heavy)
       builder = shapes_tfds.prepare(data_dir, image_size, num_train, num_test)
@@ -252,13 +346,18 @@ class ShapesSource(Sequence):
     if self._records is None:
       image, text = shapes.example(self.split, int(index), self.image_size)
     else:
-      record = self._records[int(index)]
+      record = _read_tfds(self._records, int(index), self._damaged)
       image, text = record['image'], record['caption'].decode()
     return {'key': f'shapes/{self.split}/{index}', 'image': image, 'captions': [text]}
 
   def captions(self, index: int) -> list[str]:
     return [shapes.example(self.split, int(index), self.image_size)[1]] if (
-        self._records is None) else [self._records[int(index)]['caption'].decode()]
+        self._records is None) else [self[index]['captions'][0]]
+
+  def _damaged(self, file: str, why: str) -> DataError:
+    folder = self._records.dataset_info.data_dir
+    return DataError(f'data.data_dir={self.data_dir!r}: the Shapes file {file} is truncated or '
+                     f'corrupt ({why}); delete {folder} and run again: it is prepared anew.')
 
 
 def make(cfg, split: str = 'train') -> Sequence | None:
@@ -277,7 +376,7 @@ def make(cfg, split: str = 'train') -> Sequence | None:
     return FolderSource(path, cfg.caption_key) if path else None
   if kind == 'array_record':
     path = cfg.path if train else cfg.eval_path
-    return ArrayRecordSource(path) if path else None
+    return ArrayRecordSource(path, 'data.path' if train else 'data.eval_path') if path else None
   if kind == 'tfds':
     split_name = cfg.train_split if train else cfg.eval_split
     return TfdsSource(cfg.tfds_name, split_name, cfg.data_dir, cfg.image_key,

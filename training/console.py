@@ -1,6 +1,10 @@
 """What an entry point's console shows: our progress lines, not the libraries' INFO chatter."""
 
 import logging as pylogging
+import os
+import sys
+import traceback
+from typing import Any, Callable
 
 from absl import logging
 
@@ -16,3 +20,73 @@ class _QuietLibraries(pylogging.Filter):
 def quiet_library_logs():
   """Keeps the console to our own progress lines; call once from an entry point."""
   logging.get_absl_handler().addFilter(_QuietLibraries())
+
+
+def _drop_closed_loop_errors(previous):
+  """An unraisable-exception hook that drops 'Event loop is closed': tensorstore reads of a
+  checkpoint whose restore already failed complete after orbax closed its event loop, and each
+  printed a traceback from a background thread."""
+  def hook(unraisable):
+    value = unraisable.exc_value
+    if isinstance(value, RuntimeError) and str(value) == 'Event loop is closed':
+      return
+    previous(unraisable)
+  hook.drops_closed_loop_errors = True
+  return hook
+
+
+class _OrphanedRestoreTasks(pylogging.Filter):
+  """Drops asyncio's 'Task exception was never retrieved' for orbax's reads of a checkpoint whose
+  restore already failed (logged, with a traceback, whenever the task is garbage-collected)."""
+
+  def filter(self, record):
+    if not str(record.msg).startswith('Task exception was never retrieved') or not record.exc_info:
+      return True
+    frames = traceback.extract_tb(record.exc_info[2])
+    return not any('/orbax/' in f.filename for f in frames)
+
+
+def quiet_closed_loop_errors():
+  """No background-thread tracebacks after a failed checkpoint restore (training/checkpoint.py)."""
+  if not getattr(sys.unraisablehook, 'drops_closed_loop_errors', False):
+    sys.unraisablehook = _drop_closed_loop_errors(sys.unraisablehook)
+  asyncio_logger = pylogging.getLogger('asyncio')
+  if not any(isinstance(f, _OrphanedRestoreTasks) for f in asyncio_logger.filters):
+    asyncio_logger.addFilter(_OrphanedRestoreTasks())
+
+
+def quiet_library_noise():
+  """Library logs as `quiet_library_logs`, and no background-thread tracebacks of a failed restore."""
+  quiet_library_logs()
+  quiet_closed_loop_errors()
+
+
+# What a user can cause (a bad flag, config value, file or workdir; a diverging run): one line.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+               PermissionError, FloatingPointError)
+
+
+def one_line(e: BaseException) -> str:
+  return ' '.join(str(e).split()) or type(e).__name__
+
+
+def run_or_exit(fn: Callable[[], Any], *, verbose: bool = False, log_dir: str | None = None) -> Any:
+  """`fn()`; an error a user can cause exits 1 with one `error: ...` line on stderr.
+
+  The traceback goes to LOG_DIR/error.log (when `log_dir` is given) and, with `verbose`, to the
+  console as well (the error is re-raised). Other exceptions (bugs) propagate with their traceback.
+  """
+  try:
+    return fn()
+  except USER_ERRORS as e:
+    if log_dir:
+      try:
+        os.makedirs(log_dir, exist_ok=True)
+        with open(os.path.join(log_dir, 'error.log'), 'a') as f:
+          traceback.print_exc(file=f)
+      except OSError:
+        pass  # An unwritable workdir: the console line is still shown.
+    if verbose:
+      raise
+    sys.stderr.flush()
+    sys.exit(f'error: {one_line(e)}')

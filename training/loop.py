@@ -120,6 +120,7 @@ def train_step(state: TrainState, batch, rng, frozen_text_params, vae_params=Non
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
   return new_state, {'loss': loss, 'grad_norm': grad_norm, 'finite': finite,
+                     'param_norm': optax.global_norm(new_state.params),
                      'bad_records': jnp.sum(batch['bad'])}
 
 
@@ -139,6 +140,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   validation.validate(config)
   spec = specs.diffusion(config)
   mesh = sharding.make_mesh(config.mesh, devices)
+  validation.check_mesh(config, mesh, jax.process_count())
   rules = config.mesh.logical_axis_rules
   writer = metrics.Reporter(workdir, config, is_main=jax.process_index() == 0)
   logging.info('Mesh %s over %d devices, %d processes.', dict(mesh.shape), jax.device_count(),
@@ -158,9 +160,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     vae_params = sharding.put_frozen(autoencoder.params, mesh)
 
   ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
-  if ckpt.latest_step() is not None:
-    checkpoint.check_compatible(ckpt.restore_config(), config, ckpt.directory)
-    state, position = ckpt.restore(checkpoint.abstract_with_shardings(abstract, shardings))
+  guard = checkpoint.DivergenceGuard(config.checkpoint.divergence_factor,
+                                     config.checkpoint.divergence_window)
+  target = checkpoint.abstract_with_shardings(abstract, shardings)
+
+  def restore(step):
+    checkpoint.check_compatible(ckpt.restore_config(step), config, ckpt.directory)
+    return ckpt.restore(target, step)
+
+  resumed = ckpt.restore_latest_intact(restore)  # A damaged newest one: the one before it.
+  if resumed is not None:
+    (state, position), _ = resumed
     logging.info('Resumed from step %d in %s.', int(state.step), ckpt.directory)
   else:
     state = init_fn(jax.random.PRNGKey(config.seed))
@@ -204,9 +214,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         break
       if stop.requested or ckpt.reached_preemption(step):
         if pending is not None:
-          _record(writer, *pending)
+          _record(writer, guard, *pending)
           pending = None
-        if step > start_step and step not in ckpt.all_steps():
+        if step > start_step and step not in ckpt.all_steps() and _may_save(guard, step, ckpt):
           ckpt.save(step, state, config, {'step': step, 'seed': config.data.seed}, force=True)
         logging.warning('Stopping at step %d on request; the checkpoint is saved.', step)
         break
@@ -215,18 +225,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         state, step_metrics = step_fn(state, sharding.global_batch(mesh, local), rng, frozen_text,
                                       vae_params)
       if pending is not None:
-        _record(writer, *pending)
+        _record(writer, guard, *pending)
       pending = (step, step_metrics, float(lr_schedule(step)))
       done = step + 1
       if done % config.checkpoint.every_steps == 0 or done == num_steps:
-        _record(writer, *pending)  # Never save a state whose last step was not finite.
+        _record(writer, guard, *pending)  # Never save a state whose last step was not finite.
         pending = None
-        ckpt.save(done, state, config, {'step': done, 'seed': config.data.seed})
+        if _may_save(guard, done, ckpt):
+          ckpt.save(done, state, config, {'step': done, 'seed': config.data.seed})
       if (evaluator is not None and config.logging.eval_every_steps
           and done % config.logging.eval_every_steps == 0):
         writer.write_eval(done, evaluate(done, state))
     if pending is not None:
-      _record(writer, *pending)
+      _record(writer, guard, *pending)
+    logging.info('Divergence guard: the largest loss, gradient norm and parameter norm seen were '
+                 '%.3g, %.3g and %.3g x their trailing medians.', *guard.max_ratios)
     final_step = int(jax.device_get(state.step))
     if (evaluator is not None and config.logging.eval_at_end and final_step == num_steps
         and final_step not in (writer.last_eval_step, start_step)):
@@ -296,9 +309,21 @@ class _StopOnSignal:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _record(writer, step, metrics, lr):
-  """Checks finiteness (raising NonFiniteError) and merges the step's metrics into the report."""
+def _may_save(guard, step, ckpt) -> bool:
+  """The divergence guard's verdict on the state after `step` steps, with a warning if it says no."""
+  reason = guard.verdict()
+  if reason is not None:
+    logging.warning('Not saving step %d: %s. The latest checkpoint stays step %s; if this goes on, '
+                    'lower optim.learning_rate (checkpoint.divergence_factor=0 turns the guard '
+                    'off).', step, reason, max(ckpt.all_steps(), default=None))
+  return reason is None
+
+
+def _record(writer, guard, step, metrics, lr):
+  """Checks finiteness (raising NonFiniteError), tells the divergence guard, and merges the step's
+  metrics into the report."""
   m = jax.device_get(metrics)
+  guard.observe(m['loss'], m['grad_norm'], m['param_norm'])
   if not bool(m['finite']):
     raise NonFiniteError(
         f'Non-finite loss ({float(m["loss"])}) or gradient norm ({float(m["grad_norm"])}) at step '

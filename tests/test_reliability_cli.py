@@ -1,0 +1,74 @@
+"""sample.py and evaluate.py refuse what cannot work with one `error:` line: flags checked before
+anything is loaded (no empty manifest is left behind), a damaged checkpoint named without the
+tracebacks of orbax's background reads."""
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(script, *args):
+  return subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True,
+                        timeout=600)
+
+
+def only_error_line(proc):
+  """The one `error:` line of a failed command (and no traceback)."""
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  lines = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
+  assert len(lines) == 1, proc.stderr[-2000:]
+  return lines[0]
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--num=0'], '--num=0 must be >= 1'),
+    (['--batch_size=0'], '--batch_size=0 must be >= 1'),
+    (['--steps=0'], '--steps=0 must be >= 1'),
+    (['--guidance=-1'], '--guidance=-1.0 must be >= 0 (0: unconditional'),
+    (['--threshold=120'], '--threshold=120.0 must be a percentile in [0, 100]'),
+    (['--guidance_interval=2,1'], '--guidance_interval=2,1 must be lo,hi with lo <= hi'),
+    (['--image_size=0'], '--image_size=0 must be >= 1'),
+])
+def test_sample_flags_are_checked_before_loading(tmp_path, flags, message):
+  out = tmp_path / 'out'
+  proc = run('sample.py', f'--workdir={tmp_path}', '--prompt=a red circle', f'--out={out}', *flags)
+  assert message in only_error_line(proc)
+  assert not out.exists()  # Nothing written (the empty manifest of before).
+
+
+def test_sample_names_a_missing_workdir(tmp_path):
+  proc = run('sample.py', f'--workdir={tmp_path / "nowhere"}', '--prompt=a')
+  assert only_error_line(proc) == f'error: --workdir={tmp_path / "nowhere"}: no such folder.'
+
+
+def test_evaluate_names_a_folder_without_a_manifest(tmp_path):
+  proc = run('evaluate.py', f'--samples={tmp_path}')
+  assert only_error_line(proc).startswith(f'error: No manifest at {tmp_path}/manifest.jsonl')
+
+
+def test_sample_names_a_damaged_checkpoint_in_one_line(tiny_run, tmp_path):
+  """--step of a truncated checkpoint: its step and path in one line; without --step the newest
+  intact one is used, with a warning."""
+  workdir = tmp_path / 'run'
+  shutil.copytree(tiny_run.workdir, workdir)
+  files = glob.glob(str(workdir / 'checkpoints' / '4' / 'state' / '**' / 'd' / '*'), recursive=True)
+  for path in files:
+    os.truncate(path, os.path.getsize(path) // 2)
+  proc = run('sample.py', f'--workdir={workdir}', '--prompt=a red circle', '--steps=2', '--step=4',
+             f'--out={tmp_path / "s4"}')
+  line = only_error_line(proc)
+  assert line.startswith(f'error: --step=4: the checkpoint {workdir}/checkpoints/4 cannot be '
+                         'restored')
+  assert 'Event loop is closed' not in proc.stderr
+  ok = run('sample.py', f'--workdir={workdir}', '--prompt=a red circle', '--steps=2',
+           f'--out={tmp_path / "latest"}')
+  assert ok.returncode == 0, ok.stderr[-2000:]
+  assert f'Checkpoint step 4 at {workdir}/checkpoints/4 could not be restored' in ok.stderr
+  assert '"checkpoint_step": 2' in ok.stdout
+  assert 'Traceback' not in ok.stderr
