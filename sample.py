@@ -15,6 +15,7 @@ import os
 import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')  # (TensorFlow only reads TFDS here: no notice.)
 
 from absl import app, flags  # noqa: E402
 
@@ -65,6 +66,8 @@ def main(argv):
   _check_flags()  # Before anything is loaded.
   from training import console
   console.quiet_library_noise()
+  if not _VERBOSE.value:  # The console: warnings, the progress bar and the summary.
+    console.quiet_info()
   # Bad flags, prompts or workdir, a damaged checkpoint: one `error:` line (no traceback).
   console.run_or_exit(_sample, verbose=_VERBOSE.value)
 
@@ -117,7 +120,11 @@ def _sample():
                's_tmax': _TMAX.value, 's_noise': _SNOISE.value})
   summary = from_checkpoint.sample_to_folder(
       loaded, out, prompts, recipe, seed=_SEED.value, samples_per_prompt=_NUM.value,
-      batch_size=_BATCH.value)
+      batch_size=_BATCH.value, progress=True)
+  grids = summary['grids']
+  print(f"Wrote {summary['num_images']} images of checkpoint step {summary['checkpoint_step']} "
+        f"in {summary['seconds']:.0f} s to {out}: PNGs, manifest.jsonl, {os.path.basename(grids[0])}"
+        + (f' (+{len(grids) - 1} more pages)' if len(grids) > 1 else '') + '.', file=sys.stderr)
   print(json.dumps(summary))
 
 

@@ -7,8 +7,10 @@ Re-running the same command resumes from the workdir's latest checkpoint.
 
 import os
 import sys
+import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')  # (TensorFlow only reads TFDS here: no notice.)
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -18,8 +20,9 @@ from configs import loading  # noqa: E402
 _DEFAULT_CONFIG = 'configs/shapes.py:cpu'
 _CONFIG = config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'Config file[:variant].')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and samples go here.')
-_VERBOSE = flags.DEFINE_bool('verbose', False, 'On an error, print the whole traceback (it always '
-                             'goes to WORKDIR/error.log).')
+_VERBOSE = flags.DEFINE_bool('verbose', False, 'Show every log line on the console (they always go '
+                             'to WORKDIR/train.log) and, on an error, the traceback (always in '
+                             'WORKDIR/error.log).')
 flags.mark_flags_as_required(['workdir'])
 
 
@@ -28,11 +31,13 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   from training import console  # Heavy imports after flag parsing.
   console.quiet_library_noise()
+  console.log_to_file(os.path.join(_WORKDIR.value, 'train.log'), verbose=_VERBOSE.value)
   # A bad value, file or workdir, or a diverging run: one `error:` line (no traceback).
   console.run_or_exit(_train, verbose=_VERBOSE.value, log_dir=_WORKDIR.value)
 
 
 def _train():
+  import jax
   from evaluation import sample_grid
   from training import loop
   config = _CONFIG.value
@@ -40,7 +45,28 @@ def _train():
   evaluator = None
   if config.logging.eval_every_steps or config.logging.eval_at_end:
     evaluator = sample_grid.SampleGridEvaluator(config)  # Before training, not after it.
-  loop.train_and_evaluate(config, _WORKDIR.value, evaluator=evaluator)
+  t0 = time.time()
+  result = loop.train_and_evaluate(config, _WORKDIR.value, evaluator=evaluator)
+  if jax.process_index() == 0:
+    print(_summary(config, _WORKDIR.value, result, time.time() - t0), flush=True)
+
+
+def _summary(config, workdir, result, seconds) -> str:
+  """Where everything was written, for the console at the end."""
+  import glob  # pylint: disable=g-import-not-at-top
+  steps = [s for s, _ in result.history]
+  done = f'steps {steps[0] - 1} -> {steps[-1]}' if steps else 'no steps (already trained)'
+  loss = f', last loss {result.history[-1][1]:.4f}' if steps else ''
+  grids = sorted(glob.glob(os.path.join(workdir, 'samples', 'grid_*.png')))
+  lines = [f'Trained {done} of {config.optim.num_steps} in {seconds / 60:.1f} min{loss}.',
+           f'  checkpoints  {os.path.join(workdir, "checkpoints")}',
+           f'  metrics      {os.path.join(workdir, "metrics.jsonl")} (tensorboard --logdir '
+           f'{workdir})',
+           f'  log          {os.path.join(workdir, "train.log")}']
+  if grids:
+    lines.append(f'  eval grid    {grids[-1]}')
+  lines.append(f'  sample       python sample.py --workdir={workdir} --prompt="..."')
+  return '\n'.join(lines)
 
 
 def _precheck(argv):

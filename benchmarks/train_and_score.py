@@ -55,8 +55,8 @@ def main(argv=None):
     agg = scoring.aggregate([scoring.score_image(i, p) for i, p in zip(imgs, batch)], batch)
     out[f'w={w}'] = {'all': agg['all'], 'held_out': agg['held_out'],
                      'sample_seconds': round(time.time() - t)}
-    images.save_png(images.captioned_grid(imgs, prompts, args.samples_per_prompt),
-                    os.path.join(args.workdir, f'bench_grid_w{w}.png'))
+    images.save_pages(images.captioned_pages(imgs, prompts, args.samples_per_prompt),
+                      args.workdir, f'bench_grid_w{w}')  # bench_grid_w{w}.png, ..._2.png, ...
   print('RESULT', json.dumps(out), flush=True)
   with open(os.path.join(args.workdir, 'bench.json'), 'w') as f:
     json.dump(out, f, indent=1)

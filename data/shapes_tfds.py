@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 
 from etils import epath
 import numpy as np
@@ -105,8 +106,21 @@ def make_builder(data_dir: str | None, image_size: int = 32,
 
 def prepare(data_dir: str | None, image_size: int = 32, num_train: int = DEFAULT_NUM_TRAIN,
             num_test: int = DEFAULT_NUM_TEST) -> ShapesBenchmark:
-  """`make_builder` and generate the data unless it is already there (idempotent)."""
+  """`make_builder` and generate the data unless it is already there (idempotent).
+
+  Processes preparing the same data_dir at once (sweep members started together, the processes
+  of a multi-host run) take turns under a file lock: one writes, the others find it written.
+  """
+  import fcntl  # pylint: disable=g-import-not-at-top
   builder = make_builder(data_dir, image_size, num_train, num_test)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  root = os.path.dirname(os.path.dirname(builder.data_dir))  # DATA_DIR/shapes_benchmark
+  os.makedirs(root, exist_ok=True)
+  with open(os.path.join(root, f'.prepare-{builder.builder_config.name}.lock'), 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      builder = make_builder(data_dir, image_size, num_train, num_test)  # Sees a finished copy.
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
   return builder

@@ -1,4 +1,4 @@
-"""Evaluation during training: sample the eval prompts, draw a captioned grid, score Shapes.
+"""Evaluation during training: sample the eval prompts, draw captioned grid pages, score Shapes.
 
 `SampleGridEvaluator(config)` is what `train.py` hands to the training loop; the loop calls it
 with the current (EMA or raw, per `sampler.use_ema`) parameters at `logging.eval_every_steps`
@@ -86,11 +86,12 @@ class SampleGridEvaluator:
     out = self._generator(unet_params, text_params, batch, seed=self.seed, settings=self.settings)
     logging.info('Sampled %d eval images in %.1fs.', len(batch), time.time() - t)
     imgs = images.to_uint8(out)
-    grid = images.captioned_grid(imgs, self.prompts, self.per_prompt)
+    pages = images.captioned_pages(imgs, self.prompts, self.per_prompt)
     scalars = {}
     if self.score:
       summary = shapes_scorer.aggregate(
           [shapes_scorer.score_image(img, p) for img, p in zip(imgs, batch)], batch)
       scalars = {k: float(v) for k, v in flatten(summary).items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    return EvalResult(images={'grid': grid}, scalars=scalars)
+    names = images.page_names('grid', len(pages))  # TensorBoard and samples/: grid, grid_2, ...
+    return EvalResult(images=dict(zip(names, pages)), scalars=scalars)

@@ -236,8 +236,11 @@ def load_image(path: str) -> np.ndarray:
 
 def score_folder(folder: str) -> dict[str, dict[str, Any]]:
   """Scores every (PNG, prompt) listed in `folder/manifest.jsonl`; returns `aggregate` of the scores."""
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   scores = []
-  for entry in read_manifest(folder):
+  entries = read_manifest(folder)
+  for entry in tqdm(entries, unit='img', desc='score', dynamic_ncols=True,
+                    disable=len(entries) < 100):
     path = os.path.join(folder, entry['file'])
     image = load_image(path)
     try:

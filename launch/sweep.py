@@ -1,29 +1,44 @@
-"""Hyper-parameter sweeps: a grid of `--config.x=v` overrides, one workdir per point.
+"""Hyper-parameter sweeps: a grid of `--config.x=v` overrides, one workdir per member, and a report.
 
-  # Grid from the command line (';' separates axes, ',' values):
+  # Grid from the command line (';' separates axes, ',' values), 2 members at a time on
+  # disjoint halves of this host's devices:
   python -m launch.sweep --config=configs/shapes.py:cpu --root=runs/lr_sweep \
-      --grid="optim.learning_rate=1e-3,2e-3;sampler.guidance_scale=2,4" --dry_run
-  # Or from the config file's get_sweep() (a list of override dicts), big_vision's get_hyper style:
+      --grid="optim.learning_rate=1e-3,2e-3;text.cond_drop_prob=0.1,0.2" --parallel=2
+  # Or the config file's get_sweep() (a list of override dicts), big_vision's get_hyper style:
   python -m launch.sweep --config=configs/shapes.py:cpu --root=runs/sweep --from_config
+  # The same sweep as a SLURM job array or a Kubernetes Indexed Job (launch/sweep_cluster.py):
+  python -m launch.sweep ... --slurm --partition=gpu --gpus_per_member=1 --dry_run
+  python -m launch.sweep ... --k8s --name=lr-sweep --image=ghcr.io/me/jaxdiff --dry_run
+  # One table and plots of every member (works while the sweep runs: launch/sweep_report.py):
+  python -m launch.sweep report runs/lr_sweep
 
-Each point runs `train.py` with its overrides in `ROOT/<name>`; flags after the sweep's own
-(e.g. `--config.optim.num_steps=500`) go to every point. Every point is loaded through
-`configs.loading` first, so an unknown field or a bad value fails the sweep before any run starts.
-`--dry_run` prints the commands, `--jobs_file=F` writes them one per line (for a SLURM array or
-any scheduler).
-Re-running a sweep resumes each point from its workdir (a finished point ends at once).
+Each member runs `train.py` with its overrides in `ROOT/<name>`, a normal workdir that resumes by
+itself; flags after the sweep's own (e.g. `--config.optim.num_steps=500`) go to every member.
+Every member is loaded through `configs.loading` first, so an unknown field or a bad value fails
+the sweep before any run starts. Locally, `--parallel=N` runs N members at a time, each on its
+own devices (CUDA_VISIBLE_DEVICES on GPUs; on a CPU host each gets its share of the simulated
+devices); a member's console goes to `ROOT/<name>/console.log (its full log: train.log)` and its state to
+`ROOT/<name>/sweep_member.json`. Running the same command again skips finished members and
+resumes the others, so a half-finished (or killed) sweep is finished by re-running it.
+`--dry_run` prints the commands, `--jobs_file=F` writes them one per line.
 """
 
 import argparse
 import itertools
 import json
 import os
+import re
 import shlex
+import shutil
 import subprocess
 import sys
+import time
 from typing import Sequence
 
 from configs import loading
+
+MEMBER_FILE = 'sweep_member.json'  # In each member's workdir: status, pid, return code, times.
+SWEEP_FILE = 'sweep.json'  # In ROOT: the config, the shared overrides and the members.
 
 
 def parse_grid(grid: str) -> list[dict[str, str]]:
@@ -46,10 +61,11 @@ def overrides(point: dict) -> list[str]:
   return [f'{loading.PREFIX}{k}={v}' for k, v in point.items()]
 
 
-def commands(config: str, root: str, points: Sequence[dict], extra: Sequence[str] = ()) -> list[list[str]]:
+def commands(config: str, root: str, points: Sequence[dict], extra: Sequence[str] = (),
+             python: str = sys.executable) -> list[list[str]]:
   out = []
   for point in points:
-    cmd = [sys.executable, 'train.py', f'--config={config}',
+    cmd = [python, 'train.py', f'--config={config}',
            f'--workdir={os.path.join(root, point_name(point))}']
     cmd += overrides(point) + list(extra)
     out.append(cmd)
@@ -71,19 +87,153 @@ def check(spec: str, points: Sequence[dict], extra: Sequence[str] = ()) -> None:
     loading.load(spec, overrides(point) + extra_overrides)
 
 
+# ----------------------------------------------------------------------------- local devices
+
+
+def detect_platform() -> str:
+  """'cpu' or 'gpu' without importing jax (a launcher must not take the accelerators)."""
+  wanted = os.environ.get('JAX_PLATFORMS', '').split(',')[0].strip()
+  if wanted in ('cpu', 'gpu', 'cuda', 'tpu'):
+    return 'gpu' if wanted == 'cuda' else wanted
+  return 'gpu' if shutil.which('nvidia-smi') else 'cpu'
+
+
+def count_devices(platform: str) -> int:
+  if platform == 'gpu':
+    out = subprocess.run(['nvidia-smi', '-L'], capture_output=True, text=True, check=False)
+    return max(len([l for l in out.stdout.splitlines() if l.startswith('GPU ')]), 1)
+  found = re.search(r'--xla_force_host_platform_device_count=(\d+)',
+                    os.environ.get('XLA_FLAGS', ''))
+  return int(found[1]) if found else 1
+
+
+def device_groups(num_devices: int, parallel: int) -> list[list[int]]:
+  """Disjoint, equal device groups, one per concurrent member (ValueError if they do not fit)."""
+  if parallel < 1:
+    raise ValueError(f'--parallel={parallel} must be >= 1.')
+  if parallel > num_devices:
+    raise ValueError(f'--parallel={parallel} members need at least {parallel} devices; this host '
+                     f'has {num_devices} (set --devices or lower --parallel).')
+  k = num_devices // parallel
+  return [list(range(i * k, (i + 1) * k)) for i in range(parallel)]
+
+
+def member_env(platform: str, group: Sequence[int], base=None) -> dict:
+  """The environment of a member running on devices `group`."""
+  env = dict(os.environ if base is None else base)
+  if platform == 'gpu':
+    env['CUDA_VISIBLE_DEVICES'] = ','.join(map(str, group))
+  else:  # Simulated CPU devices: each member gets its share.
+    flags = re.sub(r'--xla_force_host_platform_device_count=\d+', '', env.get('XLA_FLAGS', ''))
+    env['XLA_FLAGS'] = f'{flags} --xla_force_host_platform_device_count={len(group)}'.strip()
+  env['PYTHONUNBUFFERED'] = '1'
+  return env
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def read_member(workdir: str) -> dict:
+  try:
+    with open(os.path.join(workdir, MEMBER_FILE)) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return {}
+
+
+def _write_member(workdir: str, **fields) -> None:
+  os.makedirs(workdir, exist_ok=True)
+  state = {**read_member(workdir), **fields}
+  tmp = os.path.join(workdir, MEMBER_FILE + '.tmp')
+  with open(tmp, 'w') as f:
+    json.dump(state, f, indent=1)
+  os.replace(tmp, os.path.join(workdir, MEMBER_FILE))
+
+
+def failure_line(log_path: str) -> str:
+  """The `error: ...` line of a member's console log, else its last non-empty line."""
+  try:
+    with open(log_path, errors='replace') as f:
+      lines = [line.rstrip() for line in f if line.strip()]
+  except OSError:
+    return ''
+  errors = [line for line in lines if line.startswith('error:')]
+  return (errors or lines or [''])[-1][:300]
+
+
+def run_local(members: Sequence[dict], *, parallel: int, platform: str, num_devices: int,
+              poll_s: float = 0.5) -> list[dict]:
+  """Runs members (dicts with name, workdir, command, overrides) `parallel` at a time on
+  disjoint device groups; a finished member (status done) is skipped. Returns their states."""
+  groups = device_groups(num_devices, parallel)
+  todo = []
+  for m in members:
+    if read_member(m['workdir']).get('status') == 'done':
+      print(f'[sweep] {m["name"]}: done before, skipped', flush=True)
+    else:
+      todo.append(m)
+  free, running = list(range(parallel)), {}
+  total, finished = len(todo), 0
+  while todo or running:
+    while todo and free:
+      m, slot = todo.pop(0), free.pop(0)
+      os.makedirs(m['workdir'], exist_ok=True)
+      log = open(os.path.join(m['workdir'], 'console.log'), 'a')  # pylint: disable=consider-using-with
+      proc = subprocess.Popen(m['command'], stdout=log, stderr=subprocess.STDOUT,
+                              env=member_env(platform, groups[slot]))
+      _write_member(m['workdir'], name=m['name'], overrides=m['overrides'], status='running',
+                    pid=proc.pid, returncode=None, started=time.time(), ended=None,
+                    devices=groups[slot], command=shlex.join(m['command']))
+      running[proc] = (m, slot, log)
+      print(f'[sweep] {m["name"]}: started on devices {groups[slot]} (log: '
+            f'{os.path.join(m["workdir"], "console.log")})', flush=True)
+    time.sleep(poll_s)
+    for proc in [p for p in running if p.poll() is not None]:
+      m, slot, log = running.pop(proc)
+      log.close()
+      free.append(slot)
+      finished += 1
+      ok = proc.returncode == 0
+      fields = {'status': 'done' if ok else 'failed', 'returncode': proc.returncode,
+                'ended': time.time()}
+      if not ok:
+        fields['failure'] = failure_line(os.path.join(m['workdir'], 'console.log')) or (
+            f'exit status {proc.returncode}')
+      _write_member(m['workdir'], **fields)
+      what = 'done' if ok else f'FAILED ({fields["failure"]})'
+      print(f'[sweep] {m["name"]}: {what} [{finished}/{total}]', flush=True)
+  return [read_member(m['workdir']) for m in members]
+
+
 def main(argv=None):
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if argv[:1] == ['report']:
+    from launch import sweep_report  # pylint: disable=g-import-not-at-top
+    return sweep_report.main(argv[1:])
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--config', required=True, help='config file[:variant]')
-  parser.add_argument('--root', required=True, help='parent folder of the points\' workdirs')
+  parser.add_argument('--root', required=True, help='parent folder of the members\' workdirs')
   parser.add_argument('--grid', default='', help='"field=v1,v2;field2=v3,v4"')
   parser.add_argument('--from_config', action='store_true', help='use get_sweep() of the config')
+  parser.add_argument('--parallel', type=int, default=1, help='members run at a time')
+  parser.add_argument('--devices', type=int, default=0,
+                      help='devices of this host to share (0 = detect: GPUs, or XLA_FLAGS\' '
+                           'simulated CPU devices)')
   parser.add_argument('--dry_run', action='store_true', help='print the commands only')
   parser.add_argument('--jobs_file', default='', help='write the commands, one per line')
+  from launch import sweep_cluster  # pylint: disable=g-import-not-at-top
+  sweep_cluster.add_flags(parser)
   args, extra = parser.parse_known_args(argv)
   points = _points_from_config(args.config) if args.from_config else parse_grid(args.grid)
   if not points:
     parser.error('empty sweep: give --grid or --from_config')
-  check(args.config, points, extra)
+  try:
+    check(args.config, points, extra)
+  except (ValueError, FileNotFoundError) as e:
+    sys.exit(f'error: {e}')
+  if args.slurm or args.k8s:
+    return sweep_cluster.main(args, commands(args.config, args.root, points, extra,
+                                             python=args.python))
   cmds = commands(args.config, args.root, points, extra)
   if args.jobs_file:
     with open(args.jobs_file, 'w') as f:
@@ -92,17 +242,26 @@ def main(argv=None):
     for c in cmds:
       print(shlex.join(c))
     return 0
+  members = [{'name': point_name(p), 'overrides': p, 'workdir': os.path.join(args.root,
+                                                                            point_name(p)),
+              'command': c} for p, c in zip(points, cmds)]
   os.makedirs(args.root, exist_ok=True)
-  results = []
-  for i, (point, cmd) in enumerate(zip(points, cmds)):
-    print(f'[sweep {i + 1}/{len(cmds)}] {shlex.join(cmd)}', flush=True)
-    rc = subprocess.call(cmd)
-    results.append({'point': point, 'returncode': rc})
-  with open(os.path.join(args.root, 'sweep.json'), 'w') as f:
-    json.dump(results, f, indent=1)
-  failed = [r for r in results if r['returncode']]
+  with open(os.path.join(args.root, SWEEP_FILE), 'w') as f:
+    json.dump({'config': args.config, 'extra': list(extra),
+               'members': [{k: m[k] for k in ('name', 'overrides', 'workdir')} for m in members]},
+              f, indent=1)
+  platform = detect_platform()
+  try:
+    states = run_local(members, parallel=args.parallel, platform=platform,
+                       num_devices=args.devices or count_devices(platform))
+  except ValueError as e:
+    sys.exit(f'error: {e}')
+  from launch import sweep_report  # pylint: disable=g-import-not-at-top
+  sweep_report.main([args.root])
+  failed = [s for s in states if s.get('status') != 'done']
   if failed:
-    print(f'{len(failed)} of {len(results)} points failed: {failed}', file=sys.stderr)
+    print(f'{len(failed)} of {len(states)} members did not finish; run the same command again '
+          'to resume them.', file=sys.stderr)
   return 1 if failed else 0
 
 

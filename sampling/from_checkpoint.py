@@ -113,11 +113,13 @@ def read_prompts(prompts: Sequence[str], prompt_file: str | None) -> list[str]:
 
 def sample_to_folder(loaded: Loaded, out_dir: str, prompts: Sequence[str],
                      recipe: SamplerSettings, *, seed=0, samples_per_prompt=1,
-                     batch_size=64) -> dict:
+                     batch_size=64, progress: bool = False) -> dict:
   """Writes one PNG per sample, grid.png and manifest.jsonl into out_dir; returns a summary.
 
   `recipe`: how to sample (start from `specs.sampler(loaded.config)`, see
-  `diffusion.spec.overridden`). Sample k of the run gets seed + k.
+  `diffusion.spec.overridden`). Sample k of the run gets seed + k. The captioned grid
+  (`images.captioned_pages`) is grid.png, then grid_2.png, grid_3.png ... when it takes more
+  than one screen-sized page; the summary's 'grids' lists their paths.
   """
   gen = loaded.generator
   jobs = [(p, seed + i * samples_per_prompt + j) for i, p in enumerate(prompts)
@@ -129,7 +131,9 @@ def sample_to_folder(loaded: Loaded, out_dir: str, prompts: Sequence[str],
     record['autoencoder'] = gen.vae.fingerprint
   os.makedirs(out_dir, exist_ok=True)
   all_images, t0 = [], time.time()
-  with open(os.path.join(out_dir, 'manifest.jsonl'), 'w') as manifest:
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  bar = tqdm(total=len(jobs), unit='img', desc='sample', dynamic_ncols=True, disable=not progress)
+  with open(os.path.join(out_dir, 'manifest.jsonl'), 'w') as manifest, bar:
     for start in range(0, len(jobs), batch_size):
       chunk = jobs[start:start + batch_size]
       pad = chunk + [chunk[-1]] * (batch_size - len(chunk)) if len(jobs) > batch_size else chunk
@@ -141,9 +145,10 @@ def sample_to_folder(loaded: Loaded, out_dir: str, prompts: Sequence[str],
         images.save_png(img, os.path.join(out_dir, name))
         manifest.write(json.dumps({'file': name, 'prompt': prompt, 'seed': s, **record}) + '\n')
       all_images.append(imgs)
+      bar.update(len(chunk))
       logging.info('Sampled %d/%d images (%.1fs).', min(start + batch_size, len(jobs)), len(jobs),
                    time.time() - t0)
-  grid = images.captioned_grid(np.concatenate(all_images), list(prompts), samples_per_prompt)
-  images.save_png(grid, os.path.join(out_dir, 'grid.png'))
+  pages = images.captioned_pages(np.concatenate(all_images), list(prompts), samples_per_prompt)
+  grids = images.save_pages(pages, out_dir, 'grid')
   return {'num_images': len(jobs), 'checkpoint_step': loaded.step, 'out_dir': out_dir,
-          'seconds': time.time() - t0, 'devices': jax.device_count()}
+          'seconds': time.time() - t0, 'devices': jax.device_count(), 'grids': grids}

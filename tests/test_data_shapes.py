@@ -1,6 +1,7 @@
 """Shapes renderer and scene sampler against the spec (docs/shapes.md) and brute-force references."""
 import collections
 import math
+import os
 
 import numpy as np
 import pytest
@@ -163,3 +164,20 @@ def test_bad_arguments_raise_clear_errors():
     shapes.sample_scene('valid', 0, 32)
   with pytest.raises(ValueError, match='non-negative'):
     shapes.sample_scene('train', -1, 32)
+
+
+def test_two_processes_prepare_the_same_data_dir_at_once(tmp_path):
+  """Sweep members (or hosts) started together: one writes the TFDS Shapes data, the other waits
+  for it and finds it written (without the file lock, TFDS's rename collided)."""
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  code = ('import sys; from data import shapes_tfds; '
+          'b = shapes_tfds.prepare(sys.argv[1], 16, 64, 16); '
+          "print(len(b.as_data_source('train')))")
+  procs = [subprocess.Popen([sys.executable, '-c', code, str(tmp_path / 'tfds')], cwd=root,
+                            env={**os.environ, 'PYTHONPATH': root}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for _ in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for _, e in outs]
+  assert [o.strip().splitlines()[-1] for o, _ in outs] == ['64', '64']

@@ -10,16 +10,45 @@ from absl import logging
 
 
 class _QuietLibraries(pylogging.Filter):
-  """Drops INFO chatter of orbax and TFDS (their warnings and errors still show)."""
+  """Drops INFO chatter of orbax and TFDS, and the warnings that are not the user's to act on
+  (orbax's read-only notices, TFDS's builder config and OpenCV notes). Errors always show."""
   NOISY = ('/orbax/', '/tensorflow_datasets/', '/etils/')
+  NOTICES = ('read_only=True, setting save_interval_steps', 'Given directory is read only',
+             'Using custom data configuration', 'OpenCV is not installed',
+             'Metadata file does not exist')
 
   def filter(self, record):
-    return record.levelno >= pylogging.WARNING or not any(n in record.pathname for n in self.NOISY)
+    if record.levelno >= pylogging.ERROR:
+      return True
+    if record.levelno >= pylogging.WARNING:
+      return not any(n in str(record.msg) for n in self.NOTICES)
+    return not any(n in record.pathname for n in self.NOISY)
 
 
 def quiet_library_logs():
   """Keeps the console to our own progress lines; call once from an entry point."""
   logging.get_absl_handler().addFilter(_QuietLibraries())
+
+
+def quiet_info() -> None:
+  """The console shows warnings and errors only (progress bars and summaries are printed)."""
+  logging.get_absl_handler().setLevel(pylogging.WARNING)
+
+
+def log_to_file(path: str, *, verbose: bool = False) -> None:
+  """Every log line (INFO and up, libraries included) to `path`; the console shows warnings and
+  errors only (all of it with `verbose`), next to the progress bars and the final summary."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  handler = pylogging.FileHandler(path)
+  handler.setFormatter(pylogging.Formatter(
+      '%(levelname).1s%(asctime)s %(filename)s:%(lineno)d] %(message)s', '%m%d %H:%M:%S'))
+  handler.setLevel(pylogging.INFO)
+  root = pylogging.getLogger()
+  root.addHandler(handler)
+  root.setLevel(min(root.level or pylogging.INFO, pylogging.INFO))
+  logging.set_verbosity(logging.INFO)
+  if not verbose:
+    quiet_info()
 
 
 def _drop_closed_loop_errors(previous):
@@ -84,6 +113,7 @@ def run_or_exit(fn: Callable[[], Any], *, verbose: bool = False, log_dir: str | 
         os.makedirs(log_dir, exist_ok=True)
         with open(os.path.join(log_dir, 'error.log'), 'a') as f:
           traceback.print_exc(file=f)
+          f.write(f'error: {one_line(e)}\n')
       except OSError:
         pass  # An unwritable workdir: the console line is still shown.
     if verbose:

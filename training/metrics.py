@@ -99,6 +99,7 @@ class Reporter:
     self._steps_since = 0
     self.history = []  # (step, loss) of every step this run took.
     self.last_eval_step = None
+    self.bar = None  # The console's progress bar (process 0), from `start`.
     self.bad_records_total = 0  # Bad records skipped by the loader in this run (data/pipeline.py).
 
   def start(self, state, step: int):
@@ -107,6 +108,9 @@ class Reporter:
           jax.device_get(state.params)))
       if step == 0:
         self.writer.write_hparams(flatten(self.config.to_dict()))
+      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+      self.bar = tqdm(total=self.config.optim.num_steps, initial=step, unit='step', desc='train',
+                      dynamic_ncols=True, mininterval=1.0, smoothing=0.1)
     self._t0 = time.time()
 
   def step(self, step: int, loss: float, grad_norm: float, lr: float, bad_records: int = 0):
@@ -121,6 +125,8 @@ class Reporter:
     self._steps_since += 1
     done = step + 1
     self.history.append((done, loss))
+    if self.bar is not None:
+      self.bar.update(1)
     if self.progress is not None:
       self.progress(done, time.time())
     if self.profile is not None:
@@ -136,6 +142,9 @@ class Reporter:
       scalars.update({'train/learning_rate': lr, 'train/steps_per_sec': steps_per_sec,
                       'train/images_per_sec': steps_per_sec * self.config.data.global_batch_size})
       self.writer.write_scalars(done, scalars)
+      if self.bar is not None:
+        self.bar.set_postfix(loss=f"{scalars['train/loss']:.4f}",
+                             img_s=f'{scalars["train/images_per_sec"]:.0f}', refresh=False)
       self._merged, self._steps_since, self._t0 = None, 0, time.time()
 
   def write_eval(self, step: int, result: EvalResult):
@@ -154,6 +163,8 @@ class Reporter:
     self.writer.flush()
 
   def close(self):
+    if self.bar is not None:
+      self.bar.close()
     self.writer.flush()
     self.writer.close()
 
