@@ -236,17 +236,19 @@ def load_image(path: str) -> np.ndarray:
 
 def score_folder(folder: str) -> dict[str, dict[str, Any]]:
   """Scores every (PNG, prompt) listed in `folder/manifest.jsonl`; returns `aggregate` of the scores."""
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  from training import console  # pylint: disable=g-import-not-at-top
   scores = []
   entries = read_manifest(folder)
-  for entry in tqdm(entries, unit='img', desc='score', dynamic_ncols=True,
-                    disable=len(entries) < 100):
+  bar = console.progress(len(entries), 'score', 'img', disable=len(entries) < 100)
+  for entry in entries:
+    bar.update(1)
     path = os.path.join(folder, entry['file'])
     image = load_image(path)
     try:
       scores.append(score_image(image, entry['prompt']))
     except ValueError as e:
       raise ValueError(f'{path}: {e}') from e
+  bar.close()
   return aggregate(scores)
 
 

@@ -131,8 +131,7 @@ def sample_to_folder(loaded: Loaded, out_dir: str, prompts: Sequence[str],
     record['autoencoder'] = gen.vae.fingerprint
   os.makedirs(out_dir, exist_ok=True)
   all_images, t0 = [], time.time()
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  bar = tqdm(total=len(jobs), unit='img', desc='sample', dynamic_ncols=True, disable=not progress)
+  bar = console.progress(len(jobs), 'sample', 'img', disable=not progress)
   with open(os.path.join(out_dir, 'manifest.jsonl'), 'w') as manifest, bar:
     for start in range(0, len(jobs), batch_size):
       chunk = jobs[start:start + batch_size]

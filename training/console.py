@@ -2,6 +2,7 @@
 
 import logging as pylogging
 import os
+import shutil
 import sys
 import traceback
 from typing import Any, Callable
@@ -120,3 +121,12 @@ def run_or_exit(fn: Callable[[], Any], *, verbose: bool = False, log_dir: str | 
       raise
     sys.stderr.flush()
     sys.exit(f'error: {one_line(e)}')
+
+
+def progress(total: int, desc: str, unit: str, **kwargs):
+  """A tqdm bar on stderr, as wide as the terminal (100 x 24 when it reports no size: in a pty of
+  size 0 x 0 tqdm hid its bar)."""
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  size = shutil.get_terminal_size((100, 24))
+  return tqdm(total=total, desc=desc, unit=unit, ncols=min(size.columns or 100, 120),
+              nrows=size.lines or 24, **kwargs)

@@ -108,9 +108,9 @@ class Reporter:
           jax.device_get(state.params)))
       if step == 0:
         self.writer.write_hparams(flatten(self.config.to_dict()))
-      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-      self.bar = tqdm(total=self.config.optim.num_steps, initial=step, unit='step', desc='train',
-                      dynamic_ncols=True, mininterval=1.0, smoothing=0.1)
+      from training import console  # pylint: disable=g-import-not-at-top
+      self.bar = console.progress(self.config.optim.num_steps, 'train', 'step', initial=step,
+                                  mininterval=1.0, smoothing=0.1)
     self._t0 = time.time()
 
   def step(self, step: int, loss: float, grad_norm: float, lr: float, bad_records: int = 0):
