@@ -115,7 +115,7 @@ def prepare(data_dir: str | None, image_size: int = 32, num_train: int = DEFAULT
   builder = make_builder(data_dir, image_size, num_train, num_test)
   root = os.path.dirname(os.path.dirname(builder.data_dir))  # DATA_DIR/shapes_benchmark
   os.makedirs(root, exist_ok=True)
-  with open(os.path.join(root, f'.prepare-{builder.builder_config.name}.lock'), 'w') as lock:
+  with open(os.path.join(root, f'.prepare-{builder.builder_config.name}.lock'), 'a') as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     try:
       builder = make_builder(data_dir, image_size, num_train, num_test)  # Sees a finished copy.
