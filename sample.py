@@ -124,7 +124,8 @@ def _sample():
   grids = summary['grids']
   print(f"Wrote {summary['num_images']} images of checkpoint step {summary['checkpoint_step']} "
         f"in {summary['seconds']:.0f} s to {out}: PNGs, manifest.jsonl, {os.path.basename(grids[0])}"
-        + (f' (+{len(grids) - 1} more pages)' if len(grids) > 1 else '') + '.', file=sys.stderr)
+        + (f' (+{len(grids) - 1} more page{"s" * (len(grids) > 2)})' if len(grids) > 1 else '')
+        + '.', file=sys.stderr)
   print(json.dumps(summary))
 
 

@@ -56,7 +56,9 @@ def _summary(config, workdir, result, seconds) -> str:
   import glob  # pylint: disable=g-import-not-at-top
   steps = [s for s, _ in result.history]
   done = f'steps {steps[0] - 1} -> {steps[-1]}' if steps else 'no steps (already trained)'
-  loss = f', last loss {result.history[-1][1]:.4f}' if steps else ''
+  last = [l for _, l in result.history[-config.logging.every_steps:]]
+  over = 'the last step' if len(last) == 1 else f'mean of the last {len(last)} steps'
+  loss = f', loss {sum(last) / len(last):.4f} ({over})' if steps else ''
   grids = sorted(glob.glob(os.path.join(workdir, 'samples', 'grid_*.png')))
   lines = [f'Trained {done} of {config.optim.num_steps} in {seconds / 60:.1f} min{loss}.',
            f'  checkpoints  {os.path.join(workdir, "checkpoints")}',
