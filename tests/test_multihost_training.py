@@ -70,9 +70,11 @@ def two_process_run(tmp_path_factory):
   out = _run_launcher(_train_cmd(workdir, '--config.mesh.data=4', '--config.mesh.fsdp=2',
                                  '--config.checkpoint.every_steps=2'), 2, 4)
   print(f'2-process x 4-device run: {time.monotonic() - start:.1f} s')
-  # Both processes really joined one 8-device job (the log line of cluster.distributed).
+  # Both processes really joined one 8-device job (the log line of cluster.distributed, in the
+  # full log every process appends to).
+  log = _read(os.path.join(workdir, 'train.log'))
   for rank in (0, 1):
-    assert f'joined as process {rank} of 2, 4 local / 8 global devices' in out.stdout, out.stdout
+    assert f'joined as process {rank} of 2, 4 local / 8 global devices' in log, out.stdout
   return workdir
 
 
@@ -142,6 +144,8 @@ def test_two_process_checkpoint_resumes_in_one_process_on_another_mesh(two_proce
 
 
 def _read(path):
+  if not os.path.exists(path):
+    return ''
   with open(path, errors='replace') as f:
     return f.read()
 
@@ -167,10 +171,12 @@ def test_sigkilled_process_fails_the_real_trainer_within_a_minute(tmp_path):
                                       start_new_session=True))
       logs.append(log)
     survivor, victim = procs
-    # Process 0 logs every step's scalars ("[N] data/...=..., train/loss=..."); metrics.jsonl is
-    # only flushed when the run ends, so the log is where a few steps show up while it runs.
+    # Process 0 logs every step's scalars ("[N] data/...=..., train/loss=...") to the workdir's
+    # train.log; metrics.jsonl is only flushed when the run ends, so the log is where a few steps
+    # show up while it runs.
+    full_log = os.path.join(workdir, 'train.log')
     deadline = time.monotonic() + 240
-    while not any(re.search(rf'\] \[{s}\] .*train/loss=', _read(logs[0])) for s in (3, 4, 5)):
+    while not any(re.search(rf'\] \[{s}\] .*train/loss=', _read(full_log)) for s in (3, 4, 5)):
       assert survivor.poll() is None and victim.poll() is None, _read(logs[0])[-5000:]
       assert time.monotonic() < deadline, 'no training step after 240 s:\n' + _read(logs[0])[-5000:]
       time.sleep(0.2)
