@@ -1,5 +1,6 @@
 """What a cluster does to a workdir's checkpoints: damaged newest checkpoint, stray folders, a
-diverged step, kill -9 during a save. Each run continues from an intact checkpoint."""
+diverged step, kill -9 during a save. Each run continues from an intact checkpoint. The tests
+that train are in the full tier (`make test-full`, run by CI)."""
 import glob
 import os
 import subprocess
@@ -67,6 +68,7 @@ def copy_of(root, name):
   return target
 
 
+@pytest.mark.full  # Trains tiny runs: the full tier (CI runs it).
 @pytest.mark.parametrize('damage', [truncate, garble_metadata])
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(two_checkpoints, damage, caplog):
   root, config, full = two_checkpoints
@@ -84,6 +86,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(two_checkpoint
   assert 'checkpoints.corrupt/4' in text
 
 
+@pytest.mark.full  # Trains tiny runs: the full tier (CI runs it).
 def test_a_stray_numeric_folder_is_set_aside(two_checkpoints, caplog):
   root, config, full = two_checkpoints
   workdir = copy_of(root, 'stray')
@@ -97,6 +100,7 @@ def test_a_stray_numeric_folder_is_set_aside(two_checkpoints, caplog):
   assert 'is not a checkpoint' in caplog.text
 
 
+@pytest.mark.full  # Trains tiny runs: the full tier (CI runs it).
 def test_sampling_skips_a_damaged_checkpoint_and_names_it_when_asked_for(two_checkpoints):
   root, _, _ = two_checkpoints
   workdir = copy_of(root, 'sample')
@@ -109,6 +113,7 @@ def test_sampling_skips_a_damaged_checkpoint_and_names_it_when_asked_for(two_che
     from_checkpoint.load(str(workdir), step=4)
 
 
+@pytest.mark.full  # Trains tiny runs: the full tier (CI runs it).
 def test_when_no_checkpoint_restores_nothing_is_moved(two_checkpoints):
   root, config, _ = two_checkpoints
   workdir = copy_of(root, 'all_bad')
@@ -121,6 +126,7 @@ def test_when_no_checkpoint_restores_nothing_is_moved(two_checkpoints):
   assert not os.path.exists(workdir / 'checkpoints.corrupt')
 
 
+@pytest.mark.full  # Trains tiny runs: the full tier (CI runs it).
 def test_a_diverged_state_is_not_saved(tmp_path, monkeypatch, caplog):
   """A checkpoint every step; from the 13th update on, updates are 1e8 times too large: the state
   after step 13 is finite (its step's loss and gradient are normal) but its parameters are huge,

@@ -52,6 +52,7 @@ def test_evaluate_names_a_folder_without_a_manifest(tmp_path):
   assert only_error_line(proc).startswith(f'error: No manifest at {tmp_path}/manifest.jsonl')
 
 
+@pytest.mark.full  # Two sample.py runs on the trained tiny workdir.
 def test_sample_names_a_damaged_checkpoint_in_one_line(tiny_run, tmp_path):
   """--step of a truncated checkpoint: its step and path in one line; without --step the newest
   intact one is used, with a warning."""
