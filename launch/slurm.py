@@ -37,6 +37,9 @@ def render(template: str, values: dict[str, str]) -> str:
   return re.sub(r'{{(\w+)}}', lambda m: values[m.group(1)], ''.join(lines))
 
 
+TIME_FORMAT = r'(\d+-)?\d{1,3}(:\d{2}){0,2}'  # sbatch --time: HH:MM:SS or D-HH:MM:SS.
+
+
 def _check(args: argparse.Namespace) -> None:
   for name in ('nodes', 'tasks_per_node', 'cpus_per_task'):
     if getattr(args, name) < 1:
@@ -46,7 +49,7 @@ def _check(args: argparse.Namespace) -> None:
   if args.gpus_per_node and args.gpus_per_node % args.tasks_per_node:
     raise ValueError(f'--gpus_per_node {args.gpus_per_node} must be a multiple of '
                      f'--tasks_per_node {args.tasks_per_node} (each task gets the same GPUs).')
-  if not re.fullmatch(r'(\d+-)?\d{1,3}(:\d{2}){0,2}', args.time):
+  if not re.fullmatch(TIME_FORMAT, args.time):
     raise ValueError(f'--time {args.time!r} must look like HH:MM:SS or D-HH:MM:SS.')
   if args.venv and args.container_image:
     raise ValueError('Give --venv or --container_image, not both.')

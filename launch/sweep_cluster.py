@@ -18,7 +18,7 @@ import subprocess
 import sys
 from typing import Any, Sequence
 
-from launch import k8s
+from launch import k8s, slurm
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +47,7 @@ def _check(args: argparse.Namespace, num: int) -> None:
     raise ValueError(f'--parallel={args.parallel} must be >= 1.')
   if args.gpus_per_member < 0 or args.cpus_per_member < 1:
     raise ValueError('--gpus_per_member must be >= 0 and --cpus_per_member >= 1.')
-  if args.slurm and not re.fullmatch(r'(\d+-)?\d{1,3}(:\d{2}){0,2}', args.time):
+  if args.slurm and not re.fullmatch(slurm.TIME_FORMAT, args.time):
     raise ValueError(f'--time {args.time!r} must look like HH:MM:SS or D-HH:MM:SS.')
   if args.k8s:
     if not args.image:
