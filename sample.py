@@ -17,7 +17,7 @@ import sys
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')  # (TensorFlow only reads TFDS here: no notice.)
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir (checkpoints + saved config).')
 _OUT = flags.DEFINE_string('out', None, 'Output folder (default: WORKDIR/samples_cli).')
@@ -68,8 +68,12 @@ def main(argv):
   console.quiet_library_noise()
   if not _VERBOSE.value:  # The console: warnings, the progress bar and the summary.
     console.quiet_info()
+  from training import compile_cache
+  compile_cache.enable()  # Before the first jit: a second call loads its programs from disk.
   # Bad flags, prompts or workdir, a damaged checkpoint: one `error:` line (no traceback).
-  console.run_or_exit(_sample, verbose=_VERBOSE.value)
+  with compile_cache.CompileCounter() as compiles:
+    console.run_or_exit(_sample, verbose=_VERBOSE.value)
+  logging.info('%s', compiles.summary())  # On the console with --verbose.
 
 
 def _check_flags():

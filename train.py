@@ -32,6 +32,8 @@ def main(argv):
   from training import console  # Heavy imports after flag parsing.
   console.quiet_library_noise()
   console.log_to_file(os.path.join(_WORKDIR.value, 'train.log'), verbose=_VERBOSE.value)
+  from training import compile_cache
+  compile_cache.enable()  # Before the first jit: a resume loads its programs, not compiles them.
   # A bad value, file or workdir, or a diverging run: one `error:` line (no traceback).
   console.run_or_exit(_train, verbose=_VERBOSE.value, log_dir=_WORKDIR.value)
 
@@ -39,14 +41,16 @@ def main(argv):
 def _train():
   import jax
   from evaluation import sample_grid
-  from training import loop
+  from training import compile_cache, loop
   config = _CONFIG.value
   logging.info('Config:\n%s', config)
   evaluator = None
   if config.logging.eval_every_steps or config.logging.eval_at_end:
     evaluator = sample_grid.SampleGridEvaluator(config)  # Before training, not after it.
   t0 = time.time()
-  result = loop.train_and_evaluate(config, _WORKDIR.value, evaluator=evaluator)
+  with compile_cache.CompileCounter() as compiles:
+    result = loop.train_and_evaluate(config, _WORKDIR.value, evaluator=evaluator)
+  logging.info('%s', compiles.summary())
   if jax.process_index() == 0:
     print(_summary(config, _WORKDIR.value, result, time.time() - t0), flush=True)
 

@@ -72,7 +72,10 @@ def get_config(arg=None):
   model.norm_groups = 32  # GroupNorm groups (clamped to a divisor of the channel count).
   model.dtype = 'float32'  # Compute dtype ('bfloat16' on accelerators).
   model.param_dtype = 'float32'  # Parameter dtype.
-  model.remat = False  # Rematerialise blocks in the backward pass (saves memory, costs compute).
+  model.remat = 'none'  # Recompute blocks in the backward pass: 'none', 'dots' or 'full' (less
+  # memory, more compute; docs/models.md). 'dots' keeps matmul outputs; True/False = 'full'/'none'.
+  model.attention = 'auto'  # Self-attention kernel: 'auto' (cuDNN flash attention for bf16/fp16 on a
+  # GPU, else XLA), 'xla' or 'cudnn' (models/attention.py).
 
   # --- autoencoder (latent diffusion, docs/latent.md) -----------------------
   config.autoencoder = ae = ml_collections.ConfigDict()
@@ -125,6 +128,7 @@ def get_config(arg=None):
   optim.eps = 1e-8  # AdamW epsilon.
   optim.weight_decay = 0.0  # AdamW decoupled weight decay (not applied to norms/biases).
   optim.grad_clip = 1.0  # Global-norm gradient clipping; 0 = off.
+  optim.grad_accum_steps = 1  # k > 1: each step sums gradients over k micro-batches (less memory).
   optim.ema_decay = 0.9999  # EMA of parameters kept in the train state; 0 = no EMA.
   optim.ema_warmup = True  # EMA decay min(decay, (1+step)/(10+step)) early on.
 

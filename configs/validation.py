@@ -46,6 +46,13 @@ def validate(config: ml_collections.ConfigDict):
   check_image_size(config, config.data.image_size, 'data.image_size')
   if config.autoencoder.decode_chunk < 1:
     raise ValueError('autoencoder.decode_chunk must be >= 1.')
+  k = config.optim.grad_accum_steps
+  if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    raise ValueError(f'optim.grad_accum_steps={k!r} must be a positive integer (1 = no '
+                     'accumulation; k: each step sums the gradients of k micro-batches).')
+  if config.data.global_batch_size % k:
+    raise ValueError(f'data.global_batch_size={config.data.global_batch_size} must be divisible '
+                     f'by optim.grad_accum_steps={k} (the micro-batches are equal).')
   if config.data.num_workers < 0 or config.data.prefetch < 0:
     raise ValueError('data.num_workers and data.prefetch must be >= 0.')
   for path, low, high, what in _RANGES:
@@ -86,14 +93,22 @@ _OPEN_HIGH = ('optim.b1', 'optim.b2')  # Must be strictly below `high`.
 
 def check_mesh(config: ml_collections.ConfigDict, mesh, process_count: int) -> None:
   """Raises ValueError unless the global batch splits evenly over the mesh's data-parallel
-  devices (mesh.data x mesh.fsdp) and over the processes."""
-  b = config.data.global_batch_size
+  devices (mesh.data x mesh.fsdp), each device's share into optim.grad_accum_steps micro-batches,
+  and over the processes."""
+  b, k = config.data.global_batch_size, config.optim.grad_accum_steps
   parallel = mesh.shape['data'] * mesh.shape['fsdp']
+  devices = (f"mesh.data={mesh.shape['data']} x mesh.fsdp={mesh.shape['fsdp']} = {parallel} (of "
+             f'{mesh.size} devices)')
   if b % parallel:
     raise ValueError(
-        f'data.global_batch_size={b} must be divisible by the data-parallel devices: mesh.data='
-        f"{mesh.shape['data']} x mesh.fsdp={mesh.shape['fsdp']} = {parallel} (of "
-        f'{mesh.size} devices); use a multiple of {parallel}, e.g. {(b // parallel + 1) * parallel}.')
+        f'data.global_batch_size={b} must be divisible by the data-parallel devices: {devices}; '
+        f'use a multiple of {parallel}, e.g. {(b // parallel + 1) * parallel}.')
+  if b % (parallel * k):
+    raise ValueError(
+        f'data.global_batch_size={b} must be divisible by optim.grad_accum_steps={k} x the '
+        f'data-parallel devices ({devices}) = {k * parallel}: each device takes its share in {k} '
+        f'equal micro-batches. Use a multiple of {k * parallel}, e.g. '
+        f'{(b // (k * parallel) + 1) * k * parallel}, or a smaller optim.grad_accum_steps.')
   if b % process_count:
     raise ValueError(f'data.global_batch_size={b} must be divisible by the {process_count} '
                      'processes.')

@@ -2,6 +2,12 @@
 
 Softmax statistics are float32 whatever the compute dtype. Masked keys get exactly zero
 weight, and a query whose keys are all masked attends to nothing (output 0, never NaN).
+
+Unmasked attention (the U-Net's self-attention over pixels) on a GPU in bfloat16/float16 goes to
+cuDNN's fused flash attention (`jax.nn.dot_product_attention(implementation='cudnn')`), which
+never writes the [B, heads, L, L] scores to memory; everywhere else (CPUs, TPUs, float32, masked
+cross-attention over a few text tokens) the einsum form below runs, which XLA:CPU executes faster
+than jax.nn's own XLA path (BENCHMARKS.md, issue 17). `attention_impl` names the choice.
 """
 from __future__ import annotations
 
@@ -16,8 +22,24 @@ from models import layers
 Dtype = Any
 
 
+IMPLEMENTATIONS = ('auto', 'xla', 'cudnn')
+
+
+def attention_impl(requested: str, q: jax.Array, masked: bool) -> str:
+  """'cudnn' or 'xla' for one attention call: 'auto' takes cuDNN's flash attention for unmasked
+  bfloat16/float16 attention on a GPU with a head width it supports (a multiple of 8, <= 128)."""
+  if requested not in IMPLEMENTATIONS:
+    raise ValueError(f'model.attention must be one of {IMPLEMENTATIONS}, got {requested!r}.')
+  if requested != 'auto':
+    return requested
+  fused = (jax.default_backend() == 'gpu' and not masked
+           and q.dtype in (jnp.bfloat16, jnp.float16)
+           and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128)
+  return 'cudnn' if fused else 'xla'
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                          mask: jax.Array | None = None) -> jax.Array:
+                          mask: jax.Array | None = None, implementation: str = 'xla') -> jax.Array:
   """softmax(q k^T / sqrt(d)) v over keys (Vaswani et al. 2017, eq. 1), masked.
 
   Args:
@@ -25,20 +47,59 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     k: [B, Lk, heads, d] keys.
     v: [B, Lk, heads, dv] values.
     mask: optional [B, Lk] bool, True = key may be attended to.
+    implementation: 'xla' (the einsum form) or 'cudnn' (fused, unmasked only); see
+      `attention_impl`.
 
   Returns:
     [B, Lq, heads, dv] in v's dtype.
   """
+  if implementation == 'cudnn':
+    if mask is not None:
+      raise ValueError("implementation='cudnn' is for unmasked attention.")
+    return jax.nn.dot_product_attention(q, k, v, implementation='cudnn')
+  batch = q.shape[0]
+  chunk = _cpu_chunk(batch, q.shape[2] * q.shape[1] * k.shape[1] * 4)
+  if chunk == batch:
+    return _attend(q, k, v, mask)
+  # XLA:CPU: the scores of the whole batch do not fit in cache; `chunk` examples at a time do.
+  # Strided chunks (example i in chunk i % n) keep each chunk spread over the batch's shards.
+  n = batch // chunk
+  split = lambda x: None if x is None else jnp.swapaxes(x.reshape((chunk, n) + x.shape[1:]), 0, 1)
+  out = jax.lax.map(lambda a: _attend(*a), (split(q), split(k), split(v), split(mask)))
+  return jnp.swapaxes(out, 0, 1).reshape(q.shape[:-1] + v.shape[-1:])
+
+
+# Largest scores tensor (float32 bytes) one XLA:CPU attention call keeps: ~ a core's share of cache.
+_CPU_SCORES_BYTES = 4 << 20
+
+
+def _cpu_chunk(batch: int, bytes_per_example: int) -> int:
+  """Examples per attention call on a CPU: the largest divisor of `batch` whose scores fit in
+  _CPU_SCORES_BYTES (at least 1), or the whole batch when it fits twice over or off the CPU."""
+  if jax.default_backend() != 'cpu' or batch * bytes_per_example <= 2 * _CPU_SCORES_BYTES:
+    return batch
+  fits = max(1, _CPU_SCORES_BYTES // bytes_per_example)
+  return max(d for d in range(1, min(fits, batch) + 1) if batch % d == 0)
+
+
+def _attend(q, k, v, mask):
+  """The attention of `dot_product_attention` with the softmax's normalisation deferred: the
+  unnormalised weights exp(s - max s) multiply v, and the [B, Lq, heads, dv] result is divided by
+  their sum, one pass over the scores fewer than softmax-then-matmul, forward and backward."""
   q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
   logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
   if mask is not None:
     keep = mask[:, None, None, :]
     logits = jnp.where(keep, logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1)
+  # The shift leaves the softmax unchanged, so it needs no gradient.
+  weights = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
   if mask is not None:
-    # Exact zeros for masked keys; rows with no valid key become all-zero instead of uniform.
-    probs = jnp.where(keep, probs, 0.0)
-  return jnp.einsum('bhqk,bkhd->bqhd', probs.astype(v.dtype), v)
+    # Exact zeros for masked keys; rows with no valid key sum to 0 and give 0, not NaN.
+    weights = jnp.where(keep, weights, 0.0)
+  total = jnp.swapaxes(jnp.sum(weights, axis=-1), 1, 2)[..., None]  # [B, Lq, heads, 1]
+  out = jnp.einsum('bhqk,bkhd->bqhd', weights.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  return (out / jnp.where(total > 0, total, 1.0)).astype(v.dtype)
 
 
 class MultiHeadAttention(nn.Module):
@@ -57,6 +118,7 @@ class MultiHeadAttention(nn.Module):
   kv_axis: str = 'embed'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  implementation: str = 'auto'  # IMPLEMENTATIONS; 'auto': `attention_impl` decides per call.
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array | None = None,
@@ -77,7 +139,8 @@ class MultiHeadAttention(nn.Module):
     q = project('query', x, self.q_axis)
     k = project('key', context, self.kv_axis)
     v = project('value', context, self.kv_axis)
-    out = dot_product_attention(q, k, v, mask)
+    out = dot_product_attention(q, k, v, mask,
+                                attention_impl(self.implementation, q, mask is not None))
     w_out = self.param('out', layers.partitioned(out_init, ('heads', 'kv', self.q_axis)),
                        (heads, hd, x.shape[-1]), self.param_dtype)
     b_out = self.param('out_bias', layers.partitioned(nn.initializers.zeros, (self.q_axis,)),
@@ -97,13 +160,14 @@ class SpatialAttention(nn.Module):
   norm_groups: int = 32
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  implementation: str = 'auto'  # Of the self-attention (IMPLEMENTATIONS).
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array, context_mask: jax.Array) -> jax.Array:
     b, hgt, wid, c = x.shape
     attn = lambda kv_axis, name: MultiHeadAttention(
         self.num_heads, self.head_dim, q_axis='embed', kv_axis=kv_axis, dtype=self.dtype,
-        param_dtype=self.param_dtype, name=name)
+        param_dtype=self.param_dtype, implementation=self.implementation, name=name)
     h = layers.group_norm(c, self.norm_groups, self.dtype, self.param_dtype, name='norm_self')(x)
     x = x + attn('embed', 'self_attn')(h.reshape(b, hgt * wid, c)).reshape(x.shape)
     x = layers.constrain(x)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from models import layers
+from models import attention
 from models.attention import MultiHeadAttention, dot_product_attention
 
 
@@ -57,6 +58,47 @@ def test_dot_product_attention_matches_reference_with_masks():
   unmasked = dot_product_attention(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)))
   np.testing.assert_allclose(unmasked, reference_attention(q, k, v, np.ones_like(mask)),
                              rtol=1e-5, atol=1e-5)
+
+
+def test_attention_in_cache_sized_chunks_matches_the_reference_and_its_gradients(monkeypatch):
+  # A cache budget of 2 examples' scores: the batch of 6 (3 masked patterns, twice) runs as 3
+  # strided chunks of 2 through lax.map.
+  r = np.random.RandomState(1)
+  q, k, v = r.randn(6, 4, 2, 8), r.randn(6, 6, 2, 8), r.randn(6, 6, 2, 5)
+  mask = np.tile(np.array([[1, 1, 1, 1, 1, 1], [1, 0, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0]], bool),
+                 (2, 1))
+  per_example = 2 * 4 * 6 * 4  # heads x Lq x Lk x float32 bytes
+  monkeypatch.setattr(attention, '_CPU_SCORES_BYTES', 2 * per_example)
+  assert attention._cpu_chunk(6, per_example) == 2  # pylint: disable=protected-access
+  args = [jnp.asarray(a, jnp.float32) for a in (q, k, v)]
+  chunked = lambda *a: dot_product_attention(*a, jnp.asarray(mask))
+  assert 'scan' in str(jax.make_jaxpr(chunked)(*args))  # lax.map really ran.
+  np.testing.assert_allclose(chunked(*args), reference_attention(q, k, v, mask), rtol=1e-5,
+                             atol=1e-5)
+  # The deferred normalisation has the softmax's gradients (the unchunked closed form).
+  def softmax_form(q, k, v):
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(8)
+    keep = jnp.asarray(mask)[:, None, None, :]
+    probs = jnp.where(keep, jax.nn.softmax(jnp.where(keep, logits, -1e30), axis=-1), 0.0)
+    return jnp.einsum('bhqk,bkhd->bqhd', probs, v)
+  loss = lambda f: lambda *a: jnp.sum(f(*a) ** 2)
+  got = jax.grad(loss(chunked), argnums=(0, 1, 2))(*args)
+  want = jax.grad(loss(softmax_form), argnums=(0, 1, 2))(*args)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+  assert np.all(np.isfinite(got[0]))
+
+
+def test_attention_implementation_choice():
+  q32, q16 = jnp.zeros((1, 4, 2, 32)), jnp.zeros((1, 4, 2, 32), jnp.bfloat16)
+  # This machine is a CPU: 'auto' is the einsum form even in bfloat16; 'cudnn' only when asked.
+  assert attention.attention_impl('auto', q16, masked=False) == 'xla'
+  assert attention.attention_impl('auto', q32, masked=False) == 'xla'
+  assert attention.attention_impl('cudnn', q16, masked=False) == 'cudnn'
+  with pytest.raises(ValueError, match='model.attention'):
+    attention.attention_impl('flash', q32, masked=False)
+  with pytest.raises(ValueError, match='unmasked'):
+    dot_product_attention(q16, q16, q16, jnp.ones((1, 4), bool), implementation='cudnn')
 
 
 def test_multi_head_attention_kernel_axes_and_shapes():

@@ -11,7 +11,8 @@ B, S, C, L, DT = 2, 8, 3, 5, 12
 
 BASE = dict(channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
             num_heads=2, head_dim=0, dropout=0.0, norm_groups=8, dtype='float32',
-            param_dtype='float32', remat=False, patch_size=1, coord_channels=False,
+            param_dtype='float32', remat='none', attention='auto', patch_size=1,
+            coord_channels=False,
             pooled_conditioning=True)
 
 AXES_VOCAB = {None, 'conv_in', 'conv_out', 'embed', 'mlp', 'heads', 'kv', 'text_embed', 'norm'}
@@ -128,22 +129,35 @@ def test_dropout_only_in_training(variables):
   assert float(jnp.abs(train_a - eval_a).max()) > 1e-4
 
 
-def test_remat_gives_same_outputs_and_gradients(variables):
+def test_remat_policies_give_same_outputs_and_gradients(variables):
   args = inputs()
+  policies = ('none', 'dots', 'full')
   jaxprs = {remat: str(jax.make_jaxpr(lambda p: apply(make_config(remat=remat), p, *args))(
-      variables)) for remat in (False, True)}
-  assert 'remat' in jaxprs[True] and 'remat' not in jaxprs[False]
+      variables)) for remat in policies}
+  assert 'remat' not in jaxprs['none']  # Each policy reaches the blocks' remat:
+  assert 'policy=DotsSaveable(only_if_no_batch_dims=True)' in jaxprs['dots']
+  assert 'policy=<function nothing_saveable' in jaxprs['full']
 
   def loss_and_grad(remat):
     loss = lambda p: jnp.mean(apply(make_config(remat=remat), p, *args) ** 2)
     return jax.jit(jax.value_and_grad(loss))(variables)
 
-  (loss_a, grad_a), (loss_b, grad_b) = loss_and_grad(False), loss_and_grad(True)
-  np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6)
-  assert jax.tree_util.tree_structure(grad_a) == jax.tree_util.tree_structure(grad_b)
-  for ga, gb in zip(jax.tree_util.tree_leaves(grad_a), jax.tree_util.tree_leaves(grad_b)):
-    np.testing.assert_allclose(ga, gb, rtol=1e-4, atol=1e-6)
+  loss_a, grad_a = loss_and_grad('none')
   assert sum(float(jnp.abs(g).sum()) for g in jax.tree_util.tree_leaves(grad_a)) > 0
+  for remat in ('dots', 'full'):
+    loss_b, grad_b = loss_and_grad(remat)
+    np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6)
+    assert jax.tree_util.tree_structure(grad_a) == jax.tree_util.tree_structure(grad_b)
+    for ga, gb in zip(jax.tree_util.tree_leaves(grad_a), jax.tree_util.tree_leaves(grad_b)):
+      np.testing.assert_allclose(ga, gb, rtol=1e-4, atol=1e-6)
+
+
+def test_remat_reads_the_old_booleans_and_refuses_other_values():
+  assert make_config(remat=True).remat == 'full' and make_config(remat=False).remat == 'none'
+  assert make_config(remat='True').remat == 'full'  # --config.model.remat=True arrives as a string.
+  for bad in ('yes', 'dot', 1, None):
+    with pytest.raises(ValueError, match=r"model.remat must be one of 'none', 'dots', 'full'"):
+      make_config(remat=bad)
 
 
 def test_every_param_has_logical_axes_of_its_rank(boxed_variables):

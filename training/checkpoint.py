@@ -30,7 +30,7 @@ from training import console
 
 # Config fields whose change makes a checkpoint unusable (architecture and meaning of params).
 # `model`: every field but these (which change how the same parameters are computed with).
-_MODEL_FREE = ('dtype', 'param_dtype', 'remat', 'dropout')
+_MODEL_FREE = ('dtype', 'param_dtype', 'remat', 'dropout', 'attention')
 _ARCH_FIELDS = {
     'model': None,  # All of config.model except _MODEL_FREE.
     'text': ('encoder', 'width', 'depth', 'num_heads', 'max_len', 'vocab', 'pretrained_path'),

@@ -34,6 +34,7 @@ from training.state import TrainState
 
 
 _LATENT_STREAM = 0x1A7E  # fold_in tag of the posterior samples' randomness.
+_TEXT_KEYS = ('tokens', 'emb', 'mask', 'pooled')  # A batch's text inputs (`text_condition`).
 
 
 class TrainResult(NamedTuple):
@@ -85,31 +86,61 @@ def diffusion_input(batch, autoencoder, vae_params, rng):
   return autoencoder.to_latents(mean, logvar, rng)
 
 
+def micro_batch(a, k, i):
+  """Micro-batch i of k of a per-example array: examples i, i + k, i + 2k, ... (strided, so each
+  device's contiguous share of a batch-sharded array splits into k local parts)."""
+  return jax.lax.dynamic_index_in_dim(a.reshape((a.shape[0] // k, k) + a.shape[1:]), i, 1, False)
+
+
+def into_micro_batch(full, part, k, i):
+  """`full` with micro-batch i of k (as `micro_batch` takes it) replaced by `part`."""
+  grouped = full.reshape((full.shape[0] // k, k) + full.shape[1:])
+  return jax.lax.dynamic_update_index_in_dim(grouped, part, i, 1).reshape(full.shape)
+
+
 def train_step(state: TrainState, batch, rng, frozen_text_params, vae_params=None, *, unet,
                text_encoder, null_inputs, tx, spec, config, autoencoder=None):
   """One optimiser step; returns the new state and this step's scalar metrics.
 
-  `spec`: the DiffusionSpec of the loss; `config`: reads text.cond_drop_prob and optim (EMA);
-  `autoencoder` (frozen, with `vae_params`): diffuse in its latent space.
+  `spec`: the DiffusionSpec of the loss; `config`: reads text.cond_drop_prob and optim (EMA,
+  grad_accum_steps); `autoencoder` (frozen, with `vae_params`): diffuse in its latent space.
+  With optim.grad_accum_steps = k > 1 the network runs on k micro-batches in turn (a `lax.scan`,
+  so activations of B/k examples are alive at a time) and their gradients are summed before one
+  update. Noise levels, noise and condition dropout are drawn for the full batch whatever k, so
+  the step is the full-batch step up to float rounding; only dropout masks (model.dropout > 0)
+  are drawn per micro-batch.
   """
   rng = jax.random.fold_in(rng, state.step)
   rng_drop, rng_loss, rng_dropout = jax.random.split(rng, 3)
   rng_latent = jax.random.fold_in(rng, _LATENT_STREAM)  # (Pixel-space runs draw as before.)
   x = diffusion_input(batch, autoencoder, vae_params, rng_latent)
-  batch_size = x.shape[0]
+  batch_size, k = x.shape[0], config.optim.grad_accum_steps
+  keep = jax.random.bernoulli(rng_drop, 1.0 - config.text.cond_drop_prob, (batch_size,))
+  text = {n: batch[n] for n in _TEXT_KEYS if n in batch}
 
-  def loss_fn(params):
-    cond = text_condition(text_encoder, params, frozen_text_params, batch)
+  def loss_fn(params, i=None):
+    """Micro-batch i's part of the full batch's mean loss (None: the whole batch, k = 1)."""
+    part = (lambda a: a) if i is None else (lambda a: micro_batch(a, k, i))
+    cond = text_condition(text_encoder, params, frozen_text_params, jax.tree.map(part, text))
     null = text_condition(text_encoder, params, frozen_text_params, null_inputs)
-    keep = jax.random.bernoulli(rng_drop, 1.0 - config.text.cond_drop_prob, (batch_size,))
-    cond = drop_condition(cond, null, keep)
-    pred_fn = lambda x_t, logsnr: denoiser.apply_network(
-        unet, params['unet'], x_t, logsnr, cond, spec, train=True,
-        rngs={'dropout': rng_dropout})
-    per_example, _ = losses.diffusion_loss(pred_fn, x, rng_loss, spec)
-    return jnp.mean(per_example)
+    cond = drop_condition(cond, null, part(keep))
+    rngs = {'dropout': rng_dropout if i is None else jax.random.fold_in(rng_dropout, i)}
 
-  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    def pred_fn(x_t, logsnr):  # The loss draws for the full batch; the network sees part of it.
+      out = denoiser.apply_network(unet, params['unet'], part(x_t), part(logsnr), cond, spec,
+                                   train=True, rngs=rngs)
+      return out if i is None else into_micro_batch(jnp.zeros(x_t.shape, out.dtype), out, k, i)
+
+    per_example, _ = losses.diffusion_loss(pred_fn, x, rng_loss, spec)
+    return jnp.sum(part(per_example)) / batch_size
+
+  if k == 1:
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  else:
+    def accumulate(total, i):
+      return jax.tree.map(jnp.add, total, jax.value_and_grad(loss_fn)(state.params, i)), None
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+    (loss, grads), _ = jax.lax.scan(accumulate, zeros, jnp.arange(k))
   grad_norm = optax.global_norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
