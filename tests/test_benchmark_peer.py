@@ -47,10 +47,11 @@ def test_peer_has_our_layout_plus_diffusers_feed_forwards(name):
       assert (module.heads, module.inner_dim // module.heads) == heads[level], module_name
       seen += 1
   assert seen == 2 * len(widths)
-  # The benchmark's peer (extras=False) drops exactly the feed-forwards and projections.
+  # The benchmark's peer (extras=False) drops exactly the feed-forwards, their LayerNorms (2c
+  # each) and the projections.
   stripped = peer.compare_params(*shp, model=peer.build_unet(*shp))
   assert stripped['peer_ff'] == stripped['peer_proj'] == 0
-  assert stripped['peer'] == counts['peer_core']
+  assert stripped['peer'] == counts['peer_core'] - sum(2 * c for c in widths)
 
 
 def test_patched_working_space_with_coordinates():
