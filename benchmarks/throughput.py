@@ -75,13 +75,14 @@ class OursTrain:
     import functools  # pylint: disable=g-import-not-at-top
     import jax  # pylint: disable=g-import-not-at-top
     import flax.linen as nn  # pylint: disable=g-import-not-at-top
-    from configs import specs  # pylint: disable=g-import-not-at-top
+    from configs import specs, validation  # pylint: disable=g-import-not-at-top
     from text.encoders import NULL_CAPTION  # pylint: disable=g-import-not-at-top
     from training import loop, sharding, state as state_lib  # pylint: disable=g-import-not-at-top
     config = config.copy_and_resolve_references()
     config.data.global_batch_size = batch_size
     self.config = config
     mesh = sharding.make_mesh(config.mesh)
+    validation.check_mesh(config, mesh, jax.process_count())  # --batch must split over the mesh.
     self.unet, self.text = state_lib.build_models(config)
     autoencoder = state_lib.build_autoencoder(config)
     tx, _ = state_lib.make_optimizer(config.optim)
@@ -285,4 +286,7 @@ def _table(rows) -> str:
 
 
 if __name__ == '__main__':
-  main()
+  try:
+    main()
+  except ValueError as e:  # A bad config value or batch size: one line, not a traceback.
+    raise SystemExit(f'error: {e}') from None

@@ -1,5 +1,6 @@
 """benchmarks/throughput.py on the tiny config: every figure present and sane, peer A/B when torch is
-installed (it is an optional peer; the test of the ratio skips without it)."""
+installed (it is an optional peer; the test of the ratio skips without it). The train step runs on
+the 8 simulated devices, so its batches are multiples of 8."""
 import importlib.util
 import json
 
@@ -15,12 +16,12 @@ def test_throughput_reports_train_and_sampler_figures(tmp_path, peer):
   if peer and not (importlib.util.find_spec('torch') and importlib.util.find_spec('diffusers')):
     pytest.skip('torch and diffusers are optional peers')
   out = tmp_path / 'figures.json'
-  throughput.main(['--config=configs/shapes.py:tiny', '--batch=2,4', '--rounds=2', '--steps=1',
+  throughput.main(['--config=configs/shapes.py:tiny', '--batch=8,16', '--rounds=2', '--steps=1',
                    '--sampler', '--sample_batch=2', '--sample_steps=2', '--peak_tflops=1',
                    f'--out={out}'] + (['--peer', '--threads=1'] if peer else []))
   rows = json.loads(out.read_text())['rows']
   train = [r for r in rows if r['what'] == 'train']
-  assert [r['batch'] for r in train] == [2, 4]
+  assert [r['batch'] for r in train] == [8, 16]
   for r in train:
     assert 0 < r['step_s']['min'] <= r['step_s']['median'] <= r['step_s']['max']
     assert r['images_per_s'] == pytest.approx(r['batch'] / r['step_s']['median'])
