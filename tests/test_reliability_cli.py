@@ -2,12 +2,15 @@
 anything is loaded (no empty manifest is left behind), a damaged checkpoint named without the
 tracebacks of orbax's background reads."""
 import glob
+import logging
 import os
 import shutil
 import subprocess
 import sys
 
 import pytest
+
+from training import console
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,6 +53,24 @@ def test_sample_names_a_missing_workdir(tmp_path):
 def test_evaluate_names_a_folder_without_a_manifest(tmp_path):
   proc = run('evaluate.py', f'--samples={tmp_path}')
   assert only_error_line(proc).startswith(f'error: No manifest at {tmp_path}/manifest.jsonl')
+
+
+def _record(message, exception):
+  return logging.LogRecord('asyncio', logging.ERROR, __file__, 1, message, None,
+                           (type(exception), exception, exception.__traceback__))
+
+
+def test_orphaned_reads_of_a_failed_restore_are_dropped():
+  """asyncio reports the reads a failed restore left behind as 'Task/Future exception was never
+  retrieved' (a future has no traceback, only tensorstore's text); those go, anything else stays."""
+  drop = console._OrphanedRestoreTasks().filter  # pylint: disable=protected-access
+  damaged = ValueError('OUT_OF_RANGE: Error reading "x/.zarray" [tensorstore_spec=\'{}\']')
+  assert not drop(_record('Future exception was never retrieved\nfuture: <Future>', damaged))
+  assert not drop(_record('Task exception was never retrieved\nfuture: <Task>', damaged))
+  other = ValueError('a bug of ours')
+  assert drop(_record('Future exception was never retrieved\nfuture: <Future>', other))
+  assert drop(_record('Task exception was never retrieved\nfuture: <Task>', other))
+  assert drop(_record('Unclosed client session', damaged))
 
 
 @pytest.mark.full  # Two sample.py runs on the trained tiny workdir.

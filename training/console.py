@@ -66,14 +66,19 @@ def _drop_closed_loop_errors(previous):
 
 
 class _OrphanedRestoreTasks(pylogging.Filter):
-  """Drops asyncio's 'Task exception was never retrieved' for orbax's reads of a checkpoint whose
-  restore already failed (logged, with a traceback, whenever the task is garbage-collected)."""
+  """Drops asyncio's 'Task/Future exception was never retrieved' for orbax's reads of a checkpoint
+  whose restore already failed (logged whenever the task or future is garbage-collected; a task
+  carries orbax frames, a bare future only tensorstore's error text)."""
+
+  _PREFIXES = ('Task exception was never retrieved', 'Future exception was never retrieved')
 
   def filter(self, record):
-    if not str(record.msg).startswith('Task exception was never retrieved') or not record.exc_info:
+    if not str(record.msg).startswith(self._PREFIXES) or not record.exc_info:
       return True
-    frames = traceback.extract_tb(record.exc_info[2])
-    return not any('/orbax/' in f.filename for f in frames)
+    _, value, tb = record.exc_info
+    frames = traceback.extract_tb(tb) if tb is not None else []
+    from_orbax = any('/orbax/' in f.filename or '/tensorstore/' in f.filename for f in frames)
+    return not (from_orbax or 'tensorstore_spec' in str(value))
 
 
 def quiet_closed_loop_errors():
