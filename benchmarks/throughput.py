@@ -29,7 +29,7 @@ import time
 import numpy as np
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
-os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')  # (clu's writer imports TensorFlow: no notice.)
+os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')  # (TFDS, when a config reads it: no notice.)
 
 
 def _parse(argv):
@@ -77,7 +77,7 @@ class OursTrain:
     import flax.linen as nn  # pylint: disable=g-import-not-at-top
     from configs import specs, validation  # pylint: disable=g-import-not-at-top
     from text.encoders import NULL_CAPTION  # pylint: disable=g-import-not-at-top
-    from training import loop, sharding, state as state_lib  # pylint: disable=g-import-not-at-top
+    from training import compile_cache, loop, sharding, state as state_lib  # pylint: disable=g-import-not-at-top
     config = config.copy_and_resolve_references()
     config.data.global_batch_size = batch_size
     self.config = config
@@ -109,7 +109,8 @@ class OursTrain:
         in_shardings=(shardings, batch_shardings, None, None, None),
         out_shardings=(shardings, None), donate_argnums=(0,))
     self.mesh, self.rules = mesh, config.mesh.logical_axis_rules
-    with jax.set_mesh(mesh), nn.logical_axis_rules(self.rules):
+    # As training/loop.py calls them: the collector paused while a program is traced.
+    with jax.set_mesh(mesh), nn.logical_axis_rules(self.rules), compile_cache.gc_paused():
       self.state = init_fn(jax.random.PRNGKey(0))
       self.batch = sharding.global_batch(mesh, local)
       self.args = (self.batch, jax.random.PRNGKey(1), frozen, vae)

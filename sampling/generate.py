@@ -17,6 +17,7 @@ from diffusion import guidance, samplers, schedules
 from diffusion.spec import DiffusionSpec, SamplerSettings
 from models import denoiser
 from text.encoders import NULL_CAPTION
+from training import compile_cache
 
 
 def _cond(encode, text_params, ids):
@@ -79,9 +80,10 @@ class Generator:
     logsnrs = schedules.sampling_logsnrs(self.spec, settings.num_steps, settings.name)
     seeds = np.asarray(seed, np.int32) if np.ndim(seed) else np.int32(seed) + np.arange(
         len(ids), dtype=np.int32)
-    out = self._jitted(unet_params, text_params, self.vae_params, ids, logsnrs, seeds,
-                       settings.guidance(), settings.sampler_kwargs(), sampler_name=settings.name,
-                       thresholding=settings.thresholding)
+    with compile_cache.gc_paused():  # A new sampler, step count or batch shape traces.
+      out = self._jitted(unet_params, text_params, self.vae_params, ids, logsnrs, seeds,
+                         settings.guidance(), settings.sampler_kwargs(), sampler_name=settings.name,
+                         thresholding=settings.thresholding)
     return np.asarray(jax.device_get(out))
 
   def compiled_count(self) -> int:

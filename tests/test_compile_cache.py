@@ -200,3 +200,46 @@ def test_a_resumed_train_cli_loads_its_train_step_from_the_cache(tmp_path):
   assert train_steps() == written
   assert 'jit(train_step)' not in log.split('XLA: compiled')[-1].split(', loaded')[0]
   assert _xla_summary(log)[1] >= 1  # Loaded from the cache.
+
+
+def test_gc_paused_turns_the_collector_off_and_back_on():
+  import gc  # pylint: disable=g-import-not-at-top
+  assert gc.isenabled()
+  with compile_cache.gc_paused():
+    assert not gc.isenabled()
+    with compile_cache.gc_paused():  # Nested (a sampler traced inside an evaluation).
+      assert not gc.isenabled()
+    assert not gc.isenabled()  # Still inside the outer pause.
+  assert gc.isenabled()
+  with pytest.raises(ZeroDivisionError):
+    with compile_cache.gc_paused():
+      _ = 1 / 0
+  assert gc.isenabled()  # An error inside does not leave it off.
+  gc.disable()
+  try:
+    with compile_cache.gc_paused():
+      pass
+    assert not gc.isenabled()  # Off before: left off.
+  finally:
+    gc.enable()
+
+
+def test_gc_paused_across_threads_ends_with_the_last_pause():
+  import gc  # pylint: disable=g-import-not-at-top
+  import threading  # pylint: disable=g-import-not-at-top
+  inside, release = threading.Event(), threading.Event()
+
+  def hold():
+    with compile_cache.gc_paused():
+      inside.set()
+      release.wait(10)
+
+  thread = threading.Thread(target=hold)
+  thread.start()
+  inside.wait(10)
+  with compile_cache.gc_paused():
+    pass
+  assert not gc.isenabled()  # The other thread is still tracing.
+  release.set()
+  thread.join(10)
+  assert gc.isenabled()

@@ -28,7 +28,7 @@ from data import pipeline, sources
 from data.sources import DataError
 from diffusion import losses
 from models import denoiser
-from training import checkpoint, metrics, sharding, state as state_lib
+from training import checkpoint, compile_cache, metrics, sharding, state as state_lib
 from training import text_inputs as text_inputs_lib
 from training.state import TrainState
 
@@ -204,7 +204,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     (state, position), _ = resumed
     logging.info('Resumed from step %d in %s.', int(state.step), ckpt.directory)
   else:
-    state = init_fn(jax.random.PRNGKey(config.seed))
+    with compile_cache.gc_paused():  # Traces and compiles the initialiser.
+      state = init_fn(jax.random.PRNGKey(config.seed))
     position = {'step': 0}
   start_step = int(position['step'])
   writer.start(state, start_step)
@@ -252,7 +253,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         logging.warning('Stopping at step %d on request; the checkpoint is saved.', step)
         break
       local = {'bad': local['bad'], **text_inputs(local), **{k: local[k] for k in array_keys}}
-      with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      # The first call traces and compiles the step; the others only dispatch it.
+      with jax.set_mesh(mesh), nn.logical_axis_rules(rules), compile_cache.gc_paused():
         state, step_metrics = step_fn(state, sharding.global_batch(mesh, local), rng, frozen_text,
                                       vae_params)
       if pending is not None:
