@@ -1,6 +1,7 @@
-"""What a run reports: clu metrics and writers (TensorBoard, console, metrics.jsonl), progress
-with ETA, the parameter overview, and what an evaluator returns (images and scalars).
-Only process 0 writes.
+"""What a run reports: clu metrics merged per step, written to TensorBoard event files, the INFO
+log and metrics.jsonl (the writers and the progress and profiler hooks are `training/summaries.py`,
+free of TensorFlow); the parameter overview; and what an evaluator returns (images and scalars).
+Only process 0 writes files; the others log.
 """
 
 import json
@@ -12,8 +13,10 @@ import jax
 import numpy as np
 from absl import logging
 from flax import struct
-from clu import metric_writers, metrics, parameter_overview, periodic_actions
+from clu import metrics, parameter_overview
 from PIL import Image
+
+from training import summaries
 
 
 class EvalResult(NamedTuple):
@@ -37,8 +40,9 @@ class TrainMetrics(metrics.Collection):
   bad_records: metrics.Average.from_output('bad_records')
 
 
-class JsonlWriter(metric_writers.MetricWriter):
-  """Scalars as one JSON object per line in WORKDIR/metrics.jsonl (for scripts and sweeps)."""
+class JsonlWriter:
+  """Scalars as one JSON object per line in WORKDIR/metrics.jsonl (for scripts and sweeps); the
+  other writes of a writer (training/summaries.py) are not kept here."""
 
   def __init__(self, path: str):
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -82,18 +86,18 @@ class Reporter:
 
   def __init__(self, workdir: str, config, *, is_main: bool):
     self.workdir, self.config, self.is_main = workdir, config, is_main
-    writers = [metric_writers.create_default_writer(workdir, just_logging=not is_main,
-                                                    asynchronous=False)]
+    self.writer = summaries.LogWriter()  # Other processes: log lines only.
     if is_main:
-      writers.append(JsonlWriter(os.path.join(workdir, 'metrics.jsonl')))
-    self.writer = metric_writers.AsyncMultiWriter(writers) if is_main else writers[0]
-    self.progress = periodic_actions.ReportProgress(
+      self.writer = summaries.MultiWriter([
+          self.writer, summaries.EventFileWriter(workdir),
+          JsonlWriter(os.path.join(workdir, 'metrics.jsonl'))])
+    self.progress = summaries.ReportProgress(
         num_train_steps=config.optim.num_steps, writer=self.writer,
         every_steps=config.logging.every_steps) if is_main else None
     self.profile = None
     if is_main and config.logging.profile_steps:
-      self.profile = periodic_actions.Profile(num_profile_steps=config.logging.profile_steps,
-                                              first_profile=10, logdir=workdir)
+      self.profile = summaries.Profile(logdir=workdir, num_steps=config.logging.profile_steps,
+                                       first=10)
     self._merged = None
     self._t0 = None
     self._steps_since = 0
@@ -165,6 +169,8 @@ class Reporter:
   def close(self):
     if self.bar is not None:
       self.bar.close()
+    if self.profile is not None:
+      self.profile.stop()  # A run shorter than the profile still leaves its trace.
     self.writer.flush()
     self.writer.close()
 
