@@ -53,22 +53,7 @@ class JsonlWriter:
                      + '\n')
     self._file.flush()  # Readable while training runs, and nothing lost if the process dies.
 
-  def write_summaries(self, step, values, metadata=None):
-    pass
-
   def write_images(self, step, images):
-    pass
-
-  def write_videos(self, step, videos):
-    pass
-
-  def write_audios(self, step, audios, *, sample_rate):
-    pass
-
-  def write_texts(self, step, texts):
-    pass
-
-  def write_histograms(self, step, arrays, num_buckets=None):
     pass
 
   def write_hparams(self, hparams):
