@@ -72,10 +72,9 @@ class OursTrain:
   """Our jitted train step at one global batch size, on synthetic images and token ids."""
 
   def __init__(self, config, batch_size: int):
-    import functools  # pylint: disable=g-import-not-at-top
     import jax  # pylint: disable=g-import-not-at-top
     import flax.linen as nn  # pylint: disable=g-import-not-at-top
-    from configs import specs, validation  # pylint: disable=g-import-not-at-top
+    from configs import validation  # pylint: disable=g-import-not-at-top
     from text.encoders import NULL_CAPTION  # pylint: disable=g-import-not-at-top
     from training import compile_cache, loop, sharding, state as state_lib  # pylint: disable=g-import-not-at-top
     config = config.copy_and_resolve_references()
@@ -102,24 +101,20 @@ class OursTrain:
       emb, mask, pooled = jax.device_get(self.text.encode(frozen, null['tokens']))
       null = {'emb': np.asarray(emb), 'mask': np.asarray(mask), 'pooled': np.asarray(pooled)}
     batch_shardings = {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in local.items()}
-    step = jax.jit(
-        functools.partial(loop.train_step, unet=self.unet, text_encoder=self.text,
-                          null_inputs=null, tx=tx, spec=specs.diffusion(config), config=config,
-                          autoencoder=autoencoder),
-        in_shardings=(shardings, batch_shardings, None, None, None),
-        out_shardings=(shardings, None), donate_argnums=(0,))
+    self.step = loop.jit_train_step(config, unet=self.unet, text_encoder=self.text,
+                                    null_inputs=null, tx=tx, autoencoder=autoencoder,
+                                    state_shardings=shardings, batch_shardings=batch_shardings)
     self.mesh, self.rules = mesh, config.mesh.logical_axis_rules
     # As training/loop.py calls them: the collector paused while a program is traced.
     with jax.set_mesh(mesh), nn.logical_axis_rules(self.rules), compile_cache.gc_paused():
       self.state = init_fn(jax.random.PRNGKey(0))
       self.batch = sharding.global_batch(mesh, local)
       self.args = (self.batch, jax.random.PRNGKey(1), frozen, vae)
-      t0 = time.perf_counter()
-      lowered = step.lower(self.state, *self.args)  # Tracing the model (Python).
-      t1 = time.perf_counter()
-      self.compiled = lowered.compile()  # XLA, or a load from the persistent cache.
-      self.trace_s, self.xla_s = t1 - t0, time.perf_counter() - t1
-      self.compile_s = self.trace_s + self.xla_s
+      # Tracing the model in Python (or loading its trace), then XLA (or the compilation cache).
+      self.step.compile(self.state, *self.args)
+    self.compiled = self.step.compiled
+    self.trace_s, self.xla_s = self.step.trace_seconds, self.step.xla_seconds
+    self.compile_s = self.trace_s + self.xla_s
     cost = self.compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     self.flops = float(cost.get('flops', 0.0)) if cost else 0.0
@@ -135,10 +130,12 @@ class OursTrain:
     return sum(x.size for x in jax.tree.leaves(self.state.params['unet']))
 
   def run(self, n: int) -> float:
+    import flax.linen as nn  # pylint: disable=g-import-not-at-top
     import jax  # pylint: disable=g-import-not-at-top
     t0 = time.perf_counter()
-    for _ in range(n):
-      self.state, metrics = self.compiled(self.state, *self.args)
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      for _ in range(n):
+        self.state, metrics = self.step(self.state, *self.args)
     jax.block_until_ready((self.state, metrics))
     return time.perf_counter() - t0
 

@@ -1,5 +1,6 @@
 """The real training loop on the tiny config: sharding equivalence, resume, non-finite stop, specs."""
 
+import logging as pylogging
 import jax
 import numpy as np
 import pytest
@@ -95,15 +96,19 @@ def abstract_leaf(abstract, key):
               if jax.tree_util.keystr(k) == key)
 
 
-def test_resume_replays_the_uninterrupted_run(tmp_path, tiny_run):
+def test_resume_replays_the_uninterrupted_run(tmp_path, tiny_run, caplog):
   config = tiny_config(tmp_path, data=2, fsdp=2)
   full = tiny_run.result  # The same config and 2 x 2 mesh, uninterrupted (tests/conftest.py).
   assert len(full.history) == 4
   first = loop.train_and_evaluate(config, str(tmp_path / 'cut'), devices=jax.devices()[:4],
                                   stop_at=2)
   assert [s for s, _ in first.history] == [1, 2]
-  second = loop.train_and_evaluate(config, str(tmp_path / 'cut'), devices=jax.devices()[:4])
+  with caplog.at_level(pylogging.INFO):
+    second = loop.train_and_evaluate(config, str(tmp_path / 'cut'), devices=jax.devices()[:4])
   assert [s for s, _ in second.history] == [3, 4]
+  # The resumed run's step is the first run's traced program, read back (training/trace_cache).
+  assert any(r.getMessage().startswith('train_step: traced program loaded from')
+             for r in caplog.records), [r.getMessage() for r in caplog.records][-20:]
   np.testing.assert_allclose(losses(first).tolist() + losses(second).tolist(), losses(full),
                              rtol=1e-6)
   for a, b in zip(params_of(second), params_of(full)):

@@ -29,6 +29,7 @@ from data.sources import DataError
 from diffusion import losses
 from models import denoiser
 from training import checkpoint, compile_cache, metrics, sharding, state as state_lib
+from training import trace_cache
 from training import text_inputs as text_inputs_lib
 from training.state import TrainState
 
@@ -155,6 +156,27 @@ def train_step(state: TrainState, batch, rng, frozen_text_params, vae_params=Non
                      'bad_records': jnp.sum(batch['bad'])}
 
 
+def jit_train_step(config, *, unet, text_encoder, null_inputs, tx, autoencoder, state_shardings,
+                   batch_shardings) -> trace_cache.Program:
+  """`train_step` jitted over the mesh (state donated), its trace kept on disk for the next start.
+
+  Call it as `train_step` without the keywords: (state, batch, rng, frozen_text, vae_params).
+  The trace's key holds the config and what the step closes over that the config does not say:
+  the null caption's inputs, the networks' fields and the frozen weights' fingerprints.
+  """
+  jitted = jax.jit(
+      functools.partial(train_step, unet=unet, text_encoder=text_encoder, null_inputs=null_inputs,
+                        tx=tx, spec=specs.diffusion(config), config=config,
+                        autoencoder=autoencoder),
+      in_shardings=(state_shardings, batch_shardings, None, None, None),
+      out_shardings=(state_shardings, None), donate_argnums=(0,))
+  key = {'config': config.to_dict(), 'null': null_inputs, 'unet': repr(unet),
+         'text': [text_encoder.fingerprint, repr(text_encoder.module), text_encoder.trainable],
+         'vae': None if autoencoder is None else [autoencoder.fingerprint,
+                                                  repr(autoencoder.config)]}
+  return trace_cache.Program(jitted, name='train_step', key=key, donate_argnums=(0,))
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -169,7 +191,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   distributed.initialize(config)
   validation.validate(config)
-  spec = specs.diffusion(config)
+  specs.diffusion(config)  # Its errors (a bad diffusion field) before anything is built.
   mesh = sharding.make_mesh(config.mesh, devices)
   validation.check_mesh(config, mesh, jax.process_count())
   rules = config.mesh.logical_axis_rules
@@ -217,12 +239,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   batch_shardings = {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in
                      {'bad': np.zeros(1), **text_inputs.null,
                       **{k: np.zeros((1,) * 4) for k in array_keys}}.items()}
-  step_fn = jax.jit(
-      functools.partial(train_step, unet=unet, text_encoder=text_encoder,
-                        null_inputs=text_inputs.null, tx=tx, spec=spec, config=config,
-                        autoencoder=autoencoder),
-      in_shardings=(shardings, batch_shardings, None, None, None), out_shardings=(shardings, None),
-      donate_argnums=(0,))
+  step_fn = jit_train_step(config, unet=unet, text_encoder=text_encoder,
+                           null_inputs=text_inputs.null, tx=tx, autoencoder=autoencoder,
+                           state_shardings=shardings, batch_shardings=batch_shardings)
   rng = jax.random.PRNGKey(config.seed)
 
   def evaluate(step, state):
@@ -253,7 +272,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         logging.warning('Stopping at step %d on request; the checkpoint is saved.', step)
         break
       local = {'bad': local['bad'], **text_inputs(local), **{k: local[k] for k in array_keys}}
-      # The first call traces and compiles the step; the others only dispatch it.
+      # The first call traces (or loads the trace of) and compiles the step; the others only
+      # dispatch it.
       with jax.set_mesh(mesh), nn.logical_axis_rules(rules), compile_cache.gc_paused():
         state, step_metrics = step_fn(state, sharding.global_batch(mesh, local), rng, frozen_text,
                                       vae_params)
