@@ -140,6 +140,19 @@ class OursTrain:
     return time.perf_counter() - t0
 
 
+def initial_params(config):
+  """The initial EMA parameters of `config`'s models (the sampler's, without a train step)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from training import sharding, state as state_lib  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh(config.mesh)
+  unet, text = state_lib.build_models(config)
+  tx, _ = state_lib.make_optimizer(config.optim)
+  _, _, init_fn = state_lib.create_sharded_state(config, mesh, unet=unet, text_encoder=text, tx=tx)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.logical_axis_rules):
+    return init_fn(jax.random.PRNGKey(0)).ema_params
+
+
 class OursSampler:
   """Our guided DPM-Solver++(2M) generator (sampling.generate) at one batch size."""
 
@@ -229,7 +242,7 @@ def main(argv=None):
     del ours, peer
   if args.sampler:
     if last_params is None:
-      last_params = OursTrain(config, 1).state.ema_params
+      last_params = initial_params(config)
     ours = OursSampler(config, args.sample_batch, args.sample_steps, last_params)
     peer = (peer_lib.TorchGuidedSampler.from_config(config, args.sample_batch, args.sample_steps,
                                                      compile=args.peer_compile)

@@ -76,15 +76,26 @@ class Generator:
     strengths, sampler options and seeds are traced: new values reuse the compiled program; the
     sampler, its step count, thresholding on/off and the batch shape compile.
     """
+    args, static = self._inputs(unet_params, text_params, prompts, seed, settings)
+    with compile_cache.gc_paused():  # A new sampler, step count or batch shape traces.
+      out = self._jitted(*args, **static)
+    return np.asarray(jax.device_get(out))
+
+  def lower(self, unet_params, text_params, prompts: Sequence[str], *, seed,
+            settings: SamplerSettings) -> jax.stages.Lowered:
+    """The program `__call__` runs for these inputs, lowered (for its HLO and cost analysis)."""
+    args, static = self._inputs(unet_params, text_params, prompts, seed, settings)
+    return self._jitted.lower(*args, **static)
+
+  def _inputs(self, unet_params, text_params, prompts, seed, settings) -> tuple[tuple, dict]:
+    """(positional, static keyword) arguments of the jitted sampler for this call."""
     ids = np.asarray(self.text.tokenize(list(prompts)))
     logsnrs = schedules.sampling_logsnrs(self.spec, settings.num_steps, settings.name)
     seeds = np.asarray(seed, np.int32) if np.ndim(seed) else np.int32(seed) + np.arange(
         len(ids), dtype=np.int32)
-    with compile_cache.gc_paused():  # A new sampler, step count or batch shape traces.
-      out = self._jitted(unet_params, text_params, self.vae_params, ids, logsnrs, seeds,
-                         settings.guidance(), settings.sampler_kwargs(), sampler_name=settings.name,
-                         thresholding=settings.thresholding)
-    return np.asarray(jax.device_get(out))
+    return ((unet_params, text_params, self.vae_params, ids, logsnrs, seeds, settings.guidance(),
+             settings.sampler_kwargs()),
+            {'sampler_name': settings.name, 'thresholding': settings.thresholding})
 
   def compiled_count(self) -> int:
     """How many programs have been compiled (tests check that w and seed do not add any)."""
