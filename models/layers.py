@@ -5,6 +5,7 @@ Every parameter is created through `nn.with_logical_partitioning` so that `init`
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -90,13 +91,66 @@ def dense(features: int, axes: tuple[str, str], dtype: Dtype, param_dtype: Dtype
 
 
 def group_norm(channels: int, groups: int, dtype: Dtype, param_dtype: Dtype,
-               name: str | None = None) -> nn.GroupNorm:
+               name: str | None = None) -> GroupNorm:
   """GroupNorm with float32 statistics, groups clamped to a divisor of `channels`."""
-  return nn.GroupNorm(
-      num_groups=group_count(channels, groups), epsilon=1e-5, dtype=dtype,
-      param_dtype=param_dtype, force_float32_reductions=True,
-      scale_init=partitioned(nn.initializers.ones, ('norm',)),
-      bias_init=partitioned(nn.initializers.zeros, ('norm',)), name=name)
+  return GroupNorm(group_count(channels, groups), 1e-5, dtype, param_dtype, name=name)
+
+
+class GroupNorm(nn.Module):
+  """Group normalisation (Wu & He 2018): nn.GroupNorm's parameters ('scale', 'bias': [C], logical
+  axis 'norm'), float32 statistics and math, written for XLA:CPU's sake in two forms.
+
+  Differentiated (training), it is nn.GroupNorm itself, gradients and all (a `jax.custom_jvp`
+  whose rule is flax's function). Evaluated without derivatives (sampling), it takes the
+  statistics as per-channel sums over the pixels first, then per group, and folds normalisation,
+  scale and bias into one multiply-add per (example, channel). XLA:CPU runs that form faster
+  (guided sampling at configs/base.py: 0.90-0.97x the time), but its backward pass lays out
+  worse, which is why training keeps flax's (BENCHMARKS.md, issue 17). The two forms agree to
+  float32 rounding (tests/test_models_layers.py).
+  """
+  num_groups: int
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    if c % self.num_groups:
+      raise ValueError(f'GroupNorm: {self.num_groups} groups must divide the {c} channels.')
+    scale = self.param('scale', partitioned(nn.initializers.ones, ('norm',)), (c,),
+                       self.param_dtype)
+    bias = self.param('bias', partitioned(nn.initializers.zeros, ('norm',)), (c,),
+                      self.param_dtype)
+    return _group_norm(x, scale, bias, self.num_groups, self.epsilon, self.dtype)
+
+
+def _flax_group_norm(x, scale, bias, groups, epsilon, dtype):
+  module = nn.GroupNorm(num_groups=groups, epsilon=epsilon, dtype=dtype,
+                        param_dtype=scale.dtype, force_float32_reductions=True)
+  return module.apply({'params': {'scale': scale, 'bias': bias}}, x)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5))
+def _group_norm(x, scale, bias, groups, epsilon, dtype):
+  """The statistics as channel sums first: [B, ..., C] -> [B, C] -> [B, G] (no derivatives)."""
+  b, c = x.shape[0], x.shape[-1]
+  xf = x.astype(jnp.float32)
+  pixels = tuple(range(1, x.ndim - 1))
+  count = c // groups * math.prod(x.shape[1:-1])
+  per_group = lambda s: jnp.sum(s.reshape(b, groups, c // groups), axis=-1) / count
+  mean = per_group(jnp.sum(xf, axis=pixels))
+  var = jnp.maximum(per_group(jnp.sum(jnp.square(xf), axis=pixels)) - jnp.square(mean), 0.0)
+  per_channel = lambda v: jnp.repeat(v, c // groups, axis=1)  # [B, G] -> [B, C]
+  gain = per_channel(jax.lax.rsqrt(var + epsilon)) * scale.astype(jnp.float32)
+  shift = bias.astype(jnp.float32) - per_channel(mean) * gain
+  expand = lambda v: v.reshape((b,) + (1,) * len(pixels) + (c,))
+  return (xf * expand(gain) + expand(shift)).astype(dtype)
+
+
+@_group_norm.defjvp
+def _group_norm_jvp(groups, epsilon, dtype, primals, tangents):
+  return jax.jvp(lambda *a: _flax_group_norm(*a, groups, epsilon, dtype), primals, tangents)
 
 
 def layer_norm(dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
