@@ -7,8 +7,8 @@
 
 It builds the program as `benchmarks/throughput.py` does, runs it twice, then `--runs` times
 under `jax.profiler.trace`. It reads the trace back (`jax.profiler.ProfileData`), sums the time of
-every thunk on XLA's intra-op threads, and sorts each thunk into a kind by the HLO instructions of
-its fusion in the compiled program: a 3x3 convolution (forward or input gradient), a kernel
+every thunk on XLA's intra-op threads (events that name an instruction of the compiled program),
+and sorts each thunk into a kind by the HLO instructions of its fusion: a 3x3 convolution (forward or input gradient), a kernel
 gradient (a convolution whose window is the image), other convolutions, dots, reductions,
 transposes, copies and the remaining elementwise fusions. It prints a markdown table of
 milliseconds per run and shares, then the `--top` slowest thunks with their HLO.
@@ -101,6 +101,12 @@ def thunk_times(trace_dir: str) -> collections.Counter:
   return times
 
 
+def program_thunks(times: collections.Counter, index) -> collections.Counter:
+  """The events that name an instruction of the program (the profiler also records others, such
+  as 'end: NAME' markers, which would count a thunk twice)."""
+  return collections.Counter({name: ns for name, ns in times.items() if name in index[0]})
+
+
 def table(times: collections.Counter, index, runs: int, wall_s: float) -> str:
   by_kind = collections.Counter()
   for name, ns in times.items():
@@ -133,13 +139,17 @@ def main(argv=None):
       t0 = time.perf_counter()
       program.run(args.runs)
       wall_s = time.perf_counter() - t0
-    times = thunk_times(trace_dir)
+    events = thunk_times(trace_dir)
   index = hlo_index(hlo)
+  times = program_thunks(events, index)
   what = (f'guided DPM-Solver++(2M), {args.sample_steps} steps, {args.batch} images'
           if args.sampler else f'train step, batch {args.batch}')
   print(f'# {args.config} {" ".join(overrides)}: {what}, {args.runs} profiled runs, '
         f'{os.cpu_count()} cores, {time.strftime("%Y-%m-%d")}')
   print(table(times, index, args.runs, wall_s))
+  other = sum(events.values()) - sum(times.values())
+  print(f'(Other profiler events on those threads, not counted: {other / args.runs / 1e6:.0f} ms '
+        'per run.)')
   print(f'\nThe {args.top} slowest thunks (ms per run):')
   for name, ns in times.most_common(args.top):
     print(f'  {ns / args.runs / 1e6:8.1f}  {name}  [{kind_of(name, index)}]  '

@@ -1,5 +1,6 @@
 """benchmarks/profile.py: thunks sorted into HLO kinds by their fusion's instructions (checked on
 hand-written HLO), and a profile of the tiny config's train step and sampler whose shares add up."""
+import collections
 import re
 
 import pytest
@@ -47,6 +48,12 @@ def test_thunks_are_sorted_by_the_instructions_of_their_fusion():
                    'down_fusion': profile.KINDS[2], 'ynn_fusion.2': 'reductions',
                    'dot.7': 'dots', 'transpose.2': 'transposes', 'copy.1': 'copies',
                    'add_fusion': profile.KINDS[-1]}
+
+
+def test_only_events_that_name_an_instruction_are_counted():
+  """The profiler also records 'end: NAME' markers; counting them would count a thunk twice."""
+  events = collections.Counter({'conv_fusion': 5, 'end: conv_fusion': 5, 'dot.7': 2})
+  assert profile.program_thunks(events, profile.hlo_index(_HLO)) == {'conv_fusion': 5, 'dot.7': 2}
 
 
 @pytest.mark.full  # Two profiled programs (about a minute on 2 shared cores).

@@ -66,14 +66,15 @@ def _drop_closed_loop_errors(previous):
 
 
 class _OrphanedRestoreTasks(pylogging.Filter):
-  """Drops asyncio's 'Task/Future exception was never retrieved' for orbax's reads of a checkpoint
-  whose restore already failed (logged whenever the task or future is garbage-collected; a task
-  carries orbax frames, a bare future only tensorstore's error text)."""
+  """Drops asyncio's '<Task|Future|_GatheringFuture> exception was never retrieved' for orbax's
+  reads of a checkpoint whose restore already failed (logged whenever the task or future is
+  garbage-collected; a task carries orbax frames, a bare future only tensorstore's error text)."""
 
-  _PREFIXES = ('Task exception was never retrieved', 'Future exception was never retrieved')
+  _MESSAGE = ' exception was never retrieved'  # asyncio: f'{type(future).__name__}' + this.
 
   def filter(self, record):
-    if not str(record.msg).startswith(self._PREFIXES) or not record.exc_info:
+    first_line = str(record.msg).split('\n', 1)[0]
+    if not first_line.endswith(self._MESSAGE) or not record.exc_info:
       return True
     _, value, tb = record.exc_info
     frames = traceback.extract_tb(tb) if tb is not None else []
