@@ -18,7 +18,7 @@ def main(argv=None) -> dict:
   parser.add_argument('--out', default=None, help='results JSON (default: SAMPLES/scores.json)')
   parser.add_argument('--verbose', action='store_true', help='on an error, print the traceback')
   args = parser.parse_args(argv)
-  from training import console  # pylint: disable=g-import-not-at-top
+  from runtime import console  # pylint: disable=g-import-not-at-top
   return console.run_or_exit(lambda: _evaluate(args), verbose=args.verbose)
 
 

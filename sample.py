@@ -19,19 +19,21 @@ os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')  # (TensorFlow only reads TF
 
 from absl import app, flags, logging  # noqa: E402
 
+from diffusion import names  # noqa: E402  (no jax: the flags' choices)
+
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir (checkpoints + saved config).')
 _OUT = flags.DEFINE_string('out', None, 'Output folder (default: WORKDIR/samples_cli).')
 _PROMPT = flags.DEFINE_multi_string('prompt', [], 'A prompt; repeat the flag for several.')
 _PROMPT_FILE = flags.DEFINE_string('prompt_file', None, 'A text file with one prompt per line.')
 _BENCH = flags.DEFINE_bool('shapes_benchmark', False, 'Use the fixed Shapes benchmark prompt set.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
-_SAMPLER = flags.DEFINE_enum('sampler', None, ['ddpm', 'ddim', 'euler', 'heun', 'dpmpp_2m',
-                                               'dpmpp_2m_sde'], 'Sampler (default: the config).')
+_SAMPLER = flags.DEFINE_enum('sampler', None, list(names.SAMPLER_NAMES),
+                             'Sampler (default: the config).')
 _STEPS = flags.DEFINE_integer('steps', None, 'Sampler steps (default: the config).')
 _GUIDANCE = flags.DEFINE_float('guidance', None, 'CFG scale w (1 = conditional only).')
 _ETA = flags.DEFINE_float('eta', None, 'eta of ddim (default: the config\'s sampler.eta) or '
                           'dpmpp_2m_sde (default 1; 0 is dpmpp_2m).')
-_GRID = flags.DEFINE_enum('grid', None, ['auto', 'uniform_t', 'karras', 'uniform_logsnr'],
+_GRID = flags.DEFINE_enum('grid', None, list(names.SAMPLING_GRIDS),
                           'Noise-level grid (default: the config).')
 _RESCALE = flags.DEFINE_float('guidance_rescale', None,
                                'Guidance rescale phi (Lin et al. 2023; default: the config).')
@@ -64,11 +66,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   _check_flags()  # Before anything is loaded.
-  from training import console
+  from runtime import console
   console.quiet_library_noise()
   if not _VERBOSE.value:  # The console: warnings, the progress bar and the summary.
     console.quiet_info()
-  from training import compile_cache
+  from runtime import compile_cache
   compile_cache.enable()  # Before the first jit: a second call loads its programs from disk.
   # Bad flags, prompts or workdir, a damaged checkpoint: one `error:` line (no traceback).
   with compile_cache.CompileCounter() as compiles:
@@ -111,11 +113,11 @@ def _sample():
     prompts += shapes_scorer.benchmark_prompts()
   prompts = from_checkpoint.read_prompts(prompts, _PROMPT_FILE.value)
   out = _OUT.value or os.path.join(_WORKDIR.value, 'samples_cli')
-  loaded = from_checkpoint.load(_WORKDIR.value, _STEP.value, use_ema=_EMA.value,
-                                sampling_grid=_GRID.value, image_size=_SIZE.value,
-                                allow_other_resolution=_ALLOW_SIZE.value)
+  loaded = from_checkpoint.load(_WORKDIR.value, _STEP.value, settings_of=specs.from_saved,
+                                use_ema=_EMA.value, sampling_grid=_GRID.value,
+                                image_size=_SIZE.value, allow_other_resolution=_ALLOW_SIZE.value)
   recipe = settings.overridden(
-      specs.sampler(loaded.config), sampler=_SAMPLER.value, num_steps=_STEPS.value,
+      loaded.settings.sampler, sampler=_SAMPLER.value, num_steps=_STEPS.value,
       guidance_scale=_GUIDANCE.value, guidance_rescale=_RESCALE.value,
       guidance_interval=tuple(float(v) for v in _INTERVAL.value) if _INTERVAL.value else None,
       thresholding=None if _THRESHOLD.value is None else True,

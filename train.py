@@ -16,6 +16,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from configs import loading  # noqa: E402
+from runtime import workdir as paths  # noqa: E402
 
 _DEFAULT_CONFIG = 'configs/shapes.py:cpu'
 _CONFIG = config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'Config file[:variant].')
@@ -29,10 +30,10 @@ flags.mark_flags_as_required(['workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  from training import console  # Heavy imports after flag parsing.
+  from runtime import console  # Heavy imports after flag parsing.
   console.quiet_library_noise()
-  console.log_to_file(os.path.join(_WORKDIR.value, 'train.log'), verbose=_VERBOSE.value)
-  from training import compile_cache
+  console.log_to_file(paths.train_log(_WORKDIR.value), verbose=_VERBOSE.value)
+  from runtime import compile_cache
   compile_cache.enable()  # Before the first jit: a resume loads its programs, not compiles them.
   # A bad value, file or workdir, or a diverging run: one `error:` line (no traceback).
   console.run_or_exit(_train, verbose=_VERBOSE.value, log_dir=_WORKDIR.value)
@@ -40,35 +41,36 @@ def main(argv):
 
 def _train():
   import jax
+  from configs import validation
   from evaluation import sample_grid
-  from training import compile_cache, loop
+  from runtime import compile_cache
+  from training import loop
   config = _CONFIG.value
   logging.info('Config:\n%s', config)
+  settings = validation.validate(config)  # The config's last stop: below, typed settings.
   evaluator = None
-  if config.logging.eval_every_steps or config.logging.eval_at_end:
-    evaluator = sample_grid.SampleGridEvaluator(config)  # Before training, not after it.
+  if settings.logging.evaluates:
+    evaluator = sample_grid.SampleGridEvaluator(settings)  # Before training, not after it.
   t0 = time.time()
   with compile_cache.CompileCounter() as compiles:
-    result = loop.train_and_evaluate(config, _WORKDIR.value, evaluator=evaluator)
+    result = loop.train(settings, _WORKDIR.value, evaluator=evaluator)
   logging.info('%s', compiles.summary())
   if jax.process_index() == 0:
-    print(_summary(config, _WORKDIR.value, result, time.time() - t0), flush=True)
+    print(_summary(settings, _WORKDIR.value, result, time.time() - t0), flush=True)
 
 
-def _summary(config, workdir, result, seconds) -> str:
+def _summary(settings, workdir, result, seconds) -> str:
   """Where everything was written, for the console at the end."""
-  import glob  # pylint: disable=g-import-not-at-top
   steps = [s for s, _ in result.history]
   done = f'steps {steps[0] - 1} -> {steps[-1]}' if steps else 'no steps (already trained)'
-  last = [l for _, l in result.history[-config.logging.every_steps:]]
+  last = [l for _, l in result.history[-settings.logging.every_steps:]]
   over = 'the last step' if len(last) == 1 else f'mean of the last {len(last)} steps'
   loss = f', loss {sum(last) / len(last):.4f} ({over})' if steps else ''
-  grids = sorted(glob.glob(os.path.join(workdir, 'samples', 'grid_*.png')))
-  lines = [f'Trained {done} of {config.optim.num_steps} in {seconds / 60:.1f} min{loss}.',
-           f'  checkpoints  {os.path.join(workdir, "checkpoints")}',
-           f'  metrics      {os.path.join(workdir, "metrics.jsonl")} (tensorboard --logdir '
-           f'{workdir})',
-           f'  log          {os.path.join(workdir, "train.log")}']
+  grids = paths.sample_pngs(workdir, 'grid')
+  lines = [f'Trained {done} of {settings.optim.num_steps} in {seconds / 60:.1f} min{loss}.',
+           f'  checkpoints  {paths.checkpoints(workdir)}',
+           f'  metrics      {paths.metrics(workdir)} (tensorboard --logdir {workdir})',
+           f'  log          {paths.train_log(workdir)}']
   if grids:
     lines.append(f'  eval grid    {grids[-1]}')
   lines.append(f'  sample       python sample.py --workdir={workdir} --prompt="..."')

@@ -3,13 +3,12 @@
   PYTHONPATH=. .venv/bin/python -m benchmarks.latents --config=configs/shapes.py:cpu \
       --config.data.image_size=64 --config.autoencoder.path=runs/vae_shapes64 [--rounds=5 --steps=10]
 
-Builds the run's jitted `train_step` (training/loop.py) once and times it on two batches of the
+Builds the run's jitted `train_step` (training/builder.py) once and times it on two batches of the
 config's shape: images only (the frozen encoder runs in the step), and images plus stored moments
-(as `data.prepare --autoencoder` records give; the encoder is skipped). The two are timed in turn,
+(as `tools.prepare --autoencoder` records give; the encoder is skipped). The two are timed in turn,
 A B A B, `--rounds` times `--steps` steps after a compile-and-warm-up step each; the ratio is the
 median of the per-round ratios. Prints images/s of both on the device present.
 """
-import functools
 import json
 import statistics
 import sys
@@ -19,9 +18,10 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from configs import loading, specs
+from configs import loading, validation
 from data import shapes
-from training import loop, sharding, state as state_lib, text_inputs
+from runtime import sharding
+from training import builder
 
 
 def _flag(argv, name, default):
@@ -40,35 +40,31 @@ def main(argv):
   config = loading.load(spec, overrides)
   if not config.autoencoder.path:
     sys.exit('error: set --config.autoencoder.path to a VAE folder (the latents are its).')
-  mesh = sharding.make_mesh(config.mesh)
-  unet, text_encoder = state_lib.build_models(config)
-  autoencoder = state_lib.build_autoencoder(config)
-  tx, _ = state_lib.make_optimizer(config.optim)
-  _, shardings, init_fn = state_lib.create_sharded_state(config, mesh, unet=unet,
-                                                         text_encoder=text_encoder, tx=tx)
-  frozen = None if text_encoder.trainable else text_encoder.init(None)
-  inputs = text_inputs.TextInputs(text_encoder, config, '/tmp')
+  settings = validation.validate(config)
+  mesh = sharding.make_mesh(settings.mesh)
+  trainer = builder.build_trainer(settings, mesh)  # No records: its step takes images.
+  frozen, vae_params = trainer.frozen_text, trainer.vae_params
   b, s = config.data.global_batch_size, config.data.image_size
   rng = np.random.default_rng(0)
-  latent = state_lib.diffusion_shape(config)
+  latent = (s // trainer.autoencoder.config.downsample_factor,) * 2 + (
+      trainer.autoencoder.config.latent_channels,)
   fly = {'image': rng.uniform(-1, 1, (b, s, s, 3)).astype(np.float32), 'bad': np.zeros(b, np.int32),
-         **inputs.from_captions([shapes.example('train', i, 32)[1] for i in range(b)])}
+         **trainer.text_inputs.from_captions([shapes.example('train', i, 32)[1] for i in range(b)])}
   cached = {k: v for k, v in fly.items() if k != 'image'}  # As the loader gives: no images.
   cached.update(latent_mean=rng.normal(size=(b,) + latent).astype(np.float32),
                 latent_logvar=np.full((b,) + latent, -4.0, np.float32))
-  vae_params = sharding.put_frozen(autoencoder.params, mesh)
-  step = functools.partial(loop.train_step, unet=unet, text_encoder=text_encoder,
-                           null_inputs=inputs.null, tx=tx, spec=specs.diffusion(config),
-                           config=config, autoencoder=autoencoder)
+  # The same step over batches of stored moments (what cached records give the loop).
+  cached_step = builder.jit_train_step(
+      settings, unet=trainer.unet, text_encoder=trainer.text_encoder,
+      null_inputs=trainer.text_inputs.null, tx=trainer.tx, autoencoder=trainer.autoencoder,
+      state_shardings=trainer.shardings,
+      batch_shardings={k: sharding.batch_sharding(mesh, v.ndim) for k, v in cached.items()})
   results = {}
-  with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.logical_axis_rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(settings.mesh.logical_axis_rules):
     runs = {}
-    for name, local in (('on_the_fly', fly), ('cached', cached)):
-      fn = jax.jit(step, in_shardings=(shardings, {k: sharding.batch_sharding(mesh, v.ndim)
-                                                   for k, v in local.items()}, None, None, None),
-                   out_shardings=(shardings, None), donate_argnums=(0,))
+    for name, local, fn in (('on_the_fly', fly, trainer.step), ('cached', cached, cached_step)):
       batch = sharding.global_batch(mesh, local)
-      state = init_fn(jax.random.PRNGKey(0))
+      state = trainer.init(jax.random.PRNGKey(0))
       t = time.perf_counter()
       state, m = fn(state, batch, jax.random.PRNGKey(0), frozen, vae_params)
       jax.block_until_ready(m)

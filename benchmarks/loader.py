@@ -146,12 +146,12 @@ def time_iterator(start, batches: int, batch_size: int) -> dict:
 
 
 def ours(folder: str, size: int, workers: int, args, repeat: int):
+  from configs import base, specs  # pylint: disable=import-outside-toplevel
   from data import pipeline, sources  # pylint: disable=import-outside-toplevel
-  import ml_collections  # pylint: disable=import-outside-toplevel
-  cfg = ml_collections.ConfigDict(dict(
-      image_size=size, crop='center', flip=False, upscale=True, on_bad_record='skip',
-      seed=repeat, global_batch_size=args.batch_size))
-  loader = pipeline.make_loader(cfg, sources.FolderSource(folder, caption_key='text'))
+  data = specs.build(base.get_config()).data.replace(
+      image_size=size, crop='center', flip=False, upscale=True, on_bad_record='skip', seed=repeat,
+      global_batch_size=args.batch_size)
+  loader = pipeline.make_loader(data, sources.FolderSource(folder, caption_key='text'))
 
   def start():
     it = pipeline.iterate(loader, start_step=0, num_steps=args.batches + 1,
@@ -245,42 +245,32 @@ def run_quickstart(args) -> dict:
 
 def run_train_step(args, overrides) -> dict:
   """The jitted train step of `--train_config` on random images: images/s on this device."""
-  import functools  # pylint: disable=import-outside-toplevel
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
-  from configs import loading, specs  # pylint: disable=import-outside-toplevel
+  from configs import loading, validation  # pylint: disable=import-outside-toplevel
   from data import shapes  # pylint: disable=import-outside-toplevel
-  from training import loop, sharding, state as state_lib, text_inputs  # pylint: disable=import-outside-toplevel
+  from runtime import sharding  # pylint: disable=import-outside-toplevel
   from text import subword  # pylint: disable=import-outside-toplevel
-  config = loading.load(args.train_config, overrides)
-  mesh = sharding.make_mesh(config.mesh)
-  b, s = config.data.global_batch_size, config.data.image_size
+  from training import builder  # pylint: disable=import-outside-toplevel
+  settings = validation.validate(loading.load(args.train_config, overrides))
+  mesh = sharding.make_mesh(settings.mesh)
+  b, s = settings.data.global_batch_size, settings.data.image_size
   captions = [shapes.example('train', i, 32)[1] for i in range(b)]
   tokenizer_dir = tempfile.mkdtemp(prefix='jaxdiff-bench-')  # text.vocab='bpe': train it here.
-  subword.ensure_trained(config.text, tokenizer_dir, lambda: captions * 20)
-  unet, text_encoder = state_lib.build_models(config, workdir=tokenizer_dir)
-  tx, _ = state_lib.make_optimizer(config.optim)
-  _, shardings, init_fn = state_lib.create_sharded_state(config, mesh, unet=unet,
-                                                         text_encoder=text_encoder, tx=tx)
-  frozen = None if text_encoder.trainable else text_encoder.init(None)
-  with tempfile.TemporaryDirectory() as workdir:  # Only a pretrained encoder's cache writes here.
-    inputs = text_inputs.TextInputs(text_encoder, config, workdir)
+  subword.ensure_trained(settings.text, tokenizer_dir, lambda: captions * 20)
+  trainer = builder.build_trainer(settings, mesh, workdir=tokenizer_dir)
   local = {'image': np.random.default_rng(0).uniform(-1, 1, (b, s, s, 3)).astype(np.float32),
-           'bad': np.zeros(b, np.int32), **inputs({'caption': captions})}
-  step_fn = jax.jit(functools.partial(
-      loop.train_step, unet=unet, text_encoder=text_encoder, null_inputs=inputs.null, tx=tx,
-      spec=specs.diffusion(config), config=config),
-      in_shardings=(shardings, {k: sharding.batch_sharding(mesh, v.ndim) for k, v in local.items()},
-                    None, None), out_shardings=(shardings, None), donate_argnums=(0,))
+           'bad': np.zeros(b, np.int32), **trainer.text_inputs({'caption': captions})}
   rng = jax.random.PRNGKey(0)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.logical_axis_rules):
-    state, batch = init_fn(rng), sharding.global_batch(mesh, local)
+  args_of = lambda: (rng, trainer.frozen_text, trainer.vae_params)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(settings.mesh.logical_axis_rules):
+    state, batch = trainer.init(rng), sharding.global_batch(mesh, local)
     t0 = time.perf_counter()
-    state, m = step_fn(state, batch, rng, frozen)  # Compilation and the first step.
+    state, m = trainer.step(state, batch, *args_of())  # Compilation and the first step.
     jax.block_until_ready(m)
     t1 = time.perf_counter()
     for _ in range(args.train_steps):
-      state, m = step_fn(state, batch, rng, frozen)
+      state, m = trainer.step(state, batch, *args_of())
     jax.block_until_ready((state, m))
     t2 = time.perf_counter()
   device = jax.devices()[0]

@@ -79,13 +79,16 @@ class PeerShapes(NamedTuple):
 def peer_shapes(config, workdir=None) -> PeerShapes:
   """Our U-Net's spec, input shape, text shape and attention levels for `config`.
 
-  Builds our models the way training does (`training.state.build_models`), so the attention
+  Builds our models the way training does (`runtime.state.build_networks`), so the attention
   levels and the text width are the trainer's own (a pretrained text encoder is loaded for its
   width; text.vocab='bpe' needs the run's `workdir`).
   """
-  from training import state  # pylint: disable=import-outside-toplevel
-  unet, text_encoder = state.build_models(config, workdir=workdir)
-  return PeerShapes(specs.unet(config), tuple(state.diffusion_shape(config)),
+  from runtime import state  # pylint: disable=import-outside-toplevel
+  settings = specs.build(config)
+  autoencoder = state.build_autoencoder(settings.autoencoder)
+  unet, text_encoder = state.build_networks(settings, autoencoder=autoencoder, workdir=workdir)
+  return PeerShapes(settings.model,
+                    tuple(state.diffusion_shape(settings.data.image_size, autoencoder)),
                     text_encoder.max_len, text_encoder.dim, tuple(unet.attn_levels))
 
 
@@ -138,7 +141,7 @@ def build_unet(spec: UNetSpec, image_shape, context_len: int, context_dim: int,
   """A diffusers UNet2DConditionModel laid out as our `UNet(spec, attn_levels)` (float32, CPU).
 
   Args:
-    spec: our `configs.specs.unet(config)`.
+    spec: our `configs.specs.build(config).model`.
     image_shape: (H, W, C) our U-Net takes (before patching).
     context_len: L, the text length (checked only: attention takes any length).
     context_dim: D, the text encoder's width (cross_attention_dim).

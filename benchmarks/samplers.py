@@ -108,11 +108,11 @@ def main(argv=None):
   interval = tuple(float(v) for v in args.guidance_interval.split(',') if v) or None
   nfes = [int(n) for n in args.nfe.split(',')]
   extra = [parse_cell(e) for e in args.extra.split(',') if e]
-  loaded = from_checkpoint.load(args.workdir, use_ema=not args.noema,
-                                sampling_grid=args.grid or None)
+  loaded = from_checkpoint.load(args.workdir, settings_of=specs.from_saved,
+                                use_ema=not args.noema, sampling_grid=args.grid or None)
   # Every cell starts from the run's configured recipe with these flags applied.
   base = settings.overridden(
-      specs.sampler(loaded.config), guidance_interval=interval,
+      loaded.settings.sampler, guidance_interval=interval,
       guidance_rescale=args.guidance_rescale,
       thresholding=None if args.threshold is None else True,
       threshold_percentile=args.threshold, use_ema=not args.noema)

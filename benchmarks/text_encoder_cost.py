@@ -14,6 +14,7 @@ import json
 import os
 
 from configs import loading
+from runtime import workdir as paths
 from training import loop
 
 MODES = {
@@ -25,7 +26,7 @@ MODES = {
 
 
 def steady_steps_per_sec(workdir: str) -> float:
-  rows = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  rows = [json.loads(line) for line in open(paths.metrics(workdir))]
   rates = [r['train/steps_per_sec'] for r in rows if 'train/steps_per_sec' in r][1:]
   return sum(rates) / len(rates)
 

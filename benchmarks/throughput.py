@@ -7,7 +7,7 @@
   python -m benchmarks.throughput --config=configs/shapes.py:gpu --batch=256 --sampler \
       --peak_tflops=989 --peer --peer_compile
 
-For each batch size it builds the real train step (`training.loop.train_step`: loss, backward,
+For each batch size it builds the real train step (`training.builder.build_trainer`: loss, backward,
 AdamW, EMA, the divergence metrics) on synthetic data, compiles it once (compile seconds), reads
 XLA's cost analysis (FLOPs per image: forward + backward of the U-Net and text encoder, and the
 update) and its memory analysis, then times `--steps` steps per round. With `--peer` each round
@@ -75,36 +75,26 @@ class OursTrain:
     import jax  # pylint: disable=g-import-not-at-top
     import flax.linen as nn  # pylint: disable=g-import-not-at-top
     from configs import validation  # pylint: disable=g-import-not-at-top
-    from text.encoders import NULL_CAPTION  # pylint: disable=g-import-not-at-top
-    from training import compile_cache, loop, sharding, state as state_lib  # pylint: disable=g-import-not-at-top
+    from training import builder  # pylint: disable=g-import-not-at-top
+    from runtime import compile_cache, sharding  # pylint: disable=g-import-not-at-top
     config = config.copy_and_resolve_references()
     config.data.global_batch_size = batch_size
-    self.config = config
-    mesh = sharding.make_mesh(config.mesh)
-    validation.check_mesh(config, mesh, jax.process_count())  # --batch must split over the mesh.
-    self.unet, self.text = state_lib.build_models(config)
-    autoencoder = state_lib.build_autoencoder(config)
-    tx, _ = state_lib.make_optimizer(config.optim)
-    _, shardings, init_fn = state_lib.create_sharded_state(config, mesh, unet=self.unet,
-                                                           text_encoder=self.text, tx=tx)
-    frozen = None if self.text.trainable else sharding.put_frozen(self.text.init(None), mesh)
-    vae = None if autoencoder is None else sharding.put_frozen(autoencoder.params, mesh)
+    settings = validation.validate(config)
+    self.config, self.settings = config, settings
+    mesh = sharding.make_mesh(settings.mesh)
+    validation.check_mesh(settings, mesh, jax.process_count())  # --batch must split over the mesh.
+    # The run's own builder; no records, so a frozen encoder with text.cache_embeddings gets the
+    # embeddings of the captions, as cached ones would be.
+    trainer = builder.build_trainer(settings, mesh)
+    self.unet, self.text = trainer.unet, trainer.text_encoder
     rng = np.random.default_rng(0)
     size = config.data.image_size
-    tokens = rng.integers(1, 8, (batch_size, config.text.max_len)).astype(np.int32)
-    local = {'bad': np.zeros((batch_size,), np.int32), 'tokens': tokens,
+    local = {'bad': np.zeros((batch_size,), np.int32),
+             **trainer.text_inputs.from_captions(['a red circle'] * batch_size),
              'image': rng.uniform(-1, 1, (batch_size, size, size, 3)).astype(np.float32)}
-    null = {'tokens': np.asarray(self.text.tokenize([NULL_CAPTION]), np.int32)}
-    if not self.text.trainable:  # A frozen encoder: the batch carries embeddings, as cached.
-      emb, mask, pooled = jax.device_get(self.text.encode(frozen, local.pop('tokens')))
-      local.update(emb=np.asarray(emb), mask=np.asarray(mask), pooled=np.asarray(pooled))
-      emb, mask, pooled = jax.device_get(self.text.encode(frozen, null['tokens']))
-      null = {'emb': np.asarray(emb), 'mask': np.asarray(mask), 'pooled': np.asarray(pooled)}
-    batch_shardings = {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in local.items()}
-    self.step = loop.jit_train_step(config, unet=self.unet, text_encoder=self.text,
-                                    null_inputs=null, tx=tx, autoencoder=autoencoder,
-                                    state_shardings=shardings, batch_shardings=batch_shardings)
-    self.mesh, self.rules = mesh, config.mesh.logical_axis_rules
+    self.step = trainer.step
+    init_fn, frozen, vae = trainer.init, trainer.frozen_text, trainer.vae_params
+    self.mesh, self.rules = mesh, settings.mesh.logical_axis_rules
     # As training/loop.py calls them: the collector paused while a program is traced.
     with jax.set_mesh(mesh), nn.logical_axis_rules(self.rules), compile_cache.gc_paused():
       self.state = init_fn(jax.random.PRNGKey(0))
@@ -144,13 +134,14 @@ def initial_params(config):
   """The initial EMA parameters of `config`'s models (the sampler's, without a train step)."""
   import jax  # pylint: disable=g-import-not-at-top
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  from training import sharding, state as state_lib  # pylint: disable=g-import-not-at-top
-  mesh = sharding.make_mesh(config.mesh)
-  unet, text = state_lib.build_models(config)
-  tx, _ = state_lib.make_optimizer(config.optim)
-  _, _, init_fn = state_lib.create_sharded_state(config, mesh, unet=unet, text_encoder=text, tx=tx)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.logical_axis_rules):
-    return init_fn(jax.random.PRNGKey(0)).ema_params
+  from configs import validation  # pylint: disable=g-import-not-at-top
+  from runtime import sharding  # pylint: disable=g-import-not-at-top
+  from training import builder  # pylint: disable=g-import-not-at-top
+  settings = validation.validate(config)
+  mesh = sharding.make_mesh(settings.mesh)
+  trainer = builder.build_trainer(settings, mesh)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(settings.mesh.logical_axis_rules):
+    return trainer.init(jax.random.PRNGKey(0)).ema_params
 
 
 class OursSampler:
@@ -160,13 +151,15 @@ class OursSampler:
     from configs import specs  # pylint: disable=g-import-not-at-top
     from diffusion import spec as settings_lib  # pylint: disable=g-import-not-at-top
     from sampling import generate  # pylint: disable=g-import-not-at-top
-    from training import state as state_lib  # pylint: disable=g-import-not-at-top
-    unet, text = state_lib.build_models(config)
-    self.gen = generate.Generator(unet, text, specs.diffusion(config), config.data.image_size,
-                                  autoencoder=state_lib.build_autoencoder(config))
+    from runtime import state as state_lib  # pylint: disable=g-import-not-at-top
+    run = specs.build(config)
+    autoencoder = state_lib.build_autoencoder(run.autoencoder)
+    unet, text = state_lib.build_networks(run, autoencoder=autoencoder)
+    self.gen = generate.Generator(unet, text, run.diffusion, run.data.image_size,
+                                  autoencoder=autoencoder,
+                                  decode_chunk=run.autoencoder.decode_chunk)
     self.params = (params['unet'], params['text'] if text.trainable else text.init(None))
-    self.settings = settings_lib.overridden(specs.sampler(config), sampler='dpmpp_2m',
-                                            num_steps=num_steps)
+    self.settings = settings_lib.overridden(run.sampler, sampler='dpmpp_2m', num_steps=num_steps)
     self.prompts = ['a red circle'] * batch_size
     t0 = time.perf_counter()
     self._call()
@@ -203,7 +196,7 @@ def _peer_module():
 def main(argv=None):
   args, overrides = _parse(sys.argv[1:] if argv is None else argv)
   import jax  # pylint: disable=g-import-not-at-top
-  from training import compile_cache  # pylint: disable=g-import-not-at-top
+  from runtime import compile_cache  # pylint: disable=g-import-not-at-top
   compile_cache.enable()
   config = _config(args.config, overrides)
   peer_lib = _peer_module() if args.peer else None

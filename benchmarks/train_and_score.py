@@ -19,8 +19,9 @@ import numpy as np
 
 from configs import loading, specs
 from evaluation import shapes_scorer as scoring
+from runtime import state
 from sampling import generate, images
-from training import loop, state
+from training import loop
 
 
 def main(argv=None):
@@ -38,9 +39,12 @@ def main(argv=None):
   t0 = time.time()
   result = loop.train_and_evaluate(config, args.workdir)
   train_s = time.time() - t0
-  unet, text = state.build_models(config, workdir=args.workdir)
-  gen = generate.Generator(unet, text, specs.diffusion(config), config.data.image_size)
-  recipe = specs.sampler(config)
+  settings = specs.build(config)
+  autoencoder = state.build_autoencoder(settings.autoencoder)
+  unet, text = state.build_networks(settings, autoencoder=autoencoder, workdir=args.workdir)
+  gen = generate.Generator(unet, text, settings.diffusion, settings.data.image_size,
+                           autoencoder=autoencoder, decode_chunk=settings.autoencoder.decode_chunk)
+  recipe = settings.sampler
   ema = result.state.ema_params
   text_params = ema['text'] if text.trainable else text.init(None)
   prompts = scoring.benchmark_prompts()

@@ -35,7 +35,7 @@ from typing import Any, Callable, Mapping
 from absl import logging
 
 from cluster.contract import (ENV_COORDINATOR, ENV_COORDINATOR_PORT, ENV_HEARTBEAT_TIMEOUT,
-                              ENV_NUM_PROCESSES, ENV_PROCESS_ID, ENV_WATCHDOG)
+                              ENV_NUM_PROCESSES, ENV_PROCESS_ID, ENV_WATCHDOG, OFF_WORDS)
 from cluster.watchdog import Watchdog, flush
 
 _BACKSTOP_S = 15  # jax's own heartbeat timeout is twice ours plus this (it can fire early).
@@ -44,16 +44,24 @@ _TPU_ENV = ('TPU_WORKER_HOSTNAMES', 'TPU_PROCESS_ADDRESSES', 'MEGASCALE_COORDINA
 
 
 @dataclasses.dataclass(frozen=True)
-class Settings:
-  """Fields of `config.distributed` (all optional); empty values mean "detect"."""
-  coordinator_address: str = ''  # host:port of process 0; '' = from the environment.
-  num_processes: int = 0  # 0 = from the environment.
-  process_id: int = -1  # -1 = from the environment.
-  heartbeat_timeout_s: float = 30.0  # A process silent this long is declared lost.
-  initialization_timeout_s: int = 300  # How long processes wait for each other at start-up.
-  shutdown_timeout_s: int = 300  # How long a finished process waits for the others at exit.
-  watchdog: bool = True  # Run the heartbeat/failure watchdog thread (multi-process only).
-  watchdog_interval_s: float = 1.0  # Seconds between two watchdog rounds.
+class DistributedSpec:
+  """The `config.distributed` section (defaults: configs/base.py); empty values mean "detect"."""
+  coordinator_address: str  # host:port of process 0; '' = from the environment.
+  num_processes: int  # 0 = from the environment.
+  process_id: int  # -1 = from the environment.
+  heartbeat_timeout_s: float  # A process silent this long is declared lost.
+  initialization_timeout_s: int  # How long processes wait for each other at start-up.
+  shutdown_timeout_s: int  # How long a finished process waits for the others at exit.
+  watchdog: bool  # Run the heartbeat/failure watchdog thread (multi-process only).
+  watchdog_interval_s: float  # Seconds between two watchdog rounds.
+
+  def __post_init__(self):
+    if not self.heartbeat_timeout_s > 0:
+      raise ValueError(f'distributed.heartbeat_timeout_s must be > 0, got '
+                       f'{self.heartbeat_timeout_s}.')
+    if not 0 < self.watchdog_interval_s < self.heartbeat_timeout_s:
+      raise ValueError(f'distributed.watchdog_interval_s must be in (0, heartbeat_timeout_s='
+                       f'{self.heartbeat_timeout_s}), got {self.watchdog_interval_s}.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,47 +100,15 @@ class ProcessInfo:
 # ----------------------------------------------------------------------------- settings
 
 
-def settings_from(config_or_flags: Any = None, env: Mapping[str, str] = os.environ) -> Settings:
-  """Settings from a whole config (its `distributed` section), the section, a dict or flags."""
-  src = config_or_flags
-  if src is not None and _has(src, 'distributed'):
-    src = _get(src, 'distributed')
-  elif src is not None and any(_has(src, k) for k in ('data', 'model', 'optim', 'mesh')):
-    src = None  # A whole config without a `distributed` section: defaults.
-  fields = {f.name: f for f in dataclasses.fields(Settings)}
-  values: dict[str, Any] = {}
-  if isinstance(src, Mapping) or hasattr(src, 'to_dict'):
-    items = dict(src.items())
-    unknown = sorted(set(items) - set(fields))
-    if unknown:
-      raise ValueError(f'config.distributed has unknown field(s) {unknown}; known fields: '
-                       f'{sorted(fields)}.')
-    values.update(items)
-  elif src is not None:  # argparse.Namespace, absl flags, ...: read only the fields we know.
-    values.update({k: getattr(src, k) for k in fields if _has(src, k)})
-  # The environment (what a launcher or a user sets for one job) overrides the config.
+def with_environment(spec: DistributedSpec,
+                     env: Mapping[str, str] = os.environ) -> DistributedSpec:
+  """`spec` with what a launcher or a user set for one job in the environment (it wins)."""
+  changes: dict[str, Any] = {}
   if ENV_HEARTBEAT_TIMEOUT in env:
-    values['heartbeat_timeout_s'] = _number(env[ENV_HEARTBEAT_TIMEOUT], ENV_HEARTBEAT_TIMEOUT)
+    changes['heartbeat_timeout_s'] = _number(env[ENV_HEARTBEAT_TIMEOUT], ENV_HEARTBEAT_TIMEOUT)
   if ENV_WATCHDOG in env:
-    values['watchdog'] = env[ENV_WATCHDOG].strip().lower() not in ('0', 'false', 'no', 'off')
-  s = Settings(**values)
-  if not s.heartbeat_timeout_s > 0:
-    raise ValueError(f'config.distributed.heartbeat_timeout_s must be > 0, got '
-                     f'{s.heartbeat_timeout_s}.')
-  if not 0 < s.watchdog_interval_s < s.heartbeat_timeout_s:
-    raise ValueError(f'config.distributed.watchdog_interval_s must be in (0, heartbeat_timeout_s='
-                     f'{s.heartbeat_timeout_s}), got {s.watchdog_interval_s}.')
-  return s
-
-
-def _has(obj: Any, key: str) -> bool:
-  if isinstance(obj, Mapping) or hasattr(obj, 'to_dict'):
-    return key in obj
-  return hasattr(obj, key)
-
-
-def _get(obj: Any, key: str) -> Any:
-  return obj[key] if isinstance(obj, Mapping) or hasattr(obj, 'to_dict') else getattr(obj, key)
+    changes['watchdog'] = env[ENV_WATCHDOG].strip().lower() not in OFF_WORDS
+  return dataclasses.replace(spec, **changes)
 
 
 def _number(text: str, name: str) -> float:
@@ -152,11 +128,12 @@ def _int(text: str, name: str) -> int:
 # ----------------------------------------------------------------------------- detection
 
 
-def detect(env: Mapping[str, str], settings: Settings = Settings(),
+def detect(env: Mapping[str, str], settings: DistributedSpec | None = None,
            tpu_present: bool = False) -> Plan:
-  """Which environment this process runs in and the jax.distributed arguments it implies."""
-  coordinator = settings.coordinator_address or env.get(ENV_COORDINATOR, '')
-  count = settings.num_processes or (
+  """Which environment this process runs in and the jax.distributed arguments it implies
+  (`settings`: the distributed section; None: the environment alone)."""
+  coordinator = (settings and settings.coordinator_address) or env.get(ENV_COORDINATOR, '')
+  count = (settings and settings.num_processes) or (
       _int(env[ENV_NUM_PROCESSES], ENV_NUM_PROCESSES) if env.get(ENV_NUM_PROCESSES) else 0)
   if coordinator or count:
     return _explicit_plan(env, settings, coordinator, count)
@@ -176,11 +153,11 @@ def detect(env: Mapping[str, str], settings: Settings = Settings(),
   return Plan('single')
 
 
-def _explicit_plan(env: Mapping[str, str], settings: Settings, coordinator: str,
+def _explicit_plan(env: Mapping[str, str], settings: DistributedSpec | None, coordinator: str,
                    count: int) -> Plan:
   """Coordinator, process count and id given by flags/config or JAXDIFF_* variables."""
   kind = 'explicit'
-  if settings.process_id >= 0:
+  if settings is not None and settings.process_id >= 0:
     pid: int | None = settings.process_id
   elif env.get(ENV_PROCESS_ID):
     pid = _int(env[ENV_PROCESS_ID], ENV_PROCESS_ID)
@@ -269,16 +246,16 @@ class _State:
 _STATE: _State | None = None
 
 
-def initialize(config_or_flags: Any = None) -> ProcessInfo:
+def initialize(spec: DistributedSpec) -> ProcessInfo:
   """Joins this process to the job (a no-op for a single process); call before any JAX work.
 
-  `config_or_flags`: the whole config (reads `config.distributed` when present), that section,
-  a dict or a flags object; None = environment variables and defaults only. Idempotent.
+  `spec`: the run's `distributed` section; the environment overrides it (`with_environment`).
+  Idempotent.
   """
   global _STATE
   if _STATE is not None:
     return _STATE.info
-  settings = settings_from(config_or_flags)
+  settings = with_environment(spec)
   import jax  # pylint: disable=g-import-not-at-top
   if jax.distributed.is_initialized():  # Someone called jax.distributed.initialize directly.
     return _info(jax, 'preinitialized', None)
@@ -317,7 +294,7 @@ def _info(jax: Any, environment: str, coordinator: str | None) -> ProcessInfo:
                      environment=environment, coordinator_address=coordinator)
 
 
-def _start_watchdog(state: _State, settings: Settings) -> None:
+def _start_watchdog(state: _State, settings: DistributedSpec) -> None:
   from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
   info = state.info
   dog = Watchdog(jax_distributed.global_state.client, info.process_index, info.process_count,

@@ -19,7 +19,7 @@ def get_config(arg=None):
   # --- data ---------------------------------------------------------------
   config.data = data = ml_collections.ConfigDict()
   data.dataset = 'shapes'  # 'shapes', 'shapes_rendered', 'folder', 'tfds' or 'array_record' (docs/data.md).
-  data.path = ''  # folder: the image tree; array_record: a glob of shards (python -m data.prepare).
+  data.path = ''  # folder: the image tree; array_record: a glob of shards (python -m tools.prepare).
   data.eval_path = ''  # The same for a validation split ('' = none); eval prompts can come from it.
   data.tfds_name = ''  # tfds: the dataset name (e.g. 'coco_captions'), prepared in data_dir.
   data.train_split = 'train'  # tfds: the training split.
@@ -58,6 +58,7 @@ def get_config(arg=None):
 
   # --- model (U-Net) --------------------------------------------------------
   config.model = model = ml_collections.ConfigDict()
+  model.family = 'unet'  # The denoiser network (models/family.py): 'unet', the ADM-style U-Net.
   model.patch_size = 1  # Fold p x p pixel patches into channels first (p=2: 4x cheaper convs).
   model.coord_channels = True  # Append (x, y) coordinate channels: absolute position for "left of".
   model.pooled_conditioning = False  # Add the pooled text vector to the noise embedding (Imagen);
@@ -82,7 +83,7 @@ def get_config(arg=None):
   ae.path = ''  # '' = pixel space; a diffusers AutoencoderKL folder = diffuse in its latent space.
   ae.dtype = 'float32'  # Compute dtype of the frozen autoencoder ('bfloat16' on accelerators).
   ae.decode_chunk = 8  # Latents per decoder call when sampling (the decoder is memory-hungry).
-  ae.cached_latents = True  # Use posterior moments stored in the records (data.prepare --autoencoder).
+  ae.cached_latents = True  # Use posterior moments stored in the records (tools.prepare --autoencoder).
 
   # --- diffusion ------------------------------------------------------------
   config.diffusion = diff = ml_collections.ConfigDict()

@@ -5,7 +5,7 @@ Launch (docs/data.md has the three sources and the preparation command):
   # A folder of images with metadata.jsonl (or a .txt caption beside each image).
   python train.py --config=configs/images.py:gpu --workdir=runs/mine \
       --config.data.path=/data/my_images
-  # ArrayRecord shards written by python -m data.prepare (the scalable format, many hosts).
+  # ArrayRecord shards written by python -m tools.prepare (the scalable format, many hosts).
   python train.py --config=configs/images.py:gpu --workdir=runs/mine \
       --config.data.dataset=array_record --config.data.path='/data/shards/train-*.array_record'
   # A TFDS dataset prepared as ArrayRecord.

@@ -3,13 +3,13 @@
 
 Launch:
 
-  # Quickstart: a 2-core CPU, about 11.5 minutes of training (BENCHMARKS.md).
+  # Quickstart: a 2-core CPU, about 9 minutes for train, sample and score (BENCHMARKS.md).
   python train.py --config=configs/shapes.py:cpu --workdir=runs/shapes_cpu
   # One accelerator (or a host of 8: the batch is split over all devices).
   python train.py --config=configs/shapes.py:gpu --workdir=runs/shapes_gpu
   # Latent space: the quickstart's U-Net on 16 x 16 x 4 latents of 64 px images, after training
   # the demo autoencoder once (about 4 minutes; docs/latent.md).
-  python -m training.autoencoder --out=runs/vae_shapes64 --image_size=64 --steps=600
+  python -m tools.train_autoencoder --out=runs/vae_shapes64 --image_size=64 --steps=600
   python train.py --config=configs/shapes.py:latent --workdir=runs/shapes_latent
   # Smoke test: 16 px, a few steps.
   python train.py --config=configs/shapes.py:tiny --workdir=/tmp/tiny

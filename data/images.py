@@ -14,7 +14,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
-EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp')  # What the folder source and `data.prepare` read.
+EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp')  # What the folder source and `tools.prepare` read.
 # Decompression-bomb guard: refuse images above this many pixels (about 16k x 16k).
 MAX_PIXELS = 256 * 1024 * 1024
 

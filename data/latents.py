@@ -1,4 +1,4 @@
-"""Posterior moments of a frozen autoencoder, stored in records by `data.prepare --autoencoder`.
+"""Posterior moments of a frozen autoencoder, stored in records by `tools.prepare --autoencoder`.
 
 Latent diffusion encodes every training image with the same frozen VAE encoder, every epoch. With
 the moments (mean and log-variance of q(z|x)) precomputed once per record, a run draws a fresh

@@ -10,10 +10,10 @@ next usable one in the stream, logged with its path and counted in the batch's '
 (1 where the slot's own record was unusable, so an epoch counts each bad record once; the
 training loop reports the sum); `data.on_bad_record='error'` makes it fatal instead.
 
-  source = sources.make(config.data)
-  loader = make_loader(config.data, source, jax.process_index(), jax.process_count())
+  source = sources.make(settings.data)  # A data.spec.DataSpec.
+  loader = make_loader(settings.data, source, jax.process_index(), jax.process_count())
   for step, batch in iterate(loader, start_step, prefetch=2, num_workers=0):
-    ...  # batch: 'image' f32 [n,S,S,3] in [-1,1], 'caption' str [n], 'index' i64 [n], 'bad' i32 [n]
+    ...  # batch: the keys of data/batch.py ('image', 'caption', 'index', 'bad', ...)
 
 Steps are mapped to batches by a grain `MapDataset`; grain's threads (num_workers=0) or worker
 processes (num_workers > 0) prepare them ahead, in order.
@@ -23,18 +23,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from absl import flags
 from absl import logging
 import numpy as np
 
-from data import images, shapes, sources
+from data import batch, images, randomness, sources
 from data.sources import DataError  # pylint: disable=unused-import  (raised here too)
 
-DATASETS = ('shapes', 'shapes_rendered', 'folder', 'tfds', 'array_record')
-CROPS = ('center', 'random')
-ON_BAD_RECORD = ('skip', 'error')
+from data.spec import CROPS, ON_BAD_RECORD
 MAX_CONSECUTIVE_BAD = 64  # More unusable records than this in a row: the data is wrong, stop.
 _EPOCH_STREAM = 0x4550  # Domain tags of the random streams (never collide with other uses).
 _EXAMPLE_STREAM = 0x4558
@@ -43,7 +41,7 @@ _EXAMPLE_STREAM = 0x4558
 @functools.lru_cache(maxsize=4)
 def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
   """The order of the examples in `epoch` (a permutation of range(num_examples)), read-only."""
-  perm = np.argsort(shapes.uniforms((_EPOCH_STREAM, seed, epoch), num_examples), kind='stable')
+  perm = np.argsort(randomness.uniforms((_EPOCH_STREAM, seed, epoch), num_examples), kind='stable')
   perm.flags.writeable = False
   return perm
 
@@ -90,9 +88,9 @@ def process_slice(global_batch_size: int, process_index: int, process_count: int
 class Transform:
   """Raw example -> (RGB uint8 [S, S, 3], caption index): the train-time geometry."""
   image_size: int
-  crop: str = 'center'  # 'center' or 'random'
-  flip: bool = False  # Random horizontal flip.
-  upscale: bool = True  # False: an image smaller than image_size is a bad record.
+  crop: str  # 'center' or 'random' (data.spec.CROPS).
+  flip: bool  # Random horizontal flip.
+  upscale: bool  # False: an image smaller than image_size is a bad record.
 
   def __post_init__(self):
     if self.crop not in CROPS:
@@ -128,7 +126,7 @@ class BatchLoader:
   """step -> this process's part of global batch `step` (picklable: runs in grain workers)."""
 
   def __init__(self, source: Sequence, transform: Transform, *, seed: int, global_batch_size: int,
-               process_index: int = 0, process_count: int = 1, on_bad_record: str = 'skip',
+               on_bad_record: str, process_index: int = 0, process_count: int = 1,
                images: bool = True):
     if on_bad_record not in ON_BAD_RECORD:
       raise ValueError(f'data.on_bad_record={on_bad_record!r} is not one of {ON_BAD_RECORD}.')
@@ -153,14 +151,14 @@ class BatchLoader:
       try:
         raw = self.source[index]
         key = raw.get('key', key)
-        uniforms = lambda: shapes.uniforms((_EXAMPLE_STREAM, self.seed, at), 4)
+        uniforms = lambda: randomness.uniforms((_EXAMPLE_STREAM, self.seed, at), 4)
         if self.images:
           pixels, which = self.transform(raw, uniforms)
         else:
           pixels, which = None, self.transform.caption_only(raw, uniforms)
           if raw.get('latent') is None:
             raise DataError(f'{key} has no cached latents, unlike the first record of the '
-                            'dataset; run data.prepare --autoencoder over all of data.path, or '
+                            'dataset; run tools.prepare --autoencoder over all of data.path, or '
                             'set autoencoder.cached_latents=False.')
       except (OSError, images.BadImage) as e:
         reason = str(e) or type(e).__name__
@@ -171,15 +169,16 @@ class BatchLoader:
           logging.warning('data: skipped %s: %s', key, reason)
         failures.append(f'{key}: {reason}')
         continue
-      out = {'caption': raw['captions'][which], 'index': index, 'bad': int(bool(failures))}
+      out = {batch.CAPTION: raw['captions'][which], batch.INDEX: index,
+             batch.BAD: int(bool(failures))}
       if pixels is not None:
-        out['image'] = pixels
+        out[batch.IMAGE] = pixels
       text = raw.get('text')
       if text is not None:
-        out.update({name: np.asarray(text[name][which]) for name in ('emb', 'mask', 'pooled')})
-      latent = raw.get('latent')  # Posterior moments stored by data.prepare --autoencoder.
+        out.update({name: np.asarray(text[name][which]) for name in batch.EMBEDDINGS})
+      latent = raw.get('latent')  # Posterior moments stored by tools.prepare --autoencoder.
       if latent is not None:
-        out.update(latent_mean=np.asarray(latent['mean']), latent_logvar=np.asarray(latent['logvar']))
+        out.update(zip(batch.LATENTS, (np.asarray(latent['mean']), np.asarray(latent['logvar']))))
       return out
     raise DataError(f'{MAX_CONSECUTIVE_BAD} records in a row could not be used (from stream '
                     f'position {position}); the last: {failures[-1]}. Check data.path and '
@@ -189,21 +188,21 @@ class BatchLoader:
     positions = int(step) * self.global_batch_size + np.arange(self.part.start, self.part.stop)
     indices = stream_indices(self.seed, positions, self.num_examples)
     rows = [self.example(int(p), int(i)) for p, i in zip(positions, indices)]
-    batch = {
-        'caption': np.array([r['caption'] for r in rows], dtype=str),
-        'index': np.array([r['index'] for r in rows], np.int64),
-        'bad': np.array([r['bad'] for r in rows], np.int32),
+    out = {
+        batch.CAPTION: np.array([r[batch.CAPTION] for r in rows], dtype=str),
+        batch.INDEX: np.array([r[batch.INDEX] for r in rows], np.int64),
+        batch.BAD: np.array([r[batch.BAD] for r in rows], np.int32),
     }
     if self.images:
-      image = _batch_array((len(rows),) + rows[0]['image'].shape, np.float32)
+      image = _batch_array((len(rows),) + rows[0][batch.IMAGE].shape, np.float32)
       for j, r in enumerate(rows):  # x / 127.5 - 1 in float32, written in place.
-        np.divide(r['image'], np.float32(127.5), out=image[j], dtype=np.float32)
+        np.divide(r[batch.IMAGE], np.float32(127.5), out=image[j], dtype=np.float32)
       np.subtract(image, np.float32(1.0), out=image)
-      batch['image'] = image
-    for name in ('emb', 'mask', 'pooled', 'latent_mean', 'latent_logvar'):
+      out[batch.IMAGE] = image
+    for name in batch.STORED:
       if name in rows[0]:
-        batch[name] = np.stack([r[name] for r in rows])
-    return batch
+        out[name] = np.stack([r[name] for r in rows])
+    return out
 
 
 _IN_WORKER = False  # Set in grain worker processes: batches are built in shared memory there.
@@ -213,6 +212,14 @@ def _mark_worker(worker_index: int, worker_count: int) -> None:
   del worker_index, worker_count
   global _IN_WORKER
   _IN_WORKER = True
+
+
+def _init_worker(log_setup, worker_index: int, worker_count: int) -> None:
+  """grain's worker_init_fn: the main process's logging (`iterate`'s `log_setup`: a skipped
+  record's warning then looks the same from a worker), then batches in shared memory."""
+  if log_setup is not None:
+    log_setup()
+  _mark_worker(worker_index, worker_count)
 
 
 def _batch_array(shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -273,11 +280,15 @@ def _flush_shared_memory_deletes():
 
 
 def iterate(loader: BatchLoader, start_step: int, num_steps: int | None = None, *,
-            prefetch: int = 0, num_workers: int = 0) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+            prefetch: int = 0, num_workers: int = 0,
+            log_setup: Callable[[], None] | None = None
+            ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
   """Yields (step, this process's part of batch `step`) for step = start_step, ... num_steps - 1.
 
   prefetch: batches prepared ahead (grain threads, or per worker process); 0 = on demand.
   num_workers: grain worker processes (0 = prepare batches in this process).
+  log_setup: a picklable function each worker process runs first to log as this process does
+  (`runtime.console.worker_logging()`; workers start by spawn, with Python's logging defaults).
   """
   import grain  # pylint: disable=g-import-not-at-top
   if start_step < 0:
@@ -293,7 +304,7 @@ def iterate(loader: BatchLoader, start_step: int, num_steps: int | None = None, 
         it, grain.experimental.DatasetOptions(min_shm_size=1 << 16))
     it = it.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=num_workers, per_worker_buffer_size=max(prefetch, 1)),
-                        worker_init_fn=_mark_worker)
+                        worker_init_fn=functools.partial(_init_worker, log_setup))
   else:
     it = steps.to_iter_dataset(grain.ReadOptions(num_threads=prefetch,
                                                  prefetch_buffer_size=prefetch))

@@ -1,4 +1,4 @@
-"""The record format of jaxdiff's ArrayRecord shards (what `python -m data.prepare` writes).
+"""The record format of jaxdiff's ArrayRecord shards (what `python -m tools.prepare` writes).
 
 Each record is one msgpack map:
 
@@ -56,5 +56,14 @@ def decode(data: bytes) -> dict[str, Any]:
   except (msgpack.UnpackException, ValueError, TypeError) as e:
     raise ValueError(f'not a jaxdiff record ({e})') from None
   if not isinstance(record, dict) or 'image' not in record or 'captions' not in record:
-    raise ValueError('not a jaxdiff record (no image or captions); write shards with data.prepare')
+    raise ValueError('not a jaxdiff record (no image or captions); write shards with tools.prepare')
   return record
+
+
+def stored(source, field: str) -> Any:
+  """What the first record of `source` stores under an optional `field` ('text' or 'latent',
+  written by tools.prepare), or None: the training start-up checks it against the run's encoder."""
+  try:
+    return source[0].get(field)
+  except (OSError, IndexError):
+    return None

@@ -17,9 +17,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-from typing import Sequence
 
 import numpy as np
+
+from data import randomness
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     'red': (255, 0, 0),
@@ -72,12 +73,6 @@ def allowed_pairs(split: str) -> tuple[tuple[str, str], ...]:
   raise ValueError(f"Unknown Shapes split {split!r}: use one of {SPLITS}.")
 
 
-def uniforms(entropy: Sequence[int], n: int) -> np.ndarray:
-  """n float64 uniforms in [0, 1) from the Philox bit stream keyed by `entropy` (non-negative ints)."""
-  bits = np.random.Philox(np.random.SeedSequence(list(entropy))).random_raw(n)
-  return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
-
-
 @functools.lru_cache(maxsize=8)
 def _pixel_centres(size: int) -> tuple[np.ndarray, np.ndarray]:
   """(x, y) of every pixel centre, each [S, S] (row-major: y varies along axis 0)."""
@@ -124,7 +119,7 @@ def sample_scene(split: str, index: int, size: int) -> Scene:
   pairs = allowed_pairs(split)
   if index < 0:
     raise ValueError(f"Shapes example index must be non-negative, got {index}.")
-  u = uniforms((_SCENE_STREAM, SPLITS.index(split), size, index), _NUM_UNIFORMS)
+  u = randomness.uniforms((_SCENE_STREAM, SPLITS.index(split), size, index), _NUM_UNIFORMS)
   num_objects = 1 if u[0] < 0.5 else 2
   form = 'left' if u[1] < 0.5 else 'right'
   lo, hi = ONE_OBJECT_SIDE if num_objects == 1 else TWO_OBJECT_SIDE

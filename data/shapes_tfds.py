@@ -13,7 +13,10 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
+import re
+import shutil
 
+from absl import logging
 from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
@@ -104,23 +107,59 @@ def make_builder(data_dir: str | None, image_size: int = 32,
   return ShapesBenchmark(data_dir=data_dir or None, config=config)
 
 
+def lock_file(builder: ShapesBenchmark) -> str:
+  """DATA_DIR/shapes_benchmark/.prepare-CONFIG.lock: held by whoever builds that config."""
+  root = os.path.dirname(os.path.dirname(builder.data_dir))  # DATA_DIR/shapes_benchmark
+  return os.path.join(root, f'.prepare-{builder.builder_config.name}.lock')
+
+
 def prepare(data_dir: str | None, image_size: int = 32, num_train: int = DEFAULT_NUM_TRAIN,
             num_test: int = DEFAULT_NUM_TEST) -> ShapesBenchmark:
   """`make_builder` and generate the data unless it is already there (idempotent).
 
   Processes preparing the same data_dir at once (sweep members started together, the processes
   of a multi-host run) take turns under a file lock: one writes, the others find it written.
+  Whoever holds the lock also removes what a build killed midway left (`_remove_dead_builds`).
   """
   import fcntl  # pylint: disable=g-import-not-at-top
   builder = make_builder(data_dir, image_size, num_train, num_test)
-  root = os.path.dirname(os.path.dirname(builder.data_dir))  # DATA_DIR/shapes_benchmark
-  os.makedirs(root, exist_ok=True)
-  with open(os.path.join(root, f'.prepare-{builder.builder_config.name}.lock'), 'a') as lock:
+  os.makedirs(os.path.dirname(lock_file(builder)), exist_ok=True)
+  with open(lock_file(builder), 'a') as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     try:
+      _remove_dead_builds(os.path.dirname(builder.data_dir))
       builder = make_builder(data_dir, image_size, num_train, num_test)  # Sees a finished copy.
       builder.download_and_prepare(
           download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     finally:
       fcntl.flock(lock, fcntl.LOCK_UN)
   return builder
+
+
+# TFDS builds DATA_DIR/NAME/CONFIG/VERSION in CONFIG/incomplete.XXXXXX_VERSION (6 random letters
+# or digits), renamed on success, deleted on an exception, left behind by a kill -9 or power loss.
+_INCOMPLETE = re.compile(r'incomplete\.[A-Z0-9]{6}_.+')
+
+
+def _remove_dead_builds(config_dir: str) -> None:
+  """Deletes TFDS's unfinished build folders in `config_dir` (DATA_DIR/shapes_benchmark/CONFIG).
+
+  Called with the config's lock held, so none of them is being written: every `prepare` builds
+  under that lock, and the kernel releases a flock when its holder dies (kill -9 included). This
+  relies on the lock working between every process that shares the data dir, as the builds'
+  turn-taking already does (a filesystem whose flock is local to one host, shared by several
+  hosts, would break both), and on no `tfds build` by hand writing the same config meanwhile.
+  """
+  if not os.path.isdir(config_dir):
+    return
+  for name in sorted(os.listdir(config_dir)):
+    path = os.path.join(config_dir, name)
+    if not _INCOMPLETE.fullmatch(name) or not os.path.isdir(path):
+      continue
+    try:
+      shutil.rmtree(path)
+      logging.info('data: removed %s, left by a build of the Shapes data that did not finish.',
+                   path)
+    except OSError as e:  # Only wasted space: the build below does not need it gone.
+      logging.warning('data: could not remove %s, left by an unfinished build (%s); delete it.',
+                      path, e)

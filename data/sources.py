@@ -16,7 +16,7 @@ it. Sources are picklable: grain worker processes receive them.
   folder        a directory tree of .jpg/.jpeg/.png/.webp files; captions from metadata.jsonl
                 (`file_name` + `data.caption_key`, Hugging Face imagefolder) or a .txt beside each
   tfds          any TFDS dataset prepared as ArrayRecord, by name and split from `data.data_dir`
-  array_record  shards written by `python -m data.prepare` (a glob)
+  array_record  shards written by `python -m tools.prepare` (a glob)
   shapes        the built-in benchmark (TFDS builder); `shapes_rendered`: the same, rendered
 """
 from __future__ import annotations
@@ -129,7 +129,7 @@ class FolderSource(Sequence):
 
 
 class ArrayRecordSource(Sequence):
-  """Shards written by `python -m data.prepare`, matched by a glob, in sorted order.
+  """Shards written by `python -m tools.prepare`, matched by a glob, in sorted order.
 
   `field` is the config field that holds the glob (data.path, or data.eval_path), for errors.
   """
@@ -192,7 +192,7 @@ class ArrayRecordSource(Sequence):
       if _written_as_array_record(shard):
         return self._damaged(shard, why)
       return DataError(f'{self.field}={self.pattern!r}: {shard} is not an ArrayRecord file '
-                       f'({why}); write shards with python -m data.prepare.')
+                       f'({why}); write shards with python -m tools.prepare.')
     return DataError(f'{self.field}={self.pattern!r}: the shards cannot be opened ({error}).')
 
   def _damaged(self, shard: str, why: str) -> DataError:
@@ -204,11 +204,11 @@ class ArrayRecordSource(Sequence):
     return DataError(
         f'{self.field}={self.pattern!r}: shard {shard} is truncated or corrupt ({why}); a damaged '
         'shard stops the run whatever data.on_bad_record says. Delete it and rerun the python -m '
-        f'data.prepare command that wrote it, with the same flags (... {flags}): it keeps the '
+        f'tools.prepare command that wrote it, with the same flags (... {flags}): it keeps the '
         f'finished shards and writes only the missing ones{sidecar}.')
 
 
-# `{output}-{k:05d}-of-{N:05d}.array_record`: data.prepare's shard names (prepare.shard_path).
+# `{output}-{k:05d}-of-{N:05d}.array_record`: tools.prepare's shard names (prepare.shard_path).
 _SHARD_NAME = re.compile(r'(.*)-(\d{5})-of-(\d{5})\.array_record')
 # Every Riegeli file (the container of ArrayRecord) begins with this block header.
 _RIEGELI_MAGIC = bytes.fromhex('83af70d10d884a3f')
@@ -231,7 +231,7 @@ def _open_status(path: str) -> tuple[int, str]:
 
 
 def _written_as_array_record(path: str) -> bool:
-  """Whether `path` was written as an ArrayRecord file: it has data.prepare's sidecar or the
+  """Whether `path` was written as an ArrayRecord file: it has tools.prepare's sidecar or the
   Riegeli header."""
   if os.path.isfile(path + '.json'):
     return True
@@ -299,7 +299,7 @@ class TfdsSource(Sequence):
       raise DataError(
           f'{name} in {builder.data_dir} cannot be read randomly ({str(e).splitlines()[0]}); '
           "prepare it with file_format='array_record' (tfds build --file_format=array_record), "
-          'or convert it with python -m data.prepare.') from None
+          'or convert it with python -m tools.prepare.') from None
     self.name, self.split, self.image_key, self.caption_key = name, split, image_key, caption_key
     self.data_dir, self._folder = data_dir, str(builder.data_dir)
 

@@ -1,4 +1,4 @@
-"""Webdataset tar shards read as a stream of raw examples (what `data.prepare` converts).
+"""Webdataset tar shards read as a stream of raw examples (what `tools.prepare` converts).
 
 A webdataset tar holds one example per key: the members that share a basename up to its first dot
 (`dir/000123.jpg`, `dir/000123.txt`, `dir/000123.json` are example `dir/000123`), stored next to

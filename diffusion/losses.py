@@ -14,7 +14,7 @@ LOSS_TARGETS = ('auto',) + param.KINDS
 LOSS_WEIGHTINGS = ('auto', 'none', 'min_snr', 'edm')
 
 
-def loss_weight(logsnr, kind, weighting, *, min_snr_gamma=5.0, sigma_data=0.5):
+def loss_weight(logsnr, kind, weighting, *, min_snr_gamma, sigma_data):
   """Per-example weight of the MSE in `kind` space.
 
   'none': 1. 'min_snr': x0-space weight min(snr, gamma) (Hang et al. 2023, Min-SNR), i.e.

@@ -21,7 +21,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from diffusion import schedules
+from diffusion import names, schedules
 
 
 def _walk(step, carry, logsnrs):
@@ -197,6 +197,7 @@ SAMPLERS: dict[str, Callable] = {
     'dpmpp_2m': dpmpp_2m,
     'dpmpp_2m_sde': dpmpp_2m_sde,
 }
+assert tuple(SAMPLERS) == names.SAMPLER_NAMES, 'diffusion/names.py lists the samplers offered'
 # Keyword options each sampler accepts (all may be traced arrays), with their defaults.
 SAMPLER_DEFAULTS: dict[str, dict[str, float]] = {
     name: {k: p.default for k, p in inspect.signature(fn).parameters.items()

@@ -15,8 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion import names
+
 SCHEDULES = ('linear', 'scaled_linear', 'cosine', 'sigmoid', 'edm')
-SAMPLING_GRIDS = ('auto', 'uniform_t', 'karras', 'uniform_logsnr')
+SAMPLING_GRIDS = names.SAMPLING_GRIDS
 NOISE_SAMPLINGS = ('uniform', 'lognormal')
 _MAX_BETA = 0.999  # Nichol & Dhariwal 2021 sec 3.2: clip betas to avoid singularities at t = T.
 

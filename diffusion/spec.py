@@ -3,7 +3,7 @@
   DiffusionSpec    the `config.diffusion` section: schedule, parameterisation, loss.
   SamplerSettings  the `config.sampler` section: how to sample (sampler, steps, guidance).
 
-Made once where the config enters (`configs.specs`); `schedules`, `parameterization`, `losses`
+Made once where the config enters (`configs.specs.build`); `schedules`, `parameterization`, `losses`
 and the samplers' callers read their attributes and never see a ConfigDict. Neither has
 defaults of its own: every value comes from the config (`configs/base.py` holds the defaults),
 so a config that leaves a field out is refused instead of silently training another model.
@@ -92,6 +92,10 @@ class SamplerSettings:
     if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1:
       raise ValueError(f'sampler.num_steps={self.num_steps!r} must be a positive integer '
                        '(sample.py --steps).')
+    if isinstance(self.guidance_scale, bool) or not isinstance(
+        self.guidance_scale, (int, float)) or not self.guidance_scale >= 0:
+      raise ValueError(f'sampler.guidance_scale={self.guidance_scale!r} must be >= 0 (0: '
+                       'unconditional, 1: conditional only, > 1: guided).')
     if len(self.guidance_interval) not in (0, 2) or (
         self.guidance_interval and not self.guidance_interval[0] <= self.guidance_interval[1]):
       raise ValueError(f'sampler.guidance_interval={self.guidance_interval!r} must be () or '

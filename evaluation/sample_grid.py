@@ -1,6 +1,6 @@
 """Evaluation during training: sample the eval prompts, draw captioned grid pages, score Shapes.
 
-`SampleGridEvaluator(config)` is what `train.py` hands to the training loop; the loop calls it
+`SampleGridEvaluator(settings)` is what `train.py` hands to the training loop; the loop calls it
 with the current (EMA or raw, per `sampler.use_ema`) parameters at `logging.eval_every_steps`
 and at the end, and writes what it returns. It samples with the config's `SamplerSettings`,
 the same value `sample.py` starts from.
@@ -11,29 +11,30 @@ import time
 
 from absl import logging
 
-from configs import specs
 from data import sources
 from evaluation import shapes_scorer
+from runtime.settings import EVAL_PROMPT_SOURCES
+from runtime.summaries import EvalResult, flatten
 from sampling import generate, images
-from training import state
-from training.metrics import EvalResult, flatten
 
 
-def eval_prompts(config) -> list[str]:
+def eval_prompts(settings) -> list[str]:
   """The prompts of the eval grid (at most logging.eval_max_prompts), from the config or the data.
 
   logging.eval_prompt_list, when not empty; else logging.eval_prompts: 'shapes_benchmark', 'data'
   (the first caption of the first records of the validation split, or of the train split when
   none is configured), or a text file with one prompt per line.
   """
-  limit = config.logging.eval_max_prompts
-  if config.logging.eval_prompt_list:
-    return [str(p) for p in config.logging.eval_prompt_list][:limit]
-  source = config.logging.eval_prompts
-  if source == 'shapes_benchmark':
+  log = settings.logging
+  limit = log.eval_max_prompts
+  if log.eval_prompt_list:
+    return [str(p) for p in log.eval_prompt_list][:limit]
+  source = log.eval_prompts
+  shapes_benchmark, data = EVAL_PROMPT_SOURCES
+  if source == shapes_benchmark:
     prompts = shapes_scorer.benchmark_prompts()
-  elif source == 'data':
-    prompts = _data_prompts(config.data, limit)
+  elif source == data:
+    prompts = _data_prompts(settings.data, limit)
   else:
     if not os.path.isfile(source):
       raise FileNotFoundError(f"logging.eval_prompts={source!r}: no such file (one prompt per "
@@ -45,8 +46,8 @@ def eval_prompts(config) -> list[str]:
   return prompts[:limit]
 
 
-def _data_prompts(data_config, limit: int) -> list[str]:
-  dataset = sources.make(data_config, 'eval') or sources.make(data_config, 'train')
+def _data_prompts(data, limit: int) -> list[str]:
+  dataset = sources.make(data, 'eval') or sources.make(data, 'train')
   prompts = []
   for i in range(len(dataset)):
     if len(prompts) >= limit:
@@ -63,23 +64,24 @@ def _data_prompts(data_config, limit: int) -> list[str]:
 class SampleGridEvaluator:
   """Samples `logging.eval_prompts` x `eval_samples_per_prompt`; scores them on Shapes data."""
 
-  def __init__(self, config):
-    self.settings = specs.sampler(config)
-    self.spec = specs.diffusion(config)
-    self.image_size = config.data.image_size
-    self.seed = config.seed
-    self.prompts = eval_prompts(config)  # Read now: a missing file fails before training.
-    self.per_prompt = config.logging.eval_samples_per_prompt
-    self.score = config.data.dataset.startswith('shapes')
-    self.autoencoder = state.build_autoencoder(config)  # Latent diffusion: decode the samples.
-    self.decode_chunk = config.autoencoder.decode_chunk
+  def __init__(self, settings):
+    """`settings`: the run's (`configs.specs.Settings`)."""
+    self.settings = settings.sampler
+    self.spec = settings.diffusion
+    self.image_size = settings.data.image_size
+    self.seed = settings.seed
+    self.prompts = eval_prompts(settings)  # Read now: a missing file fails before training.
+    self.per_prompt = settings.logging.eval_samples_per_prompt
+    self.score = settings.data.dataset.startswith('shapes')
+    self.decode_chunk = settings.autoencoder.decode_chunk
     self._generator = None
 
-  def __call__(self, step, unet, text_encoder, unet_params, text_params, mesh) -> EvalResult:
+  def __call__(self, step, unet, text_encoder, unet_params, text_params, mesh,
+               autoencoder) -> EvalResult:
     del step
-    if self._generator is None:
+    if self._generator is None:  # Latent diffusion: the run's autoencoder decodes the samples.
       self._generator = generate.Generator(unet, text_encoder, self.spec, self.image_size, mesh,
-                                           autoencoder=self.autoencoder,
+                                           autoencoder=autoencoder,
                                            decode_chunk=self.decode_chunk)
     batch = [p for p in self.prompts for _ in range(self.per_prompt)]
     t = time.time()

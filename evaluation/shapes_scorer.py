@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from data import shapes
+from data import randomness, shapes
 
 METRICS = ('full', 'colour', 'shape', 'count', 'left_right')
 MIN_AREA_FRACTION = 0.02
@@ -190,7 +190,7 @@ def benchmark_prompts(num_two_object: int = 42, seed: int = 0) -> list[str]:
         f'num_two_object must be in [0, {len(ordered)}], got {num_two_object}.')
   if seed < 0:
     raise ValueError(f'benchmark_prompts seed must be non-negative, got {seed}.')
-  order = np.argsort(shapes.uniforms((0x5052, seed), len(ordered)), kind='stable')
+  order = np.argsort(randomness.uniforms((0x5052, seed), len(ordered)), kind='stable')
   singles = [shapes.object_phrase(c, s) for c, s in shapes.ALL_PAIRS]
   doubles = [
       shapes.two_object_caption(*ordered[k], ('left', 'right')[i % 2])
@@ -236,7 +236,7 @@ def load_image(path: str) -> np.ndarray:
 
 def score_folder(folder: str) -> dict[str, dict[str, Any]]:
   """Scores every (PNG, prompt) listed in `folder/manifest.jsonl`; returns `aggregate` of the scores."""
-  from training import console  # pylint: disable=g-import-not-at-top
+  from runtime import console  # pylint: disable=g-import-not-at-top
   scores = []
   entries = read_manifest(folder)
   bar = console.progress(len(entries), 'score', 'img', disable=len(entries) < 100)

@@ -189,7 +189,8 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument('--port', type=int, default=8476, help='Coordinator port on pod 0.')
   p.add_argument('--max_restarts', type=int, default=0, help='JobSet restarts (resume) on failure.')
   p.add_argument('--heartbeat_timeout_s', type=float, default=0,
-                 help='Seconds before a silent pod fails the job; 0 = the default (30).')
+                 help='Seconds before a silent pod fails the job; 0 = the config\'s '
+                      'distributed.heartbeat_timeout_s.')
   p.add_argument('--env', action='append', default=[], help='NAME=value for train.py (repeatable).')
   p.add_argument('--output', default='', help='Also write the YAML to this file.')
   p.add_argument('--kubectl', default='kubectl', help='kubectl executable.')

@@ -138,7 +138,8 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument('--port', type=int, default=0,
                  help='Coordinator port; 0 = derived from the job id by cluster/distributed.py.')
   p.add_argument('--heartbeat_timeout_s', type=float, default=0,
-                 help='Seconds before a silent task fails the job; 0 = the default (30).')
+                 help='Seconds before a silent task fails the job; 0 = the config\'s '
+                      'distributed.heartbeat_timeout_s.')
   p.add_argument('--template', default=TEMPLATE, help='sbatch template with {{placeholders}}.')
   p.add_argument('--script', default='jaxdiff.sbatch', help='Where to write the script.')
   p.add_argument('--sbatch_bin', default='sbatch', help='sbatch executable.')

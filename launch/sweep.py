@@ -17,9 +17,10 @@ itself; flags after the sweep's own (e.g. `--config.optim.num_steps=500`) go to 
 Every member is loaded through `configs.loading` first, so an unknown field or a bad value fails
 the sweep before any run starts. Locally, `--parallel=N` runs N members at a time, each on its
 own devices (CUDA_VISIBLE_DEVICES on GPUs; on a CPU host each gets its share of the simulated
-devices); a member's console goes to `ROOT/<name>/console.log (its full log: train.log)` and its state to
-`ROOT/<name>/sweep_member.json`. Running the same command again skips finished members and
-resumes the others, so a half-finished (or killed) sweep is finished by re-running it.
+devices); a member's console goes to `ROOT/<name>/console.log` (its full log: train.log) and its
+state to `ROOT/<name>/sweep_member.json` (launch/member.py). Running the same command again skips
+finished members and resumes the others, so a half-finished (or killed) sweep is finished by
+re-running it.
 `--dry_run` prints the commands, `--jobs_file=F` writes them one per line.
 """
 
@@ -36,9 +37,8 @@ import time
 from typing import Sequence
 
 from configs import loading
-
-MEMBER_FILE = 'sweep_member.json'  # In each member's workdir: status, pid, return code, times.
-SWEEP_FILE = 'sweep.json'  # In ROOT: the config, the shared overrides and the members.
+from launch import member
+from runtime import workdir as paths
 
 
 def parse_grid(grid: str) -> list[dict[str, str]]:
@@ -52,10 +52,6 @@ def parse_grid(grid: str) -> list[dict[str, str]]:
   return [dict(point) for point in itertools.product(*axes)]
 
 
-def point_name(point: dict) -> str:
-  return '_'.join(f'{k.split(".")[-1]}={v}' for k, v in point.items()) or 'base'
-
-
 def overrides(point: dict) -> list[str]:
   """{'a.b': '1'} -> ['--config.a.b=1']."""
   return [f'{loading.PREFIX}{k}={v}' for k, v in point.items()]
@@ -63,10 +59,11 @@ def overrides(point: dict) -> list[str]:
 
 def commands(config: str, root: str, points: Sequence[dict], extra: Sequence[str] = (),
              python: str = sys.executable) -> list[list[str]]:
+  """One train.py command per point, each in its member's workdir under ROOT."""
   out = []
   for point in points:
     cmd = [python, 'train.py', f'--config={config}',
-           f'--workdir={os.path.join(root, point_name(point))}']
+           f'--workdir={member.folder(root, point)}']
     cmd += overrides(point) + list(extra)
     out.append(cmd)
   return out
@@ -133,23 +130,6 @@ def member_env(platform: str, group: Sequence[int], base=None) -> dict:
 # ----------------------------------------------------------------------------- running
 
 
-def read_member(workdir: str) -> dict:
-  try:
-    with open(os.path.join(workdir, MEMBER_FILE)) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return {}
-
-
-def _write_member(workdir: str, **fields) -> None:
-  os.makedirs(workdir, exist_ok=True)
-  state = {**read_member(workdir), **fields}
-  tmp = os.path.join(workdir, MEMBER_FILE + '.tmp')
-  with open(tmp, 'w') as f:
-    json.dump(state, f, indent=1)
-  os.replace(tmp, os.path.join(workdir, MEMBER_FILE))
-
-
 def failure_line(log_path: str) -> str:
   """The `error: ...` line of a member's console log, else its last non-empty line."""
   try:
@@ -168,7 +148,7 @@ def run_local(members: Sequence[dict], *, parallel: int, platform: str, num_devi
   groups = device_groups(num_devices, parallel)
   todo = []
   for m in members:
-    if read_member(m['workdir']).get('status') == 'done':
+    if member.read(m['workdir']).get('status') == 'done':
       print(f'[sweep] {m["name"]}: done before, skipped', flush=True)
     else:
       todo.append(m)
@@ -178,15 +158,15 @@ def run_local(members: Sequence[dict], *, parallel: int, platform: str, num_devi
     while todo and free:
       m, slot = todo.pop(0), free.pop(0)
       os.makedirs(m['workdir'], exist_ok=True)
-      log = open(os.path.join(m['workdir'], 'console.log'), 'a')  # pylint: disable=consider-using-with
+      log = open(paths.console_log(m['workdir']), 'a')  # pylint: disable=consider-using-with
       proc = subprocess.Popen(m['command'], stdout=log, stderr=subprocess.STDOUT,
                               env=member_env(platform, groups[slot]))
-      _write_member(m['workdir'], name=m['name'], overrides=m['overrides'], status='running',
-                    pid=proc.pid, returncode=None, started=time.time(), ended=None,
-                    devices=groups[slot], command=shlex.join(m['command']))
+      member.write(m['workdir'], name=m['name'], overrides=m['overrides'], status='running',
+                   pid=proc.pid, returncode=None, started=time.time(), ended=None,
+                   devices=groups[slot], command=shlex.join(m['command']))
       running[proc] = (m, slot, log)
       print(f'[sweep] {m["name"]}: started on devices {groups[slot]} (log: '
-            f'{os.path.join(m["workdir"], "console.log")})', flush=True)
+            f'{paths.console_log(m["workdir"])})', flush=True)
     time.sleep(poll_s)
     for proc in [p for p in running if p.poll() is not None]:
       m, slot, log = running.pop(proc)
@@ -196,16 +176,18 @@ def run_local(members: Sequence[dict], *, parallel: int, platform: str, num_devi
       ok = proc.returncode == 0
       fields = {'status': 'done' if ok else 'failed', 'returncode': proc.returncode,
                 'ended': time.time()}
-      if not ok:
-        fields['failure'] = failure_line(os.path.join(m['workdir'], 'console.log')) or (
-            f'exit status {proc.returncode}')
-      _write_member(m['workdir'], **fields)
+      if not ok:  # Killed by a signal, its console ends in a progress bar: say what happened.
+        fields['failure'] = (member.killed(proc.returncode, *member.progress(m['workdir']))
+                             or failure_line(paths.console_log(m['workdir']))
+                             or f'exit status {proc.returncode}')
+      member.write(m['workdir'], **fields)
       what = 'done' if ok else f'FAILED ({fields["failure"]})'
       print(f'[sweep] {m["name"]}: {what} [{finished}/{total}]', flush=True)
-  return [read_member(m['workdir']) for m in members]
+  return [member.read(m['workdir']) for m in members]
 
 
 def main(argv=None):
+  """`python -m launch.sweep ...` (see the module doc); 1 when a member did not finish."""
   argv = list(sys.argv[1:] if argv is None else argv)
   if argv[:1] == ['report']:
     from launch import sweep_report  # pylint: disable=g-import-not-at-top
@@ -242,11 +224,11 @@ def main(argv=None):
     for c in cmds:
       print(shlex.join(c))
     return 0
-  members = [{'name': point_name(p), 'overrides': p, 'workdir': os.path.join(args.root,
-                                                                            point_name(p)),
-              'command': c} for p, c in zip(points, cmds)]
+  workdirs = [member.folder(args.root, p) for p in points]
+  members = [{'name': os.path.relpath(w, args.root), 'overrides': p, 'workdir': w, 'command': c}
+             for p, w, c in zip(points, workdirs, cmds)]
   os.makedirs(args.root, exist_ok=True)
-  with open(os.path.join(args.root, SWEEP_FILE), 'w') as f:
+  with open(paths.sweep_file(args.root), 'w') as f:
     json.dump({'config': args.config, 'extra': list(extra),
                'members': [{k: m[k] for k in ('name', 'overrides', 'workdir')} for m in members]},
               f, indent=1)

@@ -19,6 +19,7 @@ import sys
 from typing import Any, Sequence
 
 from launch import k8s, slurm
+from runtime import workdir as paths
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -69,7 +70,7 @@ def slurm_array(args: argparse.Namespace, cmds: Sequence[Sequence[str]]) -> str:
            '#SBATCH --ntasks=1',
            f'#SBATCH --cpus-per-task={args.cpus_per_member}',
            f'#SBATCH --time={args.time}',
-           f'#SBATCH --output={os.path.join(args.root, "slurm-%A_%a.out")}']
+           f'#SBATCH --output={os.path.join(args.root, paths.SLURM_OUTPUT)}']
   if args.gpus_per_member:
     lines.append(f'#SBATCH --gpus-per-task={args.gpus_per_member}')
   for flag in ('partition', 'account'):
@@ -124,15 +125,16 @@ def k8s_indexed_job(args: argparse.Namespace, cmds: Sequence[Sequence[str]]) -> 
 
 
 def main(args: argparse.Namespace, cmds: Sequence[Sequence[str]]) -> int:
+  """Prints (--dry_run) or writes to ROOT and submits the sbatch script or the Job manifest."""
   try:
     _check(args, len(cmds))
   except ValueError as e:
     sys.exit(f'error: {e}')
   if args.slurm:
-    text, path, submit = slurm_array(args, cmds), os.path.join(args.root, 'sweep.sbatch'), 'sbatch'
+    text, name, submit = slurm_array(args, cmds), paths.SLURM_SCRIPT, 'sbatch'
   else:
-    text = k8s.to_yaml(k8s_indexed_job(args, cmds))
-    path, submit = os.path.join(args.root, 'sweep.yaml'), 'kubectl'
+    text, name, submit = k8s.to_yaml(k8s_indexed_job(args, cmds)), paths.K8S_MANIFEST, 'kubectl'
+  path = os.path.join(args.root, name)
   if args.dry_run:
     print(text, end='')
     return 0

@@ -4,7 +4,6 @@ against step, and a swept field's value against the ranking metric).
 """
 
 import math
-import re
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -186,7 +185,3 @@ def plot_field(path: str, sweep, field: str, metric: str, *, words: str, short: 
 
 def _pct(metric: str) -> bool:
   return metric.startswith('eval/')
-
-
-def plot_name(field: str) -> str:
-  return f'report_{re.sub(r"[^A-Za-z0-9_.=-]", "_", field)}.png'

@@ -16,15 +16,14 @@ import argparse
 import csv
 import dataclasses
 import json
-import math
 import os
-import re
 import statistics
 import sys
 import time
 
 from configs import loading
-from launch import sweep_plots
+from launch import member, sweep_plots
+from runtime import workdir as paths
 
 RUNNING_WINDOW_S = 600  # A member whose metrics.jsonl changed this recently is running.
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,32 +76,6 @@ def _read_json(path):
     return None  # Missing, or being written: the caller falls back.
 
 
-def read_metrics(path: str) -> list[dict]:
-  """metrics.jsonl's rows; a half-written last line (a run writing it) is skipped."""
-  rows = []
-  try:
-    with open(path) as f:
-      for line in f:
-        try:
-          row = json.loads(line)
-        except ValueError:
-          continue
-        if isinstance(row, dict) and isinstance(row.get('step'), (int, float)):
-          rows.append({k: v for k, v in row.items()  # A NaN loss is not a best loss.
-                       if not (isinstance(v, float) and not math.isfinite(v))})
-  except OSError:
-    pass
-  return rows
-
-
-def latest_checkpoint(workdir: str) -> int | None:
-  """The highest step under checkpoints/ that orbax finished (has _CHECKPOINT_METADATA)."""
-  folder = os.path.join(workdir, 'checkpoints')
-  steps = [int(n) for n in (os.listdir(folder) if os.path.isdir(folder) else ())
-           if n.isdigit() and os.path.isfile(os.path.join(folder, n, '_CHECKPOINT_METADATA'))]
-  return max(steps, default=None)
-
-
 def failure_line(path: str) -> str:
   """The last line of a traceback file that starts with a non-space: the exception's message."""
   try:
@@ -113,16 +86,9 @@ def failure_line(path: str) -> str:
   return lines[-1] if lines else ''
 
 
-def _parse_name(name: str) -> dict | None:
-  """'learning_rate=0.001_cond_drop_prob=0.1' -> {'learning_rate': '0.001', ...} (launch.sweep's
-  point_name, read back for members without sweep.json or sweep_member.json)."""
-  pairs = re.findall(r'([A-Za-z]\w*?)=(.*?)(?:_(?=[A-Za-z]\w*=)|$)', name)
-  return dict(pairs) if pairs and '_'.join(f'{k}={v}' for k, v in pairs) == name else None
-
-
 def _entries(folder: str):
   """(config, extra, [(name, workdir, overrides or None)]) from sweep.json or the subfolders."""
-  meta = _read_json(os.path.join(folder, 'sweep.json'))
+  meta = _read_json(paths.sweep_file(folder))
   if isinstance(meta, dict) and isinstance(meta.get('members'), list):
     entries = []
     for m in meta['members']:
@@ -134,11 +100,10 @@ def _entries(folder: str):
       entries.append((name, workdir, {k: str(v) for k, v in (m.get('overrides') or {}).items()}))
     return meta.get('config'), list(meta.get('extra') or []), entries
   if isinstance(meta, list):  # launch.sweep's first format: [{'point': {...}, 'returncode': rc}].
-    from launch.sweep import point_name  # pylint: disable=import-outside-toplevel
     points = [r['point'] for r in meta if isinstance(r, dict) and 'point' in r]
-    return None, [], [(point_name(p), os.path.join(folder, point_name(p)), p) for p in points]
-  is_run = lambda d: (os.path.isfile(os.path.join(d, 'metrics.jsonl'))
-                      or os.path.isdir(os.path.join(d, 'checkpoints')))
+    workdirs = [member.folder(folder, p) for p in points]
+    return None, [], [(os.path.relpath(w, folder), w, p) for p, w in zip(points, workdirs)]
+  is_run = lambda d: os.path.isfile(paths.metrics(d)) or os.path.isdir(paths.checkpoints(d))
   names = sorted(n for n in os.listdir(folder) if is_run(os.path.join(folder, n)))
   return None, [], [(n, os.path.join(folder, n), None) for n in names]
 
@@ -165,14 +130,14 @@ class _NumSteps:
                 'num_steps is taken from the checkpoints.', file=sys.stderr)
           self.warned = True
     if checkpoint is not None:  # orbax's JSON item: the config the run saved.
-      saved = _read_json(os.path.join(workdir, 'checkpoints', str(checkpoint), 'config',
-                                      'metadata'))
+      saved = _read_json(paths.saved_config(workdir, checkpoint))
       if isinstance(saved, dict) and isinstance(saved.get('optim'), dict):
         return saved['optim'].get('num_steps')
     return None
 
 
 def _status(m: Member, checkpoint, runner: dict, now: float) -> str:
+  """The member's status (see Member.status); a failed one's `failure` is set to why."""
   workdir = m.workdir
   if not os.path.isdir(workdir) or not os.listdir(workdir):
     return 'pending'
@@ -181,14 +146,19 @@ def _status(m: Member, checkpoint, runner: dict, now: float) -> str:
     return 'done'
   if m.num_steps is None and said == 'done':
     return 'done'
-  error_log = os.path.join(workdir, 'error.log')
-  metrics_mtime = _mtime(os.path.join(workdir, 'metrics.jsonl'))
+  error_log = paths.error_log(workdir)
+  metrics_mtime = _mtime(paths.metrics(workdir))
   # An error.log older than the last metrics (or the runner's restart) is from an earlier attempt.
   fresh_error = os.path.isfile(error_log) and _mtime(error_log) >= max(
       metrics_mtime or 0, runner.get('started') or 0)
   if said == 'failed' or fresh_error:
-    m.failure = (failure_line(error_log) or runner.get('failure') or runner.get('error') or (
-        f'exit status {runner["returncode"]}' if runner.get('returncode') else 'failed'))
+    # A fresh error.log names the error. A signal is said in words before the runner's line: the
+    # runner used to record the console's last line, for a killed member a progress-bar fragment.
+    code = runner.get('returncode')
+    m.failure = ((failure_line(error_log) if fresh_error else '')
+                 or member.killed(code, m.step, checkpoint)
+                 or runner.get('failure') or runner.get('error')
+                 or (f'exit status {code}' if code else 'failed'))
     return 'failed'
   if said == 'running' or (metrics_mtime is not None and now - metrics_mtime < RUNNING_WINDOW_S):
     return 'running'
@@ -212,7 +182,7 @@ def read_member(name: str, workdir: str, overrides: dict, num_steps: _NumSteps,
                 now: float | None = None) -> Member:
   """One member's row, from its workdir."""
   m = Member(name, workdir, dict(overrides))
-  rows = read_metrics(os.path.join(workdir, 'metrics.jsonl'))
+  rows = member.read_metrics(workdir)
   logged = [(int(r['step']), r['train/loss']) for r in rows if 'train/loss' in r]
   if logged:
     m.final_loss, m.best_loss = logged[-1][1], min(l for _, l in logged)
@@ -227,22 +197,21 @@ def read_member(name: str, workdir: str, overrides: dict, num_steps: _NumSteps,
         m.last_eval.update({k: v for k, v in r.items() if k.startswith('eval/')})
     m.evals = {k: v for k, v in m.last_eval.items()
                if k.startswith('eval/all.') and _is_fraction(k, v)}
-  checkpoint = latest_checkpoint(workdir)
+  checkpoint = paths.last_finished_checkpoint(workdir)
   m.step = max([int(r['step']) for r in rows] + ([checkpoint] if checkpoint is not None else []),
                default=None)
   m.num_steps = num_steps(overrides, workdir, checkpoint)
-  m.status = _status(m, checkpoint, _read_json(os.path.join(workdir, 'sweep_member.json')) or {},
-                     time.time() if now is None else now)
+  m.status = _status(m, checkpoint, member.read(workdir), time.time() if now is None else now)
   return m
 
 
 def collect(folder: str, now: float | None = None) -> Sweep:
   """Every member of the sweep in `folder` and what its workdir tells (see the module doc)."""
   config, extra, entries = _entries(folder)
-  runners = [_read_json(os.path.join(w, 'sweep_member.json')) or {} for _, w, _ in entries]
+  runners = [member.read(w) for _, w, _ in entries]
   overrides = [o if o is not None else r.get('overrides') for (_, _, o), r in zip(entries, runners)]
   if any(o is None for o in overrides):  # Read the names back, if every one parses alike.
-    parsed = [_parse_name(n) for n, _, _ in entries]
+    parsed = [member.parse_name(n) for n, _, _ in entries]
     same = all(p is not None and p.keys() == parsed[0].keys() for p in parsed)
     known = {k.rsplit('.', 1)[-1]: k for o in overrides if o for k in o}  # Short -> full names.
     overrides = [o if o is not None else {known.get(k, k): v for k, v in p.items()} if same else {}
@@ -361,6 +330,7 @@ def write_markdown(path: str, sweep: Sweep, head, body, best_line: str, plots: l
 
 
 def main(argv=None, prog: str = 'python -m launch.sweep report') -> int:
+  """Prints the table and the best member, and writes the report files (see the module doc)."""
   parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
   parser.add_argument('sweep_dir', help="the sweep's --root: sweep.json and the members' workdirs")
   parser.add_argument('--metric', default='', help='ranks the members and is plotted against each '
@@ -372,8 +342,8 @@ def main(argv=None, prog: str = 'python -m launch.sweep report') -> int:
     parser.error(f'{args.sweep_dir!r} is not a folder; give a sweep\'s --root.')
   sweep = collect(args.sweep_dir)
   if not sweep.members:
-    parser.error(f'{args.sweep_dir!r} holds no sweep: no sweep.json and no subfolder with '
-                 'metrics.jsonl or checkpoints/.')
+    parser.error(f'{args.sweep_dir!r} holds no sweep: no {paths.SWEEP_FILE} and no subfolder '
+                 f'with {paths.METRICS} or {paths.CHECKPOINTS}/.')
   metric = _ALIASES.get(args.metric, args.metric) or default_metric(sweep.members)
   known = ', '.join(sorted(set(_NAMED) | {k for m in sweep.members for k in m.last_eval}))
   if metric not in _NAMED and not metric.startswith('eval/'):
@@ -390,16 +360,17 @@ def main(argv=None, prog: str = 'python -m launch.sweep report') -> int:
   out = args.out or args.sweep_dir
   os.makedirs(out, exist_ok=True)
   head, body = rows(sweep)
-  plots = ['report_loss.png'] + [sweep_plots.plot_name(f) for f in sweep.fields]
+  plots = [paths.REPORT_LOSS] + [paths.report_plot(f) for f in sweep.fields]
   sweep_plots.plot_loss(os.path.join(out, plots[0]), sweep)
   for field, name in zip(sweep.fields, plots[1:]):
     sweep_plots.plot_field(os.path.join(out, name), sweep, field, metric, words=label(metric),
                            short=_short(sweep.fields), lower=lower_is_better(metric))
-  write_csv(os.path.join(out, 'report.csv'), sweep)
-  write_markdown(os.path.join(out, 'report.md'), sweep, head, body, f'**{best_line}**', plots)
+  write_csv(os.path.join(out, paths.REPORT_CSV), sweep)
+  write_markdown(os.path.join(out, paths.REPORT_MD), sweep, head, body, f'**{best_line}**', plots)
   print(table(head, body))
   print(f'\n{best_line}')
-  print(f'Wrote {", ".join(os.path.join(out, n) for n in ["report.md", "report.csv"] + plots)}')
+  files = [paths.REPORT_MD, paths.REPORT_CSV] + plots
+  print(f'Wrote {", ".join(os.path.join(out, n) for n in files)}')
   return 0
 
 

@@ -12,19 +12,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 Dtype = Any
-
-
-def freeze_config(module: nn.Module) -> None:
-  """Call in `__post_init__` of a module with a `config` field: a ConfigDict becomes frozen.
-
-  Flax modules must hold hashable fields; a FrozenConfigDict is, and reads the same.
-  """
-  if isinstance(module.config, ml_collections.ConfigDict):
-    object.__setattr__(module, 'config', ml_collections.FrozenConfigDict(module.config))
-
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 

@@ -36,9 +36,9 @@ REMAT_POLICIES = {
 class UNetSpec:
   """The `config.model` section as a typed, frozen, checked value (fields: configs/base.py).
 
-  Built once where the config enters (`configs.specs.unet(config)`); it has no defaults of its
-  own. Dtypes stay names ('float32', 'bfloat16', 'float16'); `compute_dtype`/`weight_dtype`
-  resolve them.
+  Built once where the config enters (`configs.specs.build`: the 'unet' family of
+  `models.family`); it has no defaults of its own. Dtypes stay names ('float32', 'bfloat16',
+  'float16'); `compute_dtype`/`weight_dtype` resolve them.
   """
   channels: int
   channel_mult: tuple[int, ...]
@@ -109,6 +109,45 @@ def _positive_int(value: Any, name: str) -> int:
   return value
 
 
+def level_heights(spec: UNetSpec, side: int) -> list[int]:
+  """Heights of the U-Net's levels (0 = the input) for an input of height `side` (after
+  model.patch_size folds patches into channels)."""
+  return [side // 2 ** i for i in range(len(spec.channel_mult))]
+
+
+def attention_levels(spec: UNetSpec, side: int) -> tuple[int, ...]:
+  """The levels that get attention: those whose height is in model.attn_resolutions."""
+  return tuple(lv for lv, h in enumerate(level_heights(spec, side)) if h in spec.attn_resolutions)
+
+
+def check_image_size(spec: UNetSpec, size: int, name: str, *, vae_factor: int = 1,
+                     attention: bool = True) -> None:
+  """Raises ValueError unless images of side `size` (named `name` in the message) fit the U-Net:
+  divisible down its levels, in pixels or in latents of an autoencoder that downsamples by
+  `vae_factor`, and (with `attention`) with a level at each of model.attn_resolutions."""
+  if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+    raise ValueError(f'{name}={size!r} must be a positive integer.')
+  factor = 2 ** (len(spec.channel_mult) - 1) * spec.patch_size
+  if size % factor:
+    raise ValueError(f'{name}={size} must be divisible by '
+                     f'model.patch_size * 2**(len(model.channel_mult)-1)={factor}.')
+  where = ''
+  if vae_factor > 1:
+    where = f" / the autoencoder's {vae_factor}"
+    if size % (factor * vae_factor):
+      raise ValueError(
+          f"{name}={size} must be divisible by the autoencoder's downsampling ({vae_factor}, "
+          f'autoencoder.path) x model.patch_size x 2**(len(model.channel_mult)-1) = '
+          f'{factor * vae_factor}: the U-Net runs on latents of side image_size / {vae_factor}.')
+  heights = level_heights(spec, size // vae_factor // spec.patch_size)
+  missing = [r for r in spec.attn_resolutions if r not in heights]
+  if missing and attention:
+    raise ValueError(
+        f'model.attn_resolutions has {missing}, but the U-Net levels ({name}='
+        f'{size}{where} / model.patch_size={spec.patch_size}) have heights '
+        f'{heights}; use values from that list.')
+
+
 def _heads(spec: UNetSpec, width: int) -> tuple[int, int]:
   """(num_heads, head_dim) for an attention block of `width` channels."""
   if spec.head_dim:
@@ -135,7 +174,7 @@ def _check_inputs(spec: UNetSpec, x, c_noise, context, context_mask, pooled,
     raise ValueError(
         f'Image size {hgt}x{wid} is not divisible by 2**(levels-1)={factor}; use fewer '
         f'levels in model.channel_mult={spec.channel_mult} or another image size.')
-  sizes = [hgt // 2 ** i for i in range(len(spec.channel_mult))]
+  sizes = level_heights(spec, hgt)
   missing = [r for r in spec.attn_resolutions if r not in sizes]
   if missing and not fixed_levels:
     raise ValueError(
@@ -156,8 +195,8 @@ class UNet(nn.Module):
   """Text-conditioned U-Net built from its `UNetSpec`."""
   spec: UNetSpec
   # Levels (0 = the input's resolution) with attention, fixed from the training size by
-  # `training.state.build_models` so that sampling at another size keeps them; None: the levels
-  # whose height is in spec.attn_resolutions at the input's size.
+  # `models.family.build` so that sampling at another size keeps them; None: the levels whose
+  # height is in spec.attn_resolutions at the input's size (`attention_levels`).
   attn_levels: tuple[int, ...] | None = None
 
   @nn.compact
@@ -199,7 +238,7 @@ class UNet(nn.Module):
     last = len(spec.channel_mult) - 1
     attn_levels = self.attn_levels
     if attn_levels is None:
-      attn_levels = [lv for lv in range(last + 1) if h.shape[1] // 2 ** lv in spec.attn_resolutions]
+      attn_levels = attention_levels(spec, h.shape[1])
     for level, mult in enumerate(spec.channel_mult):
       for i in range(spec.num_res_blocks):
         h = res_block(h, ch * mult, f'down_{level}_res_{i}')

@@ -17,7 +17,7 @@ it); a VAE whose config.json gives per-channel `latents_mean`/`latents_std` uses
 (x - latents_mean) * scaling_factor / latents_std instead, as diffusers' pipelines do.
 
 `save_vae(folder, config, params, scaling_factor=...)` writes the same layout back (a VAE trained
-here, e.g. by training/autoencoder.py), readable by `load_vae` and by diffusers.
+here, e.g. by tools/train_autoencoder.py), readable by `load_vae` and by diffusers.
 """
 from __future__ import annotations
 

@@ -1,69 +1,76 @@
-"""Sampling from a workdir: load its saved config and a checkpoint, write PNGs, a grid and a manifest.
+"""Sampling from a workdir: load its saved settings and a checkpoint, write PNGs, a grid and a
+manifest.
 
 The parameters are restored onto whatever devices are present (a data-parallel mesh
-over all of them), whatever mesh trained them.
+over all of them), whatever mesh trained them. The saved config becomes settings through the
+`settings_of` the caller passes (sample.py: `configs.specs.from_saved`), so nothing here reads a
+config.
 """
 
 import json
 import os
 import time
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
-import ml_collections
 import numpy as np
 from absl import logging
 
-from configs import specs
 from diffusion import schedules
 from diffusion.spec import SamplerSettings
+from models import family
+from runtime import checkpoint, console, sharding, state
+from runtime.settings import MeshSpec
 from sampling import generate, images
-from training import checkpoint, console, sharding, state
 
 
 class Loaded(NamedTuple):
   """A trained model read back from a workdir, ready to sample."""
-  config: ml_collections.ConfigDict  # The run's saved config (over configs/base.py's defaults).
+  settings: Any  # The run's saved settings (fields added since: configs/base.py's defaults).
   generator: generate.Generator
   unet_params: Any
   text_params: Any
   step: int  # The checkpoint's training step.
 
 
-def load(workdir: str, step: int | None = None, *, use_ema: bool = True,
-         sampling_grid: str | None = None, image_size: int | None = None,
+def load(workdir: str, step: int | None = None, *, settings_of: Callable[[dict], Any],
+         use_ema: bool = True, sampling_grid: str | None = None, image_size: int | None = None,
          allow_other_resolution: bool | None = None) -> Loaded:
-  """Reads the saved config and only the (EMA) parameters of a checkpoint, over all devices.
+  """Reads the saved settings and only the (EMA) parameters of a checkpoint, over all devices.
 
-  `sampling_grid` (e.g. 'karras') samples on another grid than the run's diffusion.sampling_grid.
-  `image_size` (default: the trained data.image_size) samples at another size; that is refused
-  unless `allow_other_resolution` (default: the config's data.allow_other_sample_size).
+  `settings_of`: the saved config (a plain dict) -> the run's settings. `sampling_grid` (e.g.
+  'karras') samples on another grid than the run's diffusion.sampling_grid. `image_size`
+  (default: the trained data.image_size) samples at another size; that is refused unless
+  `allow_other_resolution` (default: the run's data.allow_other_sample_size).
   """
   ckpt = checkpoint.Checkpointer(workdir, read_only=True)
-  mesh = sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})  # Data-parallel over all.
+  mesh = sharding.make_mesh(MeshSpec.data_parallel())  # Data-parallel over all devices.
 
   def restore(at):
-    config = ckpt.restore_config(at)
+    settings = settings_of(ckpt.saved_config(at))
+    autoencoder = state.build_autoencoder(settings.autoencoder)
     if image_size is not None:  # (A user error: raised, not taken for a damaged checkpoint.)
       try:
-        check_resolution(config, image_size, allow_other_resolution)
+        check_resolution(settings, image_size, allow_other_resolution, autoencoder)
       except ValueError as e:
         raise checkpoint.IncompatibleCheckpoint(str(e)) from None
-    unet, text_encoder = state.build_models(config, workdir=workdir)
-    abstract = state.abstract_params(config, mesh, unet=unet, text_encoder=text_encoder)
+    unet, text_encoder = state.build_networks(settings, autoencoder=autoencoder, workdir=workdir)
+    abstract = state.abstract_params(
+        mesh, settings.mesh.logical_axis_rules, unet=unet, text_encoder=text_encoder,
+        input_shape=state.diffusion_shape(settings.data.image_size, autoencoder))
     params, _ = ckpt.restore_params(abstract, at, use_ema=use_ema)
-    return config, unet, text_encoder, params
+    return settings, autoencoder, unet, text_encoder, params
 
   if step is None:  # The newest that restores; a damaged newer one is reported and skipped.
     restored = ckpt.restore_latest_intact(restore)
     if restored is None:
       raise FileNotFoundError(f'No checkpoint found in {ckpt.directory}: train first.')
-    (config, unet, text_encoder, params), ckpt_step = restored
+    (settings, autoencoder, unet, text_encoder, params), ckpt_step = restored
   else:
     ckpt_step = ckpt.resolve(step)
     console.quiet_closed_loop_errors()  # A failed restore's pending reads: no traceback each.
     try:
-      config, unet, text_encoder, params = restore(step)
+      settings, autoencoder, unet, text_encoder, params = restore(step)
     except checkpoint.IncompatibleCheckpoint:
       raise
     except Exception as e:  # pylint: disable=broad-except
@@ -73,30 +80,31 @@ def load(workdir: str, step: int | None = None, *, use_ema: bool = True,
           f'one (steps: {ckpt.all_steps()}).') from None
   ckpt.close()
   text_params = params['text'] if text_encoder.trainable else text_encoder.init(None)
-  spec = specs.diffusion(config)
+  spec = settings.diffusion
   if sampling_grid:
     spec = spec.replace(sampling_grid=sampling_grid)
-  gen = generate.Generator(unet, text_encoder, spec, image_size or config.data.image_size, mesh,
-                           autoencoder=state.build_autoencoder(config),
-                           decode_chunk=config.autoencoder.decode_chunk)
-  return Loaded(config, gen, params['unet'], text_params, ckpt_step)
+  gen = generate.Generator(unet, text_encoder, spec, image_size or settings.data.image_size, mesh,
+                           autoencoder=autoencoder,
+                           decode_chunk=settings.autoencoder.decode_chunk)
+  return Loaded(settings, gen, params['unet'], text_params, ckpt_step)
 
 
-def check_resolution(config: ml_collections.ConfigDict, image_size: int,
-                     allow: bool | None = None) -> None:
+def check_resolution(settings, image_size: int, allow: bool | None = None,
+                     autoencoder=None) -> None:
   """Raises ValueError if `image_size` is not the trained one and that is not allowed, or does not
-  fit the U-Net (and the autoencoder)."""
-  from configs import validation  # pylint: disable=g-import-not-at-top
-  trained = config.data.image_size
-  allow = config.data.allow_other_sample_size if allow is None else allow
+  fit the network (and the `autoencoder` the run diffused in the latents of)."""
+  trained = settings.data.image_size
+  allow = settings.data.allow_other_sample_size if allow is None else allow
   if image_size != trained and not allow:
     raise ValueError(
         f'--image_size={image_size}: this model was trained at {trained} px (data.image_size), '
         'and a diffusion model sampled at another size usually makes worse images (objects '
         'repeated or cut). Pass --allow_other_resolution (or train with '
         'data.allow_other_sample_size=True) to sample at it anyway.')
-  # The attention levels stay those of the trained size (training.state.build_models).
-  validation.check_image_size(config, image_size, '--image_size', attention=False)
+  # The attention levels stay those of the trained size (models.family.build).
+  vae_factor = 1 if autoencoder is None else autoencoder.config.downsample_factor
+  family.check_image_size(settings.model, image_size, '--image_size', vae_factor=vae_factor,
+                          attention=False)
 
 
 def read_prompts(prompts: Sequence[str], prompt_file: str | None) -> list[str]:
@@ -116,7 +124,7 @@ def sample_to_folder(loaded: Loaded, out_dir: str, prompts: Sequence[str],
                      batch_size=64, progress: bool = False) -> dict:
   """Writes one PNG per sample, grid.png and manifest.jsonl into out_dir; returns a summary.
 
-  `recipe`: how to sample (start from `specs.sampler(loaded.config)`, see
+  `recipe`: how to sample (start from `loaded.settings.sampler`, see
   `diffusion.spec.overridden`). Sample k of the run gets seed + k. The captioned grid
   (`images.captioned_pages`) is grid.png, then grid_2.png, grid_3.png ... when it takes more
   than one screen-sized page; the summary's 'grids' lists their paths.

@@ -17,7 +17,7 @@ from diffusion import guidance, samplers, schedules
 from diffusion.spec import DiffusionSpec, SamplerSettings
 from models import denoiser
 from text.encoders import NULL_CAPTION
-from training import compile_cache
+from runtime import compile_cache
 
 
 def _cond(encode, text_params, ids):
@@ -29,9 +29,12 @@ class Generator:
   """Holds the compiled sampling program for one (U-Net, text encoder, diffusion spec, size)."""
 
   def __init__(self, unet, text_encoder, spec: DiffusionSpec, image_size: int, mesh=None, *,
-               autoencoder=None, decode_chunk: int = 8):
+               autoencoder=None, decode_chunk: int | None = None):
     """`autoencoder`: a frozen `models.vae_loading.PretrainedVAE` for latent diffusion (the
-    sampler runs on its latents, which are decoded `decode_chunk` at a time), or None."""
+    sampler runs on its latents, which are decoded `decode_chunk` at a time, the run's
+    autoencoder.decode_chunk), or None."""
+    if autoencoder is not None and not decode_chunk:
+      raise ValueError('A latent-diffusion Generator needs decode_chunk (autoencoder.decode_chunk).')
     self.unet = unet
     self.text = text_encoder
     self.spec = spec

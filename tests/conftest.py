@@ -31,7 +31,7 @@ class TinyRun(NamedTuple):
 def tiny_run(tmp_path_factory) -> TinyRun:
   """One uninterrupted 4-step tiny run with its eval grid, for the tests that only read it."""
   import jax  # pylint: disable=import-outside-toplevel
-  from configs import shapes  # pylint: disable=import-outside-toplevel
+  from configs import shapes, specs  # pylint: disable=import-outside-toplevel
   from evaluation import sample_grid  # pylint: disable=import-outside-toplevel
   from training import loop  # pylint: disable=import-outside-toplevel
   path = tmp_path_factory.mktemp("tiny_run")
@@ -40,5 +40,5 @@ def tiny_run(tmp_path_factory) -> TinyRun:
   config.mesh.data, config.mesh.fsdp = 2, 2
   workdir = str(path / "run")
   result = loop.train_and_evaluate(config, workdir, devices=jax.devices()[:4],
-                                   evaluator=sample_grid.SampleGridEvaluator(config))
+                                   evaluator=sample_grid.SampleGridEvaluator(specs.build(config)))
   return TinyRun(config, workdir, result)

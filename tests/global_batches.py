@@ -3,7 +3,7 @@
   python -m tests.global_batches --data_path=DIR --out=FILE.npz [--steps=3] [--batch=8]
 
 Each process loads only its slice of each step's batch (data/pipeline.py); the slices become
-one global jax.Array per field exactly as in training (training/sharding.py), gathered back to
+one global jax.Array per field exactly as in training (runtime/sharding.py), gathered back to
 every process; process 0 writes them. Used by tests/test_data_multihost.py with launch.local.
 """
 import sys
@@ -13,9 +13,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from cluster import distributed
-from configs import base
+from configs import base, specs
 from data import pipeline, sources
-from training import sharding
+from runtime import sharding
 
 
 def main(argv):
@@ -23,9 +23,10 @@ def main(argv):
   config = base.get_config()
   config.data.update(dataset='folder', path=args['data_path'], image_size=16, crop='random',
                      flip=True, global_batch_size=int(args.get('batch', 8)))
-  distributed.initialize(config)
-  mesh = sharding.make_mesh(config.mesh)
-  loader = pipeline.make_loader(config.data, sources.make(config.data),
+  settings = specs.build(config)
+  distributed.initialize(settings.distributed)
+  mesh = sharding.make_mesh(settings.mesh)
+  loader = pipeline.make_loader(settings.data, sources.make(settings.data),
                                 jax.process_index(), jax.process_count())
   out = {}
   for step in range(int(args.get('steps', 3))):

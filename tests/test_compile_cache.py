@@ -11,14 +11,14 @@ import sys
 import jax
 import pytest
 
-from training import compile_cache
+from runtime import compile_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # One small program in a fresh process: what enable() returned, what was compiled and loaded.
 _PROGRAM = """
 import json
-from training import compile_cache
+from runtime import compile_cache
 path = compile_cache.enable()
 import jax, jax.numpy as jnp
 
@@ -163,7 +163,7 @@ def test_a_second_sample_cli_loads_its_programs_from_the_cache(tiny_run, tmp_pat
 # A run of the tiny config pre-empted at step 2 (training.loop's `stop_at`), in its own process.
 _PREEMPTED_RUN = """
 import json, sys
-from training import compile_cache
+from runtime import compile_cache
 compile_cache.enable()
 from configs import loading
 from training import loop

@@ -1,5 +1,9 @@
 """Batch pipeline: deterministic shuffled epochs, process slices, exact resume, prefetch."""
 import itertools
+import os
+import re
+import subprocess
+import sys
 
 import ml_collections
 import numpy as np
@@ -7,6 +11,9 @@ import pytest
 
 from data import pipeline
 from data import shapes
+from tests import image_folders
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def data_config(**overrides):
@@ -141,11 +148,12 @@ def test_cached_latents_are_loaded_without_decoding_images():
               'captions': [f'caption {i}a', f'caption {i}b'],
               'latent': {'mean': np.full((2, 2, 4), i, np.float32),
                          'logvar': np.zeros((2, 2, 4), np.float32)}} for i in range(12)]
-  transform = pipeline.Transform(8)
-  with_images = pipeline.BatchLoader(records, transform, seed=3, global_batch_size=4)
+  transform = pipeline.Transform(8, 'center', False, True)
+  with_images = pipeline.BatchLoader(records, transform, seed=3, global_batch_size=4,
+                                      on_bad_record='skip')
   undecodable = [dict(r, image=b'not an image') for r in records]
   latents_only = pipeline.BatchLoader(undecodable, transform, seed=3, global_batch_size=4,
-                                      images=False)
+                                      on_bad_record='skip', images=False)
   for step in range(4):
     a, b = with_images(step), latents_only(step)
     assert 'image' in a and 'image' not in b
@@ -153,6 +161,54 @@ def test_cached_latents_are_loaded_without_decoding_images():
     np.testing.assert_array_equal(b['latent_mean'][:, 0, 0, 0], b['index'])
     assert not b['bad'].any()
   no_latent = [dict(r, latent=None) if i == 5 else r for i, r in enumerate(undecodable)]
-  loader = pipeline.BatchLoader(no_latent, transform, seed=3, global_batch_size=12, images=False)
+  loader = pipeline.BatchLoader(no_latent, transform, seed=3, global_batch_size=12,
+                                on_bad_record='skip', images=False)
   with pytest.raises(pipeline.DataError, match='r5 has no cached latents'):
     loader(0)
+
+
+# An entry point's logging set-up (as train.py's), then the 2 batches of one epoch of a folder with
+# bad records, prepared by `workers` grain worker processes (0: in this process), one batch each.
+_SKIP_BAD_RECORDS = """
+import sys
+from absl import app, logging
+from configs import base, specs
+from data import pipeline
+from runtime import console
+
+def main(argv):
+  _, folder, log, workers = argv
+  console.quiet_library_noise()
+  console.log_to_file(log)
+  cfg = specs.build(base.get_config()).data.replace(
+      dataset='folder', path=folder, eval_path='', caption_key='text', image_size=16, seed=0,
+      global_batch_size=6, crop='center', flip=False, upscale=True, on_bad_record='skip')
+  batches = pipeline.iterate(pipeline.make_loader(cfg, pipeline.make_source(cfg)), 0, 2,
+                             num_workers=int(workers), log_setup=console.worker_logging())
+  print('bad records', sum(int(b['bad'].sum()) for _, b in batches))
+  batches.close()
+
+app.run(main)
+"""
+
+
+@pytest.mark.parametrize('workers', [0, 2])
+def test_worker_warnings_look_like_the_main_process_ones(tmp_path, workers):
+  """A record skipped in a grain worker process: absl's console line and a train.log line, as in
+  the main process (workers start by spawn, with Python's defaults: `WARNING:absl:...`, no file)."""
+  image_folders.make_folder(tmp_path / 'images')  # 8 good images and 4 bad records.
+  log = tmp_path / 'w' / 'train.log'
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
+  out = subprocess.run(
+      [sys.executable, '-c', _SKIP_BAD_RECORDS, str(tmp_path / 'images'), str(log), str(workers)],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.split() == ['bad', 'records', '4']
+  bad = sorted([*image_folders.BROKEN, image_folders.NO_CAPTION])
+  prefix = r'W\d{4} \d\d:\d\d:\d\d\.\d{6} +\d+ pipeline\.py:\d+\] '  # absl's PythonFormatter.
+  skipped = [l for l in out.stderr.splitlines() if 'data: skipped' in l]
+  assert all(re.fullmatch(prefix + r'data: skipped .*', l) for l in skipped), out.stderr[-3000:]
+  assert sorted(os.path.basename(l.split(': ')[1]) for l in skipped) == bad
+  logged = [l for l in log.read_text().splitlines() if 'data: skipped' in l]
+  assert all(re.match(r'W\d{4} \d\d:\d\d:\d\d pipeline\.py:\d+\] ', l) for l in logged)
+  assert sorted(os.path.basename(l.split(': ')[1]) for l in logged) == bad

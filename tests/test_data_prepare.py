@@ -1,4 +1,4 @@
-"""data.prepare: folder / webdataset / TFDS -> ArrayRecord shards, resizing, resume, embeddings, errors."""
+"""tools.prepare: folder / webdataset / TFDS -> ArrayRecord shards, resizing, resume, embeddings, errors."""
 import glob
 import io
 import json
@@ -7,12 +7,15 @@ import subprocess
 import sys
 import tarfile
 
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
-from data import images, pipeline, prepare, sources
+from configs import base, specs
+from data import images, pipeline, sources
+from text.spec import TextSpec
+
+from tools import prepare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -100,8 +103,9 @@ def test_shards_give_the_same_batches_as_the_folder(tmp_path):
   prepare.prepare(folder_src, out, num_shards=3, workers=2, progress=False)  # Spawned workers.
   shard_src = sources.ArrayRecordSource(out + '-*.array_record')
   assert len(shard_src) == len(folder_src)
-  cfg = ml_collections.ConfigDict(dict(image_size=16, crop='random', flip=True, upscale=True,
-                                       seed=3, global_batch_size=4, on_bad_record='skip'))
+  cfg = specs.build(base.get_config()).data.replace(
+      image_size=16, crop='random', flip=True, upscale=True, seed=3, global_batch_size=4,
+      on_bad_record='skip')
   a, b = pipeline.make_loader(cfg, folder_src), pipeline.make_loader(cfg, shard_src)
   for step in range(3):
     x, y = a(step), b(step)
@@ -283,7 +287,7 @@ def test_text_embeddings_of_every_caption(tmp_path):
   out = str(tmp_path / 'emb')
   prepare.prepare(src, out, num_shards=1, options=prepare.Options(text=cfg), progress=False)
   from text import encoders  # pylint: disable=import-outside-toplevel
-  enc = encoders.build(ml_collections.ConfigDict(cfg))
+  enc = encoders.build(TextSpec(**cfg))
   for record in _records(out):
     text, n = record['text'], len(record['captions'])
     assert text['encoder'] == enc.fingerprint
@@ -299,7 +303,7 @@ def test_text_embeddings_of_every_caption(tmp_path):
 def test_cli_error_is_one_line(tmp_path):
   missing = str(tmp_path / 'no_such_folder')
   proc = subprocess.run(
-      [sys.executable, '-m', 'data.prepare', '--source=folder', f'--input={missing}',
+      [sys.executable, '-m', 'tools.prepare', '--source=folder', f'--input={missing}',
        f'--output={tmp_path / "out" / "x"}'], cwd=ROOT, capture_output=True, text=True,
       env=dict(os.environ, PYTHONPATH=ROOT), timeout=120, check=False)
   assert proc.returncode == 2

@@ -1,5 +1,11 @@
 """TFDS builder for Shapes: a tiny build reads back exactly the rendered examples, idempotently."""
+import glob
+import logging
 import os
+import shutil
+import subprocess
+import sys
+import threading
 
 import ml_collections
 import numpy as np
@@ -89,3 +95,85 @@ def test_predefined_configs_and_bad_sizes():
     shapes_tfds.make_config(48)
   with pytest.raises(ValueError, match='data.num_test'):
     shapes_tfds.make_config(32, 10, 0)
+
+
+# A build of s16_train64_test16 into argv[1] that hangs after 8 examples (its incomplete.* folder
+# is on disk by then), for the test to kill -9.
+_HANGING_BUILD = """
+import sys, time
+from data import shapes, shapes_tfds
+example = shapes.example
+def slow(split, index, size):
+  if index == 8:
+    print('building', flush=True)
+    time.sleep(600)
+  return example(split, index, size)
+shapes.example = slow
+shapes_tfds.prepare(sys.argv[1], 16, 64, 16)
+"""
+
+# Holds the build lock of argv[1] (as a live build does) until killed.
+_HOLD_LOCK = """
+import fcntl, sys, time
+with open(sys.argv[1], 'a') as lock:
+  fcntl.flock(lock, fcntl.LOCK_EX)
+  print('locked', flush=True)
+  time.sleep(600)
+"""
+
+
+def _start(code, ready, *args):
+  """A Python process running `code`, once it has printed the line `ready` (TFDS prints too)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.Popen([sys.executable, '-c', code, *args], cwd=root, text=True,
+                          env={**os.environ, 'PYTHONPATH': root}, stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL)
+  for line in proc.stdout:
+    if line.strip() == ready:
+      return proc
+  proc.wait(timeout=60)
+  pytest.fail(f'the helper process exited ({proc.returncode}) before printing {ready!r}')
+
+
+def _kill(proc):
+  proc.kill()  # SIGKILL: the process gets no chance to clean up (TFDS's incomplete_dir neither).
+  proc.wait(timeout=60)
+  proc.stdout.close()
+
+
+def _unfinished(data_dir):
+  return glob.glob(os.path.join(data_dir, 'shapes_benchmark', '*', 'incomplete.*'))
+
+
+def test_a_build_killed_midway_leaves_nothing_behind_once_prepared_again(tmp_path, caplog):
+  data_dir = str(tmp_path / 'tfds')
+  proc = _start(_HANGING_BUILD, 'building', data_dir)
+  try:
+    (left,) = _unfinished(data_dir)  # incomplete.XXXXXX_1.0.0, with half-written files.
+  finally:
+    _kill(proc)
+  caplog.set_level(logging.INFO, logger='absl')
+  builder = shapes_tfds.prepare(data_dir, 16, 64, 16)
+  assert len(builder.as_data_source('train')) == 64
+  assert not _unfinished(data_dir)
+  assert any(f'removed {left}' in r.getMessage() for r in caplog.records)
+
+
+def test_an_unfinished_build_is_removed_only_once_its_builder_is_dead(data_dir, tmp_path):
+  """Under the config's build lock no other build runs: a folder left there is dead. A build
+  holding the lock (here a process that only holds it) keeps its folder until it dies."""
+  data_dir = shutil.copytree(data_dir, tmp_path / 'tfds')
+  builder = shapes_tfds.make_builder(data_dir, 16, 64, 16)
+  live = os.path.join(os.path.dirname(builder.data_dir), 'incomplete.LIVE01_1.0.0')
+  holder = _start(_HOLD_LOCK, 'locked', shapes_tfds.lock_file(builder))
+  try:
+    os.makedirs(live)
+    waiting = threading.Thread(target=shapes_tfds.prepare, args=(data_dir, 16, 64, 16))
+    waiting.start()
+    waiting.join(timeout=2)
+    assert waiting.is_alive() and os.path.isdir(live)  # Waits for the lock, deletes nothing.
+  finally:
+    _kill(holder)  # The builder dies: its folder is now a leftover.
+  waiting.join(timeout=60)
+  assert not waiting.is_alive() and not os.path.exists(live)
+  assert len(builder.as_data_source('train')) == 64  # The finished data is untouched.

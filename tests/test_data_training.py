@@ -50,7 +50,7 @@ def test_a_mixed_folder_trains_and_reports_its_bad_files(full_run):
   bad = [r['data/bad_records'] for r in rows if 'data/bad_records' in r]
   # 4 steps x 8 examples = 32 stream positions, 2.67 epochs of 12 files, 4 of them unusable.
   source = sources.FolderSource(config.data.path)
-  loader = pipeline.make_loader(config.data, source)
+  loader = pipeline.make_loader(specs.build(config).data, source)
   want = sum(int(loader(s)['bad'].sum()) for s in range(4))
   assert want > 0 and bad[-1] == want
 
@@ -69,10 +69,10 @@ def test_resume_gives_the_parameters_of_an_uninterrupted_run(full_run, tmp_path)
 
 def test_sampling_from_the_workdir_uses_its_tokenizer(full_run, tmp_path):
   _, workdir, _ = full_run
-  loaded = from_checkpoint.load(workdir)
+  loaded = from_checkpoint.load(workdir, settings_of=specs.from_saved)
   out = str(tmp_path / 'samples')
   prompts = ['a photo of a rgb', 'the grey picture']
-  from_checkpoint.sample_to_folder(loaded, out, prompts, specs.sampler(loaded.config), seed=0,
+  from_checkpoint.sample_to_folder(loaded, out, prompts, loaded.settings.sampler, seed=0,
                                    samples_per_prompt=1)
   assert sorted(n for n in os.listdir(out) if n.endswith('.png')) == [
       '00000.png', '00001.png', 'grid.png']
@@ -80,9 +80,9 @@ def test_sampling_from_the_workdir_uses_its_tokenizer(full_run, tmp_path):
 
 def test_eval_prompts_come_from_the_config_or_the_data(folder):
   config = folder_config(folder)
-  prompts = sample_grid.eval_prompts(config)
+  prompts = sample_grid.eval_prompts(specs.build(config))
   source = sources.FolderSource(str(folder))
   want = [c[0] for c in (source.captions(i) for i in range(len(source))) if c][:4]
   assert prompts == want
   config.logging.eval_prompt_list = ('a cat', 'a dog')
-  assert sample_grid.eval_prompts(config) == ['a cat', 'a dog']
+  assert sample_grid.eval_prompts(specs.build(config)) == ['a cat', 'a dog']

@@ -72,7 +72,8 @@ def test_weighting_means_the_same_x0_space_weight_in_every_target_space(predicti
 
 def test_min_snr_weights_hand_values():
   logsnr = jnp.log(jnp.array([0.0, 1.0, 5.0, 20.0]))
-  w = lambda kind: np.asarray(losses.loss_weight(logsnr, kind, 'min_snr', min_snr_gamma=5.0))
+  w = lambda kind: np.asarray(losses.loss_weight(logsnr, kind, 'min_snr', min_snr_gamma=5.0,
+                                                       sigma_data=0.5))
   np.testing.assert_allclose(w('x0'), [0.0, 1.0, 5.0, 5.0], rtol=1e-6)
   np.testing.assert_allclose(w('eps'), [1.0, 1.0, 1.0, 0.25], rtol=1e-6)
   np.testing.assert_allclose(w('v'), [0.0, 0.5, 5 / 6, 5 / 21], rtol=1e-6)

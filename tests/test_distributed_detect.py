@@ -3,12 +3,19 @@
 import threading
 import time
 
-import ml_collections
+import dataclasses
+
 import pytest
 
 from cluster import contract
 from cluster import distributed as dist
 from cluster.watchdog import Watchdog
+from configs import base, specs
+
+
+def _spec(**changes) -> dist.DistributedSpec:
+  """The base config's distributed section, with `changes`."""
+  return dataclasses.replace(specs.build(base.get_config()).distributed, **changes)
 
 
 # ----------------------------------------------------------------------------- detection
@@ -27,7 +34,7 @@ def test_local_launcher_variables():
 
 def test_settings_take_precedence_over_environment():
   env = {'JAXDIFF_COORDINATOR': 'a:1', 'JAXDIFF_NUM_PROCESSES': '4', 'JAXDIFF_PROCESS_ID': '3'}
-  s = dist.Settings(coordinator_address='b:2', num_processes=2, process_id=0)
+  s = _spec(coordinator_address='b:2', num_processes=2, process_id=0)
   assert dist.detect(env, s) == dist.Plan('explicit', 2, 0, 'b:2')
 
 
@@ -109,26 +116,26 @@ def test_tpu_pod_is_left_to_jax_auto_detection():
 # ----------------------------------------------------------------------------- settings
 
 
-def test_settings_from_whole_config_section_dict_and_env():
-  config = ml_collections.ConfigDict({'distributed': {'heartbeat_timeout_s': 12.0},
-                                      'model': {'channels': 8}})
-  assert dist.settings_from(config, env={}).heartbeat_timeout_s == 12.0
-  assert dist.settings_from({'watchdog': False}, env={}).watchdog is False
-  env = {'JAXDIFF_HEARTBEAT_TIMEOUT_S': '7', 'JAXDIFF_WATCHDOG': '0'}
-  s = dist.settings_from(None, env=env)
+def test_the_section_comes_from_the_config_and_the_environment_overrides_it():
+  config = base.get_config()
+  config.distributed.heartbeat_timeout_s = 12.0
+  spec = specs.build(config).distributed
+  assert dist.with_environment(spec, env={}) == spec and spec.heartbeat_timeout_s == 12.0
+  s = dist.with_environment(spec, env={'JAXDIFF_HEARTBEAT_TIMEOUT_S': '7', 'JAXDIFF_WATCHDOG': '0'})
   assert (s.heartbeat_timeout_s, s.watchdog) == (7.0, False)
-  assert dist.settings_from(None, env={}) == dist.Settings()
-  from configs import base
-  assert dist.settings_from(base.get_config(), env={}) == dist.Settings()  # No such section yet.
+  # The defaults are configs/base.py's alone: the spec class has none of its own.
+  assert all(f.default is dataclasses.MISSING for f in dataclasses.fields(dist.DistributedSpec))
 
 
-def test_settings_reject_unknown_fields_and_bad_values():
-  with pytest.raises(ValueError, match='heartbeat_timeout'):
-    dist.settings_from({'heartbeat_timeout': 3}, env={})
+def test_bad_values_are_refused_naming_the_field_or_variable():
+  with pytest.raises(ValueError, match='distributed.heartbeat_timeout_s'):
+    _spec(heartbeat_timeout_s=0.0)
   with pytest.raises(ValueError, match='watchdog_interval_s'):
-    dist.settings_from({'heartbeat_timeout_s': 2, 'watchdog_interval_s': 5}, env={})
+    _spec(heartbeat_timeout_s=2.0, watchdog_interval_s=5.0)
   with pytest.raises(ValueError, match='JAXDIFF_HEARTBEAT_TIMEOUT_S'):
-    dist.settings_from(None, env={'JAXDIFF_HEARTBEAT_TIMEOUT_S': 'soon'})
+    dist.with_environment(_spec(), env={'JAXDIFF_HEARTBEAT_TIMEOUT_S': 'soon'})
+  with pytest.raises(ValueError, match='distributed.heartbeat_timeout_s'):
+    dist.with_environment(_spec(), env={'JAXDIFF_HEARTBEAT_TIMEOUT_S': '-1'})
 
 
 def test_initialize_single_process_does_not_start_jax_distributed(monkeypatch):
@@ -138,7 +145,7 @@ def test_initialize_single_process_does_not_start_jax_distributed(monkeypatch):
     monkeypatch.delenv(var, raising=False)
   monkeypatch.setattr(dist, 'tpu_present', lambda: False)
   import jax
-  info = dist.initialize()
+  info = dist.initialize(_spec())
   assert (info.process_index, info.process_count, info.environment) == (0, 1, 'single')
   assert info.local_device_count == jax.local_device_count() == info.device_count
   assert info.is_main
@@ -247,12 +254,3 @@ def test_watchdog_thread_exits_with_peer_failed_status():
   dog.stop()
   time.sleep(0.1)
   assert kv.store['jaxdiff_watchdog/done/0'] == '1'
-
-
-def test_environment_overrides_the_config_section():
-  from configs import shapes
-  config = shapes.get_config('tiny')  # Has a `distributed` section with the defaults.
-  s = dist.settings_from(config, env={'JAXDIFF_HEARTBEAT_TIMEOUT_S': '10',
-                                             'JAXDIFF_WATCHDOG': '0'})
-  assert s.heartbeat_timeout_s == 10.0 and s.watchdog is False
-  assert dist.settings_from(config, env={}).heartbeat_timeout_s == 30.0

@@ -21,7 +21,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = r'''
 import os, sys, time
 from cluster import distributed
-info = distributed.initialize()
+from configs import base, specs
+info = distributed.initialize(specs.build(base.get_config()).distributed)
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 

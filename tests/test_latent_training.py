@@ -12,7 +12,7 @@ from configs import specs, validation
 from sampling import from_checkpoint
 from tests import image_folders
 from tests.test_models_autoencoder import write_vae
-from training import loop
+from training import builder, loop
 
 
 @pytest.fixture(scope='module')
@@ -44,10 +44,10 @@ def test_latent_run_trains_and_samples_images(latent_setup, full_run):
   # The U-Net works on latents: its output conv has 4 (latent) channels, not 3.
   out_bias = jax.device_get(full.state.params['unet']['conv_out']['bias'])
   assert out_bias.shape == (4,)
-  loaded = from_checkpoint.load(workdir)
+  loaded = from_checkpoint.load(workdir, settings_of=specs.from_saved)
   assert loaded.generator.image_shape == (8, 8, 4)
   out = str(root / 'samples')
-  recipe = specs.sampler(loaded.config).replace(num_steps=2)
+  recipe = specs.sampler(loaded.settings).replace(num_steps=2)
   from_checkpoint.sample_to_folder(loaded, out, ['a photo of a rgb', 'the grey picture'], recipe)
   from PIL import Image
   assert Image.open(os.path.join(out, '00000.png')).size == (16, 16)  # Decoded to pixels.
@@ -83,8 +83,9 @@ def test_image_size_must_fit_the_latent_unet(latent_setup):
 
 @pytest.mark.full
 def test_cached_posteriors_give_the_on_the_fly_loss(latent_setup):
-  """data.prepare --autoencoder stores the moments; step 1's loss matches encoding on the fly."""
-  from data import prepare, sources
+  """tools.prepare --autoencoder stores the moments; step 1's loss matches encoding on the fly."""
+  from data import sources
+  from tools import prepare
   root, config = latent_setup
   opts = prepare.Options(latent=dict(path=config.autoencoder.path, image_size=16))
   prepare.prepare(prepare.open_source('folder', path=config.data.path), str(root / 'shards' / 'tr'),
@@ -92,10 +93,12 @@ def test_cached_posteriors_give_the_on_the_fly_loss(latent_setup):
   config = config.copy_and_resolve_references()
   config.data.update(dataset='array_record', path=str(root / 'shards' / 'tr-*.array_record'),
                      crop='center', flip=False)
-  from training import state
-  source = sources.make(config.data)
+  from runtime import state
+  settings = specs.build(config)
+  source = sources.make(settings.data)
   assert 'latent' in source[0]
-  assert loop._cached_latents(config, source, state.build_autoencoder(config))  # pylint: disable=protected-access
+  assert builder._cached_latents(  # pylint: disable=protected-access
+      settings, source, state.build_autoencoder(settings.autoencoder))
   cached = loop.train_and_evaluate(config, str(root / 'cached'), devices=jax.devices()[:4],
                                    stop_at=1)
   config.autoencoder.cached_latents = False

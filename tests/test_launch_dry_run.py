@@ -174,13 +174,17 @@ def test_overrides_must_be_config_fields(capsys):
 
 
 def test_launchers_import_neither_jax_nor_training():
-  """A login node needs only the launchers and cluster.contract, not the training stack."""
-  code = ('import sys, launch.command, launch.k8s, launch.local, launch.slurm, launch.sweep, '
-          'launch.tpu\n'
-          "print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'training')))")
+  """A login node needs only the launchers, cluster.contract and the workdir layout, not the
+  training stack; and the sweep report does not import the sweep (they share launch.member)."""
+  code = ('import sys, launch.sweep_report\n'
+          "print('launch.sweep' in sys.modules)\n"
+          'import launch.command, launch.k8s, launch.local, launch.member, launch.slurm, '
+          'launch.sweep, launch.sweep_cluster, launch.tpu, runtime.workdir\n'
+          "print(sorted(m for m in sys.modules\n"
+          "             if m.split('.')[0] in ('jax', 'flax', 'orbax', 'training')))")
   out = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
                        timeout=60)
-  assert out.returncode == 0 and out.stdout.strip() == '[]', out.stdout + out.stderr
+  assert out.returncode == 0 and out.stdout.split() == ['False', '[]'], out.stdout + out.stderr
 
 
 # ----------------------------------------------------------------------------- TPU

@@ -1,5 +1,5 @@
-"""Sweeps: members in parallel on disjoint devices, a killed member finished by re-running, the
-report; the SLURM array and the Kubernetes Indexed Job of a sweep (dry runs)."""
+"""Sweeps: members in parallel on disjoint devices, a killed member said to be killed and finished
+by re-running, the report; the SLURM array and the Kubernetes Indexed Job of a sweep (dry runs)."""
 import csv
 import glob
 import json
@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from launch import sweep
+from launch import sweep, sweep_report
+from runtime import workdir as paths
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRID = 'optim.learning_rate=1e-3,2e-3;text.cond_drop_prob=0.1,0.2'
@@ -86,9 +87,40 @@ def test_cluster_flags_are_checked(capsys):
     _dry(capsys, '--k8s', '--image=x', '--name=Bad_Name')
 
 
+# What a member killed at step 137 leaves (as train.py does): metrics, checkpoint 100, a save under
+# way, and a progress bar as the console's last line.
+_KILLED_MEMBER = """
+import json, os, signal, sys
+workdir = sys.argv[1]
+with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
+  f.writelines(json.dumps({'step': s, 'train/loss': 0.6}) + '\\n' for s in (50, 100, 137))
+os.makedirs(os.path.join(workdir, 'checkpoints', '100'))
+open(os.path.join(workdir, 'checkpoints', '100', '_CHECKPOINT_METADATA'), 'w').write('{}')
+os.makedirs(os.path.join(workdir, 'checkpoints', '200.orbax-checkpoint-tmp-1'))
+sys.stderr.write('train:  34%|###4      | 137/400 [00:12<00:23, loss=0.6017]')
+sys.stderr.flush()
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_member_killed_by_a_signal_is_said_to_be_killed(tmp_path, capsys):
+  """Not the progress bar it was killed in: the signal, the last step and how it resumes."""
+  workdir = str(tmp_path / 'sweep' / 'learning_rate=1e-3')
+  point = {'optim.learning_rate': '1e-3'}
+  members = [{'name': 'learning_rate=1e-3', 'workdir': workdir, 'overrides': point,
+              'command': [sys.executable, '-c', _KILLED_MEMBER, workdir]}]
+  [state] = sweep.run_local(members, parallel=1, platform='cpu', num_devices=1, poll_s=0.05)
+  said = 'killed by SIGKILL after step 137; running the sweep again resumes it from step 100'
+  assert (state['status'], state['returncode'], state['failure']) == (
+      'failed', -signal.SIGKILL, said)
+  assert f'[sweep] learning_rate=1e-3: FAILED ({said}) [1/1]' in capsys.readouterr().out
+  [m] = sweep_report.collect(str(tmp_path / 'sweep')).members
+  assert (m.status, m.step, m.failure) == ('failed', 137, said)
+
+
 def _member_states(root):
   return {os.path.basename(os.path.dirname(p)): json.load(open(p))
-          for p in glob.glob(os.path.join(root, '*', sweep.MEMBER_FILE))}
+          for p in glob.glob(os.path.join(root, '*', paths.MEMBER_FILE))}
 
 
 @pytest.mark.full
@@ -119,6 +151,7 @@ def test_local_sweep_in_parallel_finished_after_a_kill_and_reported(tmp_path):
   states = _member_states(root)
   assert len(states) == 4 and states[victim]['status'] == 'failed'
   assert states[victim]['returncode'] == -signal.SIGKILL
+  assert states[victim]['failure'].startswith('killed by SIGKILL after step ')
   # Concurrency: two members ran at once, on disjoint devices.
   assert sorted(map(tuple, {tuple(s['devices']) for s in states.values()})) == [
       (0, 1, 2, 3), (4, 5, 6, 7)]

@@ -383,10 +383,10 @@ def test_matches_diffusers(tmp_path, overrides):
 def test_frozen_weights_are_split_over_fsdp(vae, images):
   """On a (data 2, fsdp 4) mesh the VAE's larger kernels are split over 'fsdp' on their output
   channels, small arrays are replicated, and the jitted encoder gives the unsharded result."""
-  import ml_collections
-  from training import sharding
-  mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': 2, 'fsdp': 4, 'tensor': 1,
-                                                       'dcn_data': 1, 'dcn_fsdp': 1}))
+  from runtime import sharding
+  from runtime.settings import MeshSpec
+  mesh = sharding.make_mesh(MeshSpec(data=2, fsdp=4, tensor=1, dcn_data=1, dcn_fsdp=1,
+                                     logical_axis_rules=()))
   placed = sharding.put_frozen(vae.params, mesh)
   conv = placed['decoder']['up_0_res_0']['conv1']['kernel']  # 3x3x16x16 = 2304 elements.
   assert conv.sharding.spec == sharding.P()  # Below min_size: replicated.

@@ -200,7 +200,7 @@ def test_missing_field_raises_naming_field():
   config = base.get_config()
   del config.model['channels']
   with pytest.raises(ValueError, match=r'model\.channels is missing'):
-    specs.unet(config)
+    specs.model(config)
 
 
 def test_head_dim_sets_heads_of_that_width():

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from cluster import contract
+from configs import specs
 from launch import local
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -97,8 +98,8 @@ def test_two_process_checkpoint_resumes_in_one_process_on_another_mesh(two_proce
   import jax
   import orbax.checkpoint as ocp
   from configs import shapes
-  from training import checkpoint, sharding
-  from training import state as state_lib
+  from runtime import checkpoint, sharding
+  from training import builder
 
   workdir = str(tmp_path / 'resumed')
   shutil.copytree(two_process_run, workdir)
@@ -121,12 +122,10 @@ def test_two_process_checkpoint_resumes_in_one_process_on_another_mesh(two_proce
   # onto one device of this process.
   config = shapes.get_config('tiny')
   config.mesh.data, config.mesh.fsdp = 1, 1
-  unet, text_encoder = state_lib.build_models(config)
-  tx, _ = state_lib.make_optimizer(config.optim)
-  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  abstract, shardings, _ = state_lib.create_sharded_state(config, mesh, unet=unet,
-                                                          text_encoder=text_encoder, tx=tx)
-  target = checkpoint.abstract_with_shardings(abstract, shardings)
+  settings = specs.build(config)
+  mesh = sharding.make_mesh(settings.mesh, jax.devices()[:1])
+  trainer = builder.build_trainer(settings, mesh)
+  target = checkpoint.abstract_with_shardings(trainer.abstract, trainer.shardings)
   states = []
   for w in (two_process_run, workdir):
     ckpt = checkpoint.Checkpointer(w, read_only=True)

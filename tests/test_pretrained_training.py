@@ -10,7 +10,8 @@ import pytest
 from configs import shapes, specs
 from sampling import from_checkpoint
 from text import embedding_cache
-from training import checkpoint, loop
+from training import loop
+from runtime import checkpoint
 
 
 def pretrained_tiny_config(**text):
@@ -42,8 +43,8 @@ def test_pretrained_cached_encoder_trains_resumes_and_samples(tmp_path):
   assert os.path.getmtime(os.path.join(part, 'emb.npy')) == mtime  # Reused.
   assert checkpoint.Checkpointer(workdir, read_only=True).latest_step() == 4
   out = str(tmp_path / 'samples')
-  loaded = from_checkpoint.load(workdir)
-  recipe = specs.sampler(loaded.config).replace(num_steps=2, guidance_scale=2.0)
+  loaded = from_checkpoint.load(workdir, settings_of=specs.from_saved)
+  recipe = specs.sampler(loaded.settings).replace(num_steps=2, guidance_scale=2.0)
   summary = from_checkpoint.sample_to_folder(loaded, out, ['a red square'], recipe)
   assert summary['num_images'] == 1 and os.path.exists(os.path.join(out, '00000.png'))
 
@@ -60,8 +61,8 @@ def test_pretrained_encoder_runs_inside_the_sharded_train_step(tmp_path):
 
 @pytest.mark.full
 def test_embeddings_precomputed_by_prepare_feed_training(tmp_path):
-  """data.prepare stores MiniLM embeddings in the records; training reads them, builds no cache."""
-  from data import prepare
+  """tools.prepare stores MiniLM embeddings in the records; training reads them, builds no cache."""
+  from tools import prepare
   from tests import image_folders
   image_folders.make_folder(tmp_path / 'images', broken=False)
   opts = prepare.Options(text=prepare.text_config(max_len=16))
@@ -76,5 +77,5 @@ def test_embeddings_precomputed_by_prepare_feed_training(tmp_path):
   assert len(result.history) == 4 and np.isfinite([l for _, l in result.history]).all()
   assert not os.path.exists(os.path.join(workdir, 'text_cache'))  # Read from the records.
   config.text.max_len = 12  # Another encoder setting than the records were written with.
-  with pytest.raises(ValueError, match='run data.prepare again'):
+  with pytest.raises(ValueError, match='run tools.prepare again'):
     loop.train_and_evaluate(config, str(tmp_path / 'other'), devices=jax.devices()[:2])

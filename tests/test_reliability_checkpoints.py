@@ -12,10 +12,10 @@ import numpy as np
 import optax
 import pytest
 
-from configs import shapes
+from configs import shapes, specs
 from sampling import from_checkpoint
-from training import checkpoint, loop
-from training import state as state_lib
+from runtime import checkpoint
+from training import builder, loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESH = dict(data=2, fsdp=2)  # The shared tiny run's mesh: its train step is compiled once.
@@ -105,12 +105,12 @@ def test_sampling_skips_a_damaged_checkpoint_and_names_it_when_asked_for(two_che
   root, _, _ = two_checkpoints
   workdir = copy_of(root, 'sample')
   truncate(str(workdir / 'checkpoints' / '4'))
-  loaded = from_checkpoint.load(str(workdir))
+  loaded = from_checkpoint.load(str(workdir, settings_of=specs.from_saved))
   assert loaded.step == 2
   assert os.path.isdir(workdir / 'checkpoints' / '4')  # Read-only: nothing is moved.
   with pytest.raises(checkpoint.CheckpointError,
                      match=rf"--step=4: the checkpoint {workdir}/checkpoints/4 cannot be restored"):
-    from_checkpoint.load(str(workdir), step=4)
+    from_checkpoint.load(str(workdir, settings_of=specs.from_saved), step=4)
 
 
 @pytest.mark.full  # Trains tiny runs: the full tier (CI runs it).
@@ -131,13 +131,13 @@ def test_a_diverged_state_is_not_saved(tmp_path, monkeypatch, caplog):
   """A checkpoint every step; from the 13th update on, updates are 1e8 times too large: the state
   after step 13 is finite (its step's loss and gradient are normal) but its parameters are huge,
   and the next step's loss is not finite. The guard keeps step 12 the latest checkpoint."""
-  real = state_lib.make_optimizer
+  real = builder.make_optimizer
 
   def exploding(cfg):
     tx, lr = real(cfg)
     return optax.chain(tx, optax.scale_by_schedule(lambda n: jnp.where(n >= 12, 1e8, 1.0))), lr
 
-  monkeypatch.setattr(state_lib, 'make_optimizer', exploding)
+  monkeypatch.setattr(builder, 'make_optimizer', exploding)
   config = tiny_config(tmp_path, num_steps=16)
   config.checkpoint.every_steps = 1
   config.checkpoint.keep = 20
@@ -173,7 +173,8 @@ _DRIVER = """
 import os, signal, sys
 import jax
 from configs import shapes
-from training import checkpoint, loop
+from training import loop
+from runtime import checkpoint
 config = shapes.get_config('tiny')
 config.data.data_dir, workdir, kill_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
 config.logging.eval_at_end = False
@@ -215,8 +216,8 @@ def test_kill_during_a_save_then_a_truncated_newest_checkpoint(tmp_path):
   assert again.returncode == 0, again.stderr[-2000:]
   assert f'Checkpoint step {newest} at' in again.stderr
   for use_ema in (False, True):
-    a = from_checkpoint.load(str(tmp_path / 'full'), use_ema=use_ema)
-    b = from_checkpoint.load(str(cut), use_ema=use_ema)
+    a = from_checkpoint.load(str(tmp_path / 'full', settings_of=specs.from_saved), use_ema=use_ema)
+    b = from_checkpoint.load(str(cut, settings_of=specs.from_saved), use_ema=use_ema)
     assert a.step == b.step == 8
     for x, y in zip(leaves(a.unet_params), leaves(b.unet_params)):
       np.testing.assert_array_equal(x, y)

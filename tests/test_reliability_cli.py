@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from training import console
+from runtime import console
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -5,11 +5,10 @@ import subprocess
 import sys
 
 import jax
-import ml_collections
 import pytest
 
-from configs import shapes, validation
-from training import sharding
+from configs import shapes, specs, validation
+from runtime import sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,16 +45,16 @@ def test_a_missing_eval_prompts_file_is_found_at_start_up(tmp_path):
 
 
 def test_the_batch_must_split_over_the_data_parallel_devices():
-  mesh = sharding.make_mesh(ml_collections.ConfigDict(
-      {'data': 2, 'fsdp': 2, 'tensor': 2, 'dcn_data': 1, 'dcn_fsdp': 1}), jax.devices()[:8])
   config = shapes.get_config('tiny')
+  config.mesh.update(data=2, fsdp=2, tensor=2)
+  mesh = sharding.make_mesh(specs.build(config).mesh, jax.devices()[:8])
   config.data.global_batch_size = 6
   with pytest.raises(ValueError, match=r'data.global_batch_size=6 must be divisible by the '
                                        r'data-parallel devices: mesh.data=2 x mesh.fsdp=2 = 4 .*'
                                        r'e.g. 8'):
-    validation.check_mesh(config, mesh, 1)
+    validation.check_mesh(validation.validate(config), mesh, 1)
   config.data.global_batch_size = 8
-  validation.check_mesh(config, mesh, 1)
+  validation.check_mesh(validation.validate(config), mesh, 1)
 
 
 def run_train(*args, env=None):

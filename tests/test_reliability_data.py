@@ -1,6 +1,6 @@
 """Truncated or corrupt data files: one error that names the file, its config field and the fix.
 
-Shards are written by data.prepare from a small image folder, then damaged on disk: cut to half
+Shards are written by tools.prepare from a small image folder, then damaged on disk: cut to half
 their length (the ArrayRecord footer, which indexes the records, is lost: the source does not
 open) or overwritten with garbage inside the records (the source opens; reading fails a
 checksum). Either is a DataError, never a bad record to skip, in this process, in grain threads
@@ -17,7 +17,9 @@ import sys
 import ml_collections
 import pytest
 
-from data import pipeline, prepare, sources
+from data import pipeline, sources
+
+from tools import prepare
 from tests import image_folders
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,7 +75,7 @@ def data_config(path, **overrides):
 def _check_message(message, shard, prefix):
   assert '\n' not in message
   assert 'data.path=' in message and shard in message and 'truncated or corrupt' in message
-  assert 'python -m data.prepare' in message
+  assert 'python -m tools.prepare' in message
   assert f'--output={prefix} --num_shards={NUM_SHARDS}' in message
   assert f'{shard}.json' in message  # The sidecar: what the shard was written from.
 
@@ -88,7 +90,7 @@ def test_a_truncated_shard_is_named_when_the_source_opens(written, shards, keep)
   with pytest.raises(sources.DataError) as error:
     pipeline.make_source(data_config(prefix + '-*.array_record'))
   _check_message(str(error.value), files[DAMAGED], prefix)
-  # What the message says to do: delete it and rerun the same data.prepare command.
+  # What the message says to do: delete it and rerun the same tools.prepare command.
   untouched = os.stat(files[0]).st_mtime_ns
   os.remove(files[DAMAGED])
   source = prepare.open_source('folder', path=written[0])

@@ -10,7 +10,7 @@ import sys
 import huggingface_hub
 import pytest
 
-from configs import base
+from configs import base, specs
 from text import encoders, pretrained
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,9 +37,8 @@ def hub_calls(monkeypatch):
 
 
 def _pretrained_text_cfg(path, allow_download=True):
-  cfg = base.get_config().text
-  cfg.encoder, cfg.pretrained_path, cfg.allow_download = 'pretrained', path, allow_download
-  return cfg
+  return specs.build(base.get_config()).text.replace(
+      encoder='pretrained', pretrained_path=path, allow_download=allow_download)
 
 
 def _one_line(err):

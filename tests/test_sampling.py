@@ -15,8 +15,10 @@ from diffusion import spec as settings
 from evaluation import shapes_scorer as scoring
 from models import denoiser
 from sampling import from_checkpoint
-from training import checkpoint, sharding
-from training import state as state_lib
+from runtime import checkpoint, sharding
+from runtime import state as state_lib
+from runtime.settings import MeshSpec
+from training import builder
 
 
 @pytest.fixture(scope='module')
@@ -26,12 +28,12 @@ def workdir(tiny_run):
 
 @pytest.fixture(scope='module')
 def loaded(workdir):
-  return from_checkpoint.load(workdir)
+  return from_checkpoint.load(workdir, settings_of=specs.from_saved)
 
 
 def sample_to_folder(loaded, out, prompts, *, seed=0, samples_per_prompt=1, **changes):
   """What sample.py does with its flags (`changes`, as settings.overridden takes them)."""
-  recipe = settings.overridden(specs.sampler(loaded.config), **changes)
+  recipe = settings.overridden(loaded.settings.sampler, **changes)
   return from_checkpoint.sample_to_folder(loaded, out, prompts, recipe, seed=seed,
                                           samples_per_prompt=samples_per_prompt)
 
@@ -45,15 +47,14 @@ def test_training_writes_an_eval_grid(workdir):
 def test_parameters_only_restore_reads_one_copy_of_the_weights(workdir, loaded):
   """Sampling restores the EMA (or raw) parameters alone, equal to those of the full state."""
   ckpt = checkpoint.Checkpointer(workdir, read_only=True)
-  config = ckpt.restore_config()
-  mesh = sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
-  unet, text_encoder = state_lib.build_models(config)
-  tx, _ = state_lib.make_optimizer(config.optim)
-  abstract, shardings, _ = state_lib.create_sharded_state(config, mesh, unet=unet,
-                                                          text_encoder=text_encoder, tx=tx)
-  full, _ = ckpt.restore(checkpoint.abstract_with_shardings(abstract, shardings))
+  run = specs.from_saved(ckpt.saved_config())
+  mesh = sharding.make_mesh(MeshSpec.data_parallel())
+  trainer = builder.build_trainer(run, mesh)
+  full, _ = ckpt.restore(checkpoint.abstract_with_shardings(trainer.abstract, trainer.shardings))
   raw, step = ckpt.restore_params(
-      state_lib.abstract_params(config, mesh, unet=unet, text_encoder=text_encoder),
+      state_lib.abstract_params(mesh, run.mesh.logical_axis_rules, unet=trainer.unet,
+                                text_encoder=trainer.text_encoder,
+                                input_shape=state_lib.diffusion_shape(run.data.image_size, None)),
       use_ema=False)
   ckpt.close()
   assert step == loaded.step == 4
@@ -117,7 +118,7 @@ def test_sampler_options_reach_the_sampler_or_are_refused(loaded, tmp_path):
 def test_guidance_scale_and_seed_do_not_recompile(loaded):
   gen, unet_params, text_params = loaded.generator, loaded.unet_params, loaded.text_params
   prompts = ['a red square', 'a cyan triangle']
-  ddim = settings.overridden(specs.sampler(loaded.config), sampler='ddim', num_steps=3,
+  ddim = settings.overridden(loaded.settings.sampler, sampler='ddim', num_steps=3,
                              guidance_scale=1.0)
   x1 = gen(unet_params, text_params, prompts, seed=0, settings=ddim)
   count = gen.compiled_count()
@@ -134,7 +135,7 @@ def test_guidance_scale_one_is_the_conditional_model(loaded):
   gen, unet_params, text_params = loaded.generator, loaded.unet_params, loaded.text_params
   unet, text, spec = gen.unet, gen.text, gen.spec
   prompts = ['a red square', 'a white circle']
-  recipe = settings.overridden(specs.sampler(loaded.config), sampler='ddim', num_steps=3,
+  recipe = settings.overridden(loaded.settings.sampler, sampler='ddim', num_steps=3,
                                guidance_scale=1.0)
   guided = gen(unet_params, text_params, prompts, seed=3, settings=recipe)
   # Reference: the sampler driven by the conditional denoiser alone, same noise.
@@ -227,14 +228,17 @@ def test_another_resolution_is_refused_unless_allowed(workdir, tmp_path):
   (8 px at training, 16 px here) from the same parameters."""
   with pytest.raises(ValueError, match=r'--image_size=32: this model was trained at 16 px '
                                        r'\(data.image_size\).*--allow_other_resolution'):
-    from_checkpoint.load(workdir, image_size=32)
+    from_checkpoint.load(workdir, settings_of=specs.from_saved, image_size=32)
   with pytest.raises(ValueError, match='--image_size=17 must be divisible by'):
-    from_checkpoint.load(workdir, image_size=17, allow_other_resolution=True)
-  big = from_checkpoint.load(workdir, image_size=32, allow_other_resolution=True)
+    from_checkpoint.load(workdir, settings_of=specs.from_saved, image_size=17,
+                         allow_other_resolution=True)
+  big = from_checkpoint.load(workdir, settings_of=specs.from_saved, image_size=32,
+                            allow_other_resolution=True)
   assert big.generator.unet.attn_levels == (1,)
   out = str(tmp_path / 'big')
   sample_to_folder(big, out, ['a red square'], num_steps=2)
   from PIL import Image
   assert Image.open(os.path.join(out, '00000.png')).size == (32, 32)
   assert json.loads(open(os.path.join(out, 'manifest.jsonl')).readline())['image_size'] == 32
-  assert from_checkpoint.load(workdir, image_size=16).generator.image_size == 16  # As trained.
+  loaded16 = from_checkpoint.load(workdir, settings_of=specs.from_saved, image_size=16)
+  assert loaded16.generator.image_size == 16  # As trained.

@@ -134,8 +134,8 @@ def test_page_counts_follow_the_layout():
 class FakeGenerator:
   """Stands in for generate.Generator: solid images, no network (sample_to_folder's files only)."""
 
-  def __init__(self, config):
-    self.spec = specs.diffusion(config)
+  def __init__(self, settings):
+    self.spec = settings.diffusion
     self.image_size = 16
     self.vae = None
     self.calls = 0
@@ -147,11 +147,11 @@ class FakeGenerator:
 
 
 def test_sample_to_folder_writes_one_grid_file_per_page(tmp_path):
-  config = shapes.get_config('tiny')
-  loaded = from_checkpoint.Loaded(config, FakeGenerator(config), None, None, step=0)
+  settings = specs.build(shapes.get_config('tiny'))
+  loaded = from_checkpoint.Loaded(settings, FakeGenerator(settings), None, None, step=0)
   prompts = captions(150)
-  summary = from_checkpoint.sample_to_folder(loaded, str(tmp_path), prompts,
-                                             specs.sampler(config), batch_size=150)
+  summary = from_checkpoint.sample_to_folder(loaded, str(tmp_path), prompts, settings.sampler,
+                                             batch_size=150)
   names = [os.path.basename(p) for p in summary['grids']]
   assert len(names) >= 2 and names == ['grid.png'] + [f'grid_{k}.png'
                                                       for k in range(2, len(names) + 1)]

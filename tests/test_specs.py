@@ -1,30 +1,39 @@
 """Typed settings: every default lives in configs/base.py, and each spec is read from it once."""
 import dataclasses
+import json
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import base, specs
-from diffusion.spec import DiffusionSpec, SamplerSettings, overridden
+from diffusion.spec import overridden
 from models.unet import UNetSpec
-from training import checkpoint
+from runtime import checkpoint
 
-SPEC_SECTIONS = ((DiffusionSpec, specs.diffusion, 'diffusion'), (UNetSpec, specs.unet, 'model'),
-                 (SamplerSettings, specs.sampler, 'sampler'))
+SECTIONS = [f.name for f in dataclasses.fields(specs.Settings) if f.name not in ('seed', 'record')]
 
 
-@pytest.mark.parametrize('cls, build, section', SPEC_SECTIONS)
-def test_spec_from_the_base_config_holds_its_values(cls, build, section):
+@pytest.mark.parametrize('section', SECTIONS)
+def test_each_section_becomes_its_spec_holding_every_field(section):
   config = base.get_config()
-  spec = build(config)
-  fields = [f.name for f in dataclasses.fields(cls) if f.name != 'options']
+  spec = getattr(specs.build(config), section)
+  fields = [f.name for f in dataclasses.fields(spec) if f.name != 'options']
   assert {f: getattr(spec, f) for f in fields} == {f: config[section][f] for f in fields}
   # The spec has no default of its own: configs/base.py is the one place defaults live.
   assert all(f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-             for f in dataclasses.fields(cls))
-  # And every field of the section is read by it (`sampler.eta` becomes DDIM's option).
-  assert set(config[section].keys()) - set(fields) == ({'eta'} if section == 'sampler' else set())
+             for f in dataclasses.fields(spec))
+  # And every field of the section is read (`sampler.eta` becomes DDIM's option, `model.family`
+  # picks the spec class).
+  assert set(config[section].keys()) == specs.spec_fields(section, spec)
+
+
+def test_settings_are_hashable_and_keep_the_whole_config():
+  config = base.get_config()
+  settings = specs.build(config)
+  assert hash(settings) == hash(specs.build(base.get_config()))
+  assert settings.config_record() == json.loads(json.dumps(config.to_dict()))
+  assert settings.seed == config.seed and isinstance(settings.model, UNetSpec)
 
 
 def test_sampler_settings_take_the_configured_ddim_eta():
@@ -38,27 +47,29 @@ def test_sampler_settings_take_the_configured_ddim_eta():
     specs.sampler(config)
 
 
-@pytest.mark.parametrize('cls, build, section', SPEC_SECTIONS)
-def test_a_config_missing_a_field_is_refused_naming_it(cls, build, section):
+@pytest.mark.parametrize('section', SECTIONS)
+def test_a_config_missing_a_field_is_refused_naming_it(section):
   config = base.get_config()
-  field = dataclasses.fields(cls)[0].name
+  field = dataclasses.fields(getattr(specs.build(config), section))[0].name
   del config[section][field]
   with pytest.raises(ValueError, match=rf'{section}\.{field} is missing'):
-    build(config)
+    specs.build(config)
 
 
 @pytest.mark.parametrize('section, field, value', [
     ('diffusion', 'schedule', 'quadratic'), ('diffusion', 'prediction', 'score'),
     ('diffusion', 'num_train_timesteps', 0), ('model', 'dtype', 'float64'),
     ('model', 'channel_mult', ()), ('sampler', 'name', 'plms'), ('sampler', 'num_steps', 0),
-    ('sampler', 'threshold_percentile', 101.0), ('sampler', 'guidance_interval', (2.0, 1.0))])
+    ('sampler', 'threshold_percentile', 101.0), ('sampler', 'guidance_interval', (2.0, 1.0)),
+    ('model', 'family', 'dit'), ('data', 'crop', 'top'), ('text', 'encoder', 'clip'),
+    ('optim', 'b2', 1.0), ('checkpoint', 'keep', 0), ('logging', 'every_steps', 0),
+    ('autoencoder', 'decode_chunk', 0), ('distributed', 'heartbeat_timeout_s', 0.0)])
 def test_bad_values_are_refused_by_the_spec_that_owns_them(section, field, value):
   config = base.get_config()
   with config.ignore_type():
     config[section][field] = value
-  build = {'diffusion': specs.diffusion, 'model': specs.unet, 'sampler': specs.sampler}[section]
   with pytest.raises(ValueError, match=rf'{section}\.{field}|sampler\.name'):
-    build(config)
+    specs.build(config)
 
 
 def test_overridden_is_how_flags_change_a_recipe():
@@ -80,10 +91,13 @@ def test_a_checkpointed_config_gets_defaults_for_fields_added_since(tmp_path):
   old = base.get_config()
   old.model.channels = 24
   del old.model['head_dim']
-  ckpt = checkpoint.Checkpointer(str(tmp_path), old.checkpoint)
-  ckpt.save(1, {'x': np.zeros(2, np.float32)}, old, {'step': 1})
+  del old.model['family']
+  ckpt = checkpoint.Checkpointer(str(tmp_path), specs.build(base.get_config()).checkpoint)
+  ckpt.save(1, {'x': np.zeros(2, np.float32)}, old.to_dict(), {'step': 1})
   ckpt.close()
-  restored = checkpoint.Checkpointer(str(tmp_path), read_only=True).restore_config()
+  saved = checkpoint.Checkpointer(str(tmp_path), read_only=True).saved_config()
+  assert 'head_dim' not in saved['model'] and saved['model']['channel_mult'] == (1, 2, 2)
+  restored = specs.from_saved(saved)
   assert restored.model.head_dim == base.get_config().model.head_dim
   assert restored.model.channels == 24 and restored.model.channel_mult == (1, 2, 2)
-  assert specs.unet(restored).channels == 24
+  assert restored.config_record()['model']['family'] == 'unet'

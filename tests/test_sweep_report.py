@@ -1,6 +1,7 @@
 """launch.sweep_report on a sweep folder written by hand (no training): a 2 x 2 grid over
 optim.learning_rate and text.cond_drop_prob with one done member with eval scores, one done
-without, one failed and one running; the table, the best member, report.md / .csv and the plots."""
+without, one failed and one running; the table, the best member, report.md / .csv and the plots.
+Also the names of a workdir's files and the member names the sweep writes and the report reads."""
 
 import csv
 import json
@@ -13,7 +14,8 @@ import time
 import pytest
 from PIL import Image
 
-from launch import sweep_plots, sweep_report
+from launch import member, sweep, sweep_plots, sweep_report
+from runtime import workdir as paths
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LR, DROP = 'optim.learning_rate', 'text.cond_drop_prob'
@@ -207,6 +209,26 @@ def test_pending_stopped_and_a_resumed_failure(sweep_dir):
   assert (m[('0.002', '0.1')].status, m[('0.002', '0.1')].failure) == ('failed', 'exit status 7')
 
 
+def test_a_member_killed_by_a_signal_before_the_runner_said_so(sweep_dir):
+  """A runner record of an older version: a signal's return code and the console's last line, a
+  progress bar. The report says the signal, the last step and how it resumes, and no longer the
+  error.log of an attempt before it (older than its last metrics)."""
+  failed = sweep_dir / _name('0.002', '0.1')
+  os.utime(failed / 'metrics.jsonl', (HOUR_AGO + 10, HOUR_AGO + 10))
+  runner = {'status': 'failed', 'returncode': -9, 'started': HOUR_AGO,
+            'failure': 'train:  12%|###8      | 2/4 [00:01<00:02, loss=0.6017]'}
+  (failed / 'sweep_member.json').write_text(json.dumps(runner))
+  m = _by_lr_drop(sweep_report.collect(str(sweep_dir)))[('0.002', '0.1')]
+  assert (m.status, m.failure) == (
+      'failed', 'killed by SIGKILL after step 2; running the sweep again resumes it from step 2')
+  shutil.rmtree(failed / 'checkpoints')
+  runner['returncode'] = -15
+  (failed / 'sweep_member.json').write_text(json.dumps(runner))
+  m = _by_lr_drop(sweep_report.collect(str(sweep_dir)))[('0.002', '0.1')]
+  assert m.failure == ('killed by SIGTERM after step 2; running the sweep again starts it again '
+                       '(no checkpoint yet)')
+
+
 def test_failure_line_of_a_plain_traceback(tmp_path):
   log = tmp_path / 'error.log'
   log.write_text(ERROR_LOG.rsplit('error:', 1)[0])  # What console.run_or_exit writes itself.
@@ -233,3 +255,62 @@ def test_loss_curves_are_smoothed_over_a_trailing_window():
   assert smoothed[0][1] == 1.0 and smoothed[1][1] == 0.5  # Fewer points than k at the start.
   assert all(abs(y - (1 / 3 if s % 2 == 0 else 2 / 3)) < 1e-9 for s, y in smoothed[2:])
   assert sweep_plots.smooth(points[:10]) == points[:10]  # Short series: as they are.
+
+
+def test_workdir_names_are_the_ones_old_workdirs_have(tmp_path):
+  """Renaming any of these would leave the workdirs and sweeps written so far unreadable."""
+  assert (paths.CHECKPOINTS, paths.CHECKPOINT_MARKER, paths.METRICS, paths.TRAIN_LOG,
+          paths.ERROR_LOG, paths.SAMPLES, paths.TEXT_CACHE, paths.CONSOLE_LOG, paths.MEMBER_FILE,
+          paths.SWEEP_FILE) == (
+              'checkpoints', '_CHECKPOINT_METADATA', 'metrics.jsonl', 'train.log', 'error.log',
+              'samples', 'text_cache', 'console.log', 'sweep_member.json', 'sweep.json')
+  w = str(tmp_path)
+  assert paths.set_aside(w, paths.CORRUPT) == f'{w}/checkpoints.corrupt'
+  assert paths.set_aside(w, paths.IGNORED) == f'{w}/checkpoints.ignored'
+  assert paths.sample_png(w, 'grid', 40) == f'{w}/samples/grid_0000040.png'
+  os.makedirs(paths.samples(w))
+  for step in (40, 12345678, 5):
+    Image.new('RGB', (1, 1)).save(paths.sample_png(w, 'grid', step))
+  assert paths.sample_pngs(w, 'grid') == [paths.sample_png(w, 'grid', s) for s in (5, 40, 12345678)]
+
+
+# (overrides, the member's name, what the report reads back from the name alone)
+AWKWARD = [
+    ({'optim.learning_rate': '1e-3', 'text.cond_drop_prob': '0.1'},  # Plain: named as always.
+     'learning_rate=1e-3_cond_drop_prob=0.1', {'learning_rate': '1e-3', 'cond_drop_prob': '0.1'}),
+    ({'model.remat': 'dots_saveable', 'optim.schedule': 'warmup_cosine'},  # '_' before a field.
+     'remat=dots%5Fsaveable_schedule=warmup%5Fcosine',
+     {'remat': 'dots_saveable', 'schedule': 'warmup_cosine'}),
+    ({'data.path': '/data/a=b_c', 'optim.learning_rate': '-2e-3'},  # '/', '=' and '_'.
+     'path=%2Fdata%2Fa%3Db%5Fc_learning_rate=-2e-3',
+     {'path': '/data/a=b_c', 'learning_rate': '-2e-3'}),
+    ({'model.dropout': '0.1', 'text.dropout': '0.2'},  # Two fields, one last part.
+     'model.dropout=0.1_text.dropout=0.2', {'model.dropout': '0.1', 'text.dropout': '0.2'}),
+    ({'logging.eval_prompts': 'a red circle, 50%', 'text.max_len': ''},  # ' ', ',', '%', empty.
+     'eval_prompts=a%20red%20circle%2C%2050%25_max_len=',
+     {'eval_prompts': 'a red circle, 50%', 'max_len': ''}),
+    ({'text.pretrained_path': 'Modèle_€'},  # Not ASCII.
+     'pretrained_path=Mod%C3%A8le%5F%E2%82%AC', {'pretrained_path': 'Modèle_€'}),
+    ({}, 'base', {}),
+]
+
+
+@pytest.mark.parametrize('point,name,read', AWKWARD, ids=range(len(AWKWARD)))
+def test_member_names_written_by_the_sweep_are_read_back_by_the_report(tmp_path, point, name,
+                                                                       read):
+  """A SLURM array leaves no sweep.json and no runner file: the report has only the names."""
+  root = tmp_path / 'sweep'
+  [cmd] = sweep.commands('configs/shapes.py:tiny', str(root), [point])
+  assert f'--workdir={root / name}' in cmd  # One folder of ROOT per member, whatever its values.
+  (root / name).mkdir(parents=True)
+  (root / name / 'metrics.jsonl').write_text('{"step": 1, "train/loss": 0.5}\n')
+  [m] = sweep_report.collect(str(root)).members
+  assert (m.name, m.overrides) == (name, read)
+
+
+def test_a_member_folder_named_before_values_were_escaped_is_resumed(tmp_path):
+  point = {'model.remat': 'dots_saveable'}
+  assert member.folder(str(tmp_path), point) == str(tmp_path / 'remat=dots%5Fsaveable')
+  (tmp_path / 'remat=dots_saveable').mkdir()  # Written by an earlier version of the sweep.
+  assert member.folder(str(tmp_path), point) == str(tmp_path / 'remat=dots_saveable')
+  assert member.parse_name('remat=dots_saveable') == {'remat': 'dots_saveable'}

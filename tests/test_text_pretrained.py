@@ -192,10 +192,9 @@ def test_missing_packages_give_install_hints(monkeypatch):
 
 
 def test_text_config_without_path_builds_the_packaged_minilm():
-  from configs import base  # pylint: disable=g-import-not-at-top
+  from configs import base, specs  # pylint: disable=g-import-not-at-top
   from text import encoders  # pylint: disable=g-import-not-at-top
-  cfg = base.get_config().text
-  cfg.encoder, cfg.max_len = 'pretrained', 12
+  cfg = specs.build(base.get_config()).text.replace(encoder='pretrained', max_len=12)
   enc = encoders.build(cfg)
   assert not enc.trainable and enc.max_len == 12 and enc.dim == 384
   assert enc.fingerprint.startswith(f'bert:{os.path.abspath(MINILM)}:max_len=12:')

@@ -2,12 +2,14 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
+from configs import base
+from models import layers
 from text import tokenizer as tok
 from text.scratch import ScratchTextEncoder
+from text.spec import TextSpec
 
 CAPTIONS = ['a red square', 'a green triangle to the left of a white circle', '']
 
@@ -77,9 +79,14 @@ TEXT_CFG = dict(vocab_size=19, width=16, depth=2, num_heads=4, max_len=8, dtype=
                 param_dtype='float32')
 
 
+def _encoder(cfg):
+  return ScratchTextEncoder(**{**cfg, 'dtype': layers.resolve_dtype(cfg['dtype'], 'text.dtype'),
+                               'param_dtype': layers.resolve_dtype(cfg['param_dtype'], 'x')})
+
+
 @pytest.fixture(scope='module')
 def encoder_and_vars():
-  encoder = ScratchTextEncoder(ml_collections.FrozenConfigDict(TEXT_CFG))
+  encoder = _encoder(TEXT_CFG)
   ids = jnp.zeros((2, 8), jnp.int32)
   return encoder, encoder.init(jax.random.key(0), ids)
 
@@ -134,10 +141,16 @@ def test_encoder_logical_axes(encoder_and_vars):
 @pytest.mark.parametrize('overrides, field', [
     (dict(num_heads=3), 'text.num_heads'),
     (dict(width=0), 'text.width'),
-    (dict(max_len=4), 'text.max_len'),
     (dict(dtype='int8'), 'text.dtype'),
+    (dict(encoder='clip'), 'text.encoder'),
 ])
-def test_encoder_bad_config_raises_naming_field(overrides, field):
-  encoder = ScratchTextEncoder(ml_collections.FrozenConfigDict({**TEXT_CFG, **overrides}))
+def test_bad_text_section_is_refused_naming_the_field(overrides, field):
+  section = dict(base.get_config().text)
   with pytest.raises(ValueError, match=field.replace('.', r'\.')):
+    TextSpec(**{**section, **overrides})
+
+
+def test_ids_longer_than_max_len_are_refused_naming_it():
+  encoder = _encoder({**TEXT_CFG, 'max_len': 4})
+  with pytest.raises(ValueError, match=r'text\.max_len'):
     jax.eval_shape(encoder.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))

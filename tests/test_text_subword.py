@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import base
+from configs import base, specs
 from text import encoders, subword
 from text import tokenizer as tok
 
@@ -29,9 +29,8 @@ def bpe_file(tmp_path_factory):
 
 
 def _text_cfg(**overrides):
-  cfg = base.get_config().text
-  cfg.update(dict(width=16, depth=1, num_heads=2, max_len=8, **overrides))
-  return cfg
+  return specs.build(base.get_config()).text.replace(
+      **dict(width=16, depth=1, num_heads=2, max_len=8, **overrides))
 
 
 def test_ids_bos_first_padding_truncation_and_null_caption(bpe_file):
@@ -113,7 +112,7 @@ def test_ensure_trained_once_then_build_and_encode(tmp_path):
 
   enc = encoders.build(cfg, workdir=str(tmp_path))
   size = subword.SubwordTokenizer.from_file(path, 8).vocab_size
-  assert enc.module.config.vocab_size == size <= 300
+  assert enc.module.vocab_size == size <= 300
   assert enc.fingerprint.startswith('scratch-subword:') and len(enc.fingerprint) == 32
   ids = enc.tokenize(CAPTIONS[:3] + [''])
   assert ids.shape == (4, 8) and ids.max() < size
@@ -127,12 +126,12 @@ def test_ensure_trained_once_then_build_and_encode(tmp_path):
 
 def test_json_path_and_word_vocabularies_through_build(tmp_path, bpe_file):
   enc = encoders.build(_text_cfg(vocab=str(bpe_file)))
-  assert enc.module.config.vocab_size == subword.SubwordTokenizer.from_file(bpe_file, 8).vocab_size
+  assert enc.module.vocab_size == subword.SubwordTokenizer.from_file(bpe_file, 8).vocab_size
   shapes = encoders.build(_text_cfg())
-  assert shapes.fingerprint == 'scratch' and shapes.module.config.vocab_size == 19
+  assert shapes.fingerprint == 'scratch' and shapes.module.vocab_size == 19
   np.testing.assert_array_equal(
       shapes.tokenize(['a red square']),
       tok.WordTokenizer(tok.SHAPES_VOCAB, max_len=8).encode(['a red square']))
   words = tmp_path / 'vocab.txt'
   tok.WordTokenizer(['cat', 'dog'], max_len=8).save(words)
-  assert encoders.build(_text_cfg(vocab=str(words))).module.config.vocab_size == 5
+  assert encoders.build(_text_cfg(vocab=str(words))).module.vocab_size == 5

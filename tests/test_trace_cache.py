@@ -1,4 +1,4 @@
-"""Traced programs on disk (training/trace_cache.py): a later Program, or a later process, loads
+"""Traced programs on disk (runtime/trace_cache.py): a later Program, or a later process, loads
 the trace instead of tracing (counted by the Python function's own trace counter), gives the
 jitted function's outputs bit for bit, and never uses an entry whose key differs; a damaged
 file, an unexportable function and the off switches fall back to tracing."""
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from training import trace_cache
+from runtime import trace_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -183,10 +183,10 @@ def test_a_sharded_program_round_trips_on_a_mesh(cache_dir):
 # A process that runs one Program and prints whether its trace was loaded.
 _PROCESS = """
 import json, sys
-from training import compile_cache
+from runtime import compile_cache
 compile_cache.enable()
 import jax, jax.numpy as jnp
-from training import trace_cache
+from runtime import trace_cache
 
 def step(state, x):
   for i in range(4):

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from configs import shapes
+from configs import shapes, specs
 from data import pipeline
-from training import checkpoint, loop, sharding
-from training import state as state_lib
+from runtime import checkpoint, sharding
+from training import builder, loop
 
 
 def tiny_config(tmp_path, **mesh):
@@ -19,6 +19,13 @@ def tiny_config(tmp_path, **mesh):
   for k, v in mesh.items():
     config.mesh[k] = v
   return config
+
+
+def built(config, devices=None):
+  """(the run's trainer, its mesh), as the loop builds them."""
+  settings = specs.build(config)
+  mesh = sharding.make_mesh(settings.mesh, devices)
+  return builder.build_trainer(settings, mesh), mesh
 
 
 def losses(result):
@@ -43,14 +50,9 @@ def test_one_device_and_8_devices_give_the_same_losses(tmp_path):
 
 
 def test_tensor_parallel_rules_shard_heads_and_mlp(tmp_path):
-  config = tiny_config(tmp_path, data=2, fsdp=2, tensor=2)
-  mesh = sharding.make_mesh(config.mesh)
-  unet, text_encoder = state_lib.build_models(config)
-  tx, _ = state_lib.make_optimizer(config.optim)
-  _, shardings, _ = state_lib.create_sharded_state(config, mesh, unet=unet, text_encoder=text_encoder,
-                                              tx=tx)
+  trainer, _ = built(tiny_config(tmp_path, data=2, fsdp=2, tensor=2))
   specs = {jax.tree_util.keystr(k): normalized(s.spec)
-           for k, s in jax.tree_util.tree_leaves_with_path(shardings.params)}
+           for k, s in jax.tree_util.tree_leaves_with_path(trainer.shardings.params)}
   query = [v for k, v in specs.items() if k.endswith("['self_attn']['query']")]
   assert query and all(v == P('fsdp', 'tensor') for v in query), query
   mlp = [v for k, v in specs.items() if "['noise_embed']" in k and k.endswith("['kernel']")]
@@ -58,14 +60,10 @@ def test_tensor_parallel_rules_shard_heads_and_mlp(tmp_path):
 
 
 def test_named_parameters_are_really_sharded(tmp_path):
-  config = tiny_config(tmp_path, data=4, fsdp=2)
-  mesh = sharding.make_mesh(config.mesh)
-  unet, text_encoder = state_lib.build_models(config)
-  tx, _ = state_lib.make_optimizer(config.optim)
-  abstract, shardings, init_fn = state_lib.create_sharded_state(
-      config, mesh, unet=unet, text_encoder=text_encoder, tx=tx)
+  trainer, mesh = built(tiny_config(tmp_path, data=4, fsdp=2))
+  abstract, init_fn = trainer.abstract, trainer.init
   specs = {jax.tree_util.keystr(k): normalized(s.spec)
-           for k, s in jax.tree_util.tree_leaves_with_path(shardings.params)}
+           for k, s in jax.tree_util.tree_leaves_with_path(trainer.shardings.params)}
   # Conv kernels (3, 3, in, out): 'conv_in' -> fsdp. The text embedding table: 'text_embed' -> fsdp.
   conv = [k for k in specs if k.endswith("['kernel']") and len(abstract_leaf(abstract, k).shape) == 4]
   assert conv, 'the U-Net has conv kernels'
@@ -80,7 +78,7 @@ def test_named_parameters_are_really_sharded(tmp_path):
   shard_shape = leaf.sharding.shard_shape(leaf.shape)
   assert shard_shape[2] == leaf.shape[2] // 2
   # The optimiser's moments and the EMA follow the parameters' layout.
-  assert shardings.ema_params == shardings.params
+  assert trainer.shardings.ema_params == trainer.shardings.params
 
 
 def normalized(spec):
@@ -141,12 +139,9 @@ def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
   ckpt = checkpoint.Checkpointer(workdir, read_only=True)
   assert ckpt.latest_step() == 2
   config.mesh.data, config.mesh.fsdp = 1, 1
-  unet, text_encoder = state_lib.build_models(config)
-  tx, _ = state_lib.make_optimizer(config.optim)
-  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  abstract, shardings, _ = state_lib.create_sharded_state(config, mesh, unet=unet,
-                                                     text_encoder=text_encoder, tx=tx)
-  state, position = ckpt.restore(checkpoint.abstract_with_shardings(abstract, shardings))
+  trainer, _ = built(config, jax.devices()[:1])
+  state, position = ckpt.restore(checkpoint.abstract_with_shardings(trainer.abstract,
+                                                                    trainer.shardings))
   assert position['step'] == 2
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state.params)))
 

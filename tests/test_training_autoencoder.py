@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import base
+from configs import base, specs
 from models import vae_loading
 from models.autoencoder import AutoencoderKL
-from training import autoencoder as vae_training
+from tools import train_autoencoder as vae_training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = vae_training.demo_config((8, 16), latent_channels=4, norm_num_groups=4, image_size=16)
@@ -90,8 +90,7 @@ def test_diffusers_loads_saved_folder(saved):
 
 @pytest.mark.full
 def test_train_autoencoder_learns_and_saves(tmp_path):
-  data = base.get_config().data
-  data.dataset, data.image_size = 'shapes_rendered', 16
+  data = specs.build(base.get_config()).data.replace(dataset='shapes_rendered', image_size=16)
   out = str(tmp_path / 'vae')
   summary = vae_training.train_autoencoder(
       data, TINY, steps=30, batch_size=8, learning_rate=2e-3, kl_weight=1e-6, seed=0,
@@ -122,7 +121,7 @@ def test_train_autoencoder_learns_and_saves(tmp_path):
 ])
 def test_cli_errors_are_one_line(tmp_path, args, message):
   proc = subprocess.run(
-      [sys.executable, '-m', 'training.autoencoder', f'--out={tmp_path / "v"}', *args],
+      [sys.executable, '-m', 'tools.train_autoencoder', f'--out={tmp_path / "v"}', *args],
       cwd=ROOT, capture_output=True, text=True, timeout=120,
       env=dict(os.environ, JAX_PLATFORMS='cpu'))
   assert proc.returncode == 2, proc.stderr

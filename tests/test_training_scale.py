@@ -12,8 +12,10 @@ import pytest
 
 from configs import shapes, specs, validation
 from data import shapes as shapes_data
-from training import checkpoint, loop, sharding, text_inputs
-from training import state as state_lib
+from runtime import checkpoint, sharding
+from runtime import state as state_lib
+from training import builder
+from training import step as step_lib
 
 
 class Setup:
@@ -22,12 +24,11 @@ class Setup:
 
   def __init__(self, config, devices, tmp_path):
     self.config = config
-    self.mesh = sharding.make_mesh(config.mesh, devices)
-    unet, self.text_encoder = state_lib.build_models(config)
-    self.tx, _ = state_lib.make_optimizer(config.optim)
-    _, self.shardings, init_fn = state_lib.create_sharded_state(
-        config, self.mesh, unet=unet, text_encoder=self.text_encoder, tx=self.tx)
-    self.inputs = text_inputs.TextInputs(self.text_encoder, config, str(tmp_path))
+    settings = specs.build(config)
+    self.mesh = sharding.make_mesh(settings.mesh, devices)
+    trainer = builder.build_trainer(settings, self.mesh, workdir=str(tmp_path))
+    self.text_encoder, self.tx, self.shardings = trainer.text_encoder, trainer.tx, trainer.shardings
+    init_fn, self.inputs = trainer.init, trainer.text_inputs
     b, s = config.data.global_batch_size, config.data.image_size
     examples = [shapes_data.example('train', i, s) for i in range(b)]
     local = {'image': np.stack([im for im, _ in examples]).astype(np.float32) / 127.5 - 1.0,
@@ -46,12 +47,13 @@ class Setup:
   def train_step(self, **fields):
     """step(state) -> (state, metrics) of the config with `fields` changed; step(state,
     trace=True): its jaxpr."""
-    config = tiny_config(self.config, **fields)
-    validation.check_mesh(config, self.mesh, 1)
-    unet, _ = state_lib.build_models(config)
-    step = functools.partial(loop.train_step, unet=unet, text_encoder=self.text_encoder,
+    settings = validation.validate(tiny_config(self.config, **fields))
+    validation.check_mesh(settings, self.mesh, 1)
+    unet, _ = state_lib.build_networks(settings, autoencoder=None)
+    step = functools.partial(step_lib.train_step, unet=unet, text_encoder=self.text_encoder,
                              null_inputs=self.inputs.null, tx=self.tx,
-                             spec=specs.diffusion(config), config=config)
+                             diffusion=settings.diffusion, optim=settings.optim,
+                             cond_drop_prob=settings.text.cond_drop_prob)
     jitted = jax.jit(step, out_shardings=(self.shardings, None))
 
     def run(state, trace=False):
@@ -148,17 +150,16 @@ def test_bf16_compute_trains_with_float32_weights_like_float32(tmp_path):
 
 
 def test_grad_accum_steps_must_split_each_devices_share():
-  mesh = sharding.make_mesh(ml_collections.ConfigDict(
-      {'data': 2, 'fsdp': 2, 'tensor': 2, 'dcn_data': 1, 'dcn_fsdp': 1}), jax.devices()[:8])
+  mesh = sharding.make_mesh(specs.build(tiny_config(mesh__data=2, mesh__fsdp=2, mesh__tensor=2)).mesh,
+                            jax.devices()[:8])
   config = tiny_config(optim__grad_accum_steps=2)  # 8 examples: 2 per device, 1 per micro-batch.
-  validation.validate(config)
-  validation.check_mesh(config, mesh, 1)
+  validation.check_mesh(validation.validate(config), mesh, 1)
   config.optim.grad_accum_steps = 4
-  validation.validate(config)  # 8 = 4 x 2: fine without a mesh, not on 4 data-parallel devices.
+  settings = validation.validate(config)  # 8 = 4 x 2: fine without a mesh, not on 4 devices.
   with pytest.raises(ValueError, match=r'data.global_batch_size=8 must be divisible by '
                                        r'optim.grad_accum_steps=4 x the data-parallel devices '
                                        r'\(mesh.data=2 x mesh.fsdp=2 = 4 .*\) = 16.* e.g. 16'):
-    validation.check_mesh(config, mesh, 1)
+    validation.check_mesh(settings, mesh, 1)
   for bad, match in ((0, 'optim.grad_accum_steps=0 must be a positive integer'),
                      (2.0, 'optim.grad_accum_steps=2.0 must be a positive integer'),
                      (3, 'data.global_batch_size=8 must be divisible by optim.grad_accum_steps=3')):
@@ -169,14 +170,13 @@ def test_grad_accum_steps_must_split_each_devices_share():
 def test_remat_accepts_the_old_booleans_and_names_the_choices(tmp_path):
   for old, new in ((True, 'full'), (False, 'none')):
     config = tiny_config(model__remat=old)  # What a checkpoint written before the policies holds.
-    assert specs.unet(config).remat == new
+    assert specs.model(config).remat == new
   # --config.model.remat=True on the command line arrives as the string.
-  assert specs.unet(tiny_config(model__remat='True')).remat == 'full'
+  assert specs.model(tiny_config(model__remat='True')).remat == 'full'
   with pytest.raises(ValueError, match=r"model.remat must be one of 'none', 'dots', 'full' .* "
                                        r"got 'yes'"):
-    specs.unet(tiny_config(model__remat='yes'))
+    specs.model(tiny_config(model__remat='yes'))
   # Resuming such a checkpoint with a policy name is no architecture change.
-  saved = ml_collections.ConfigDict(shapes.get_config('tiny').to_dict())
-  with saved.ignore_type():
-    saved.model.remat = True
-  checkpoint.check_compatible(saved, tiny_config(model__remat='dots'), str(tmp_path))
+  saved = shapes.get_config('tiny').to_dict()
+  saved['model']['remat'] = True
+  checkpoint.check_compatible(saved, tiny_config(model__remat='dots').to_dict(), str(tmp_path))

@@ -1,4 +1,4 @@
-"""What a run writes (training/summaries.py, training/metrics.Reporter), and that none of it needs
+"""What a run writes (runtime/summaries.py, training/metrics.Reporter), and that none of it needs
 TensorFlow: event files read back record by record, metrics.jsonl rows, log lines, the progress
 and profiler hooks."""
 
@@ -19,8 +19,9 @@ from tensorboard.compat.proto import event_pb2
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from configs import shapes
-from training import metrics, summaries
+from configs import shapes, specs
+from runtime import summaries
+from training import metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,16 +30,17 @@ _IMPORTS_AND_REPORTS = r'''
 import sys, types
 import numpy as np
 import train
-from configs import shapes
+from configs import shapes, specs
 from evaluation import sample_grid
-from training import console, compile_cache, loop, metrics
+from training import loop, metrics
+from runtime import console, compile_cache, summaries
 config = shapes.get_config('tiny')
-reporter = metrics.Reporter(sys.argv[1], config, is_main=True)
+reporter = metrics.Reporter(sys.argv[1], specs.build(config), is_main=True)
 reporter.start(types.SimpleNamespace(params={'w': np.zeros((2, 3), np.float32)}), 0)
 for step in range(config.optim.num_steps):
   reporter.step(step, 1.0, 0.5, 1e-3)
 grid = np.zeros((8, 8, 3), np.uint8)
-reporter.write_eval(4, metrics.EvalResult({'grid': grid}, {'all.full': 0.5}))
+reporter.write_eval(4, summaries.EvalResult({'grid': grid}, {'all.full': 0.5}))
 reporter.close()
 print(sorted(m for m in sys.modules if m.split('.')[0] == 'tensorflow'))
 '''
@@ -116,12 +118,12 @@ def test_several_images_under_one_name_get_an_index(tmp_path):
 def _tiny_reporter(tmp_path, *, is_main):
   config = shapes.get_config('tiny')
   config.optim.num_steps, config.logging.every_steps = 5, 2
-  reporter = metrics.Reporter(str(tmp_path), config, is_main=is_main)
+  reporter = metrics.Reporter(str(tmp_path), specs.build(config), is_main=is_main)
   reporter.start(types.SimpleNamespace(params={'w': np.zeros((2, 3), np.float32)}), 0)
   for step in range(5):
     reporter.step(step, 1.0 / (step + 1), 0.5, 1e-3)
-  reporter.write_eval(5, metrics.EvalResult({'grid': np.zeros((8, 8, 3), np.uint8)},
-                                            {'all.full': 0.75}))
+  reporter.write_eval(5, summaries.EvalResult({'grid': np.zeros((8, 8, 3), np.uint8)},
+                                              {'all.full': 0.75}))
   reporter.close()
   return reporter
 

@@ -14,11 +14,12 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
+from models import layers
+from text.spec import ENCODERS, TextSpec
+
 NULL_CAPTION = ''
-ENCODERS = ('scratch', 'pretrained')  # config.text.encoder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +35,7 @@ class TextEncoder:
   fingerprint: str = ''  # Identifies the weights (embedding caches check it).
 
 
-def _scratch_tokenizer(cfg, workdir):
+def _scratch_tokenizer(cfg: TextSpec, workdir):
   """(tokenizer, fingerprint) for `text.vocab`: 'shapes', 'bpe', a *.json or a word-list file."""
   from text import tokenizer as tok
   vocab = str(cfg.vocab)
@@ -47,7 +48,7 @@ def _scratch_tokenizer(cfg, workdir):
   if vocab == 'bpe':
     if workdir is None:
       raise ValueError("text.vocab='bpe' keeps its tokenizer in the workdir; pass workdir= to "
-                       'encoders.build / training.state.build_models.')
+                       'encoders.build / runtime.state.build_models.')
     path = subword.workdir_path(workdir)
     if not os.path.isfile(path):
       raise FileNotFoundError(
@@ -67,12 +68,13 @@ def _scratch_tokenizer(cfg, workdir):
   return subword.SubwordTokenizer.from_file(path, cfg.max_len), f'scratch-subword:{digest}'
 
 
-def _scratch(cfg, workdir=None) -> TextEncoder:
+def _scratch(cfg: TextSpec, workdir=None) -> TextEncoder:
   from text import scratch
   tokenizer, fingerprint = _scratch_tokenizer(cfg, workdir)
-  module_cfg = ml_collections.ConfigDict(cfg.to_dict())
-  module_cfg.vocab_size = tokenizer.vocab_size
-  module = scratch.ScratchTextEncoder(config=ml_collections.FrozenConfigDict(module_cfg))
+  module = scratch.ScratchTextEncoder(
+      vocab_size=tokenizer.vocab_size, width=cfg.width, depth=cfg.depth, num_heads=cfg.num_heads,
+      max_len=cfg.max_len, dtype=layers.resolve_dtype(cfg.dtype, 'text.dtype'),
+      param_dtype=layers.resolve_dtype(cfg.param_dtype, 'text.param_dtype'))
 
   def init(rng):
     return module.init(rng, jnp.zeros((1, cfg.max_len), jnp.int32))['params']
@@ -84,20 +86,19 @@ def _scratch(cfg, workdir=None) -> TextEncoder:
                      dim=cfg.width, max_len=cfg.max_len, module=module, fingerprint=fingerprint)
 
 
-def _pretrained(cfg) -> TextEncoder:
+def _pretrained(cfg: TextSpec) -> TextEncoder:
   from text import pretrained
   path = cfg.pretrained_path or pretrained.default_minilm_path()
-  # Configs saved before text.allow_download existed (checkpoints, prepared records) allowed it.
   enc = pretrained.load_pretrained(path, max_len=cfg.max_len, dtype=cfg.dtype,
-                                   allow_download=bool(cfg.get('allow_download', True)))
+                                   allow_download=cfg.allow_download)
   params = enc.params
   return TextEncoder(tokenize=enc.tokenize, init=lambda rng: params, encode=enc.encode,
                      trainable=False, dim=enc.dim, max_len=cfg.max_len, module=None,
                      fingerprint=getattr(enc, 'fingerprint', str(path)))
 
 
-def build(cfg, workdir=None) -> TextEncoder:
-  """Builds the encoder named by `config.text.encoder` from the `config.text` section.
+def build(cfg: TextSpec, workdir=None) -> TextEncoder:
+  """Builds the encoder named by `text.encoder` from the text section's `TextSpec`.
 
   `workdir`: the run's directory, where text.vocab='bpe' keeps its tokenizer.json.
   """

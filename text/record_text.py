@@ -1,4 +1,4 @@
-"""Frozen-encoder outputs stored in ArrayRecord records by `python -m data.prepare --text_encoder`.
+"""Frozen-encoder outputs stored in ArrayRecord records by `python -m tools.prepare --text_encoder`.
 
 Each record's `text` field holds, for every caption, the encoder's token embeddings (float16),
 mask and pooled vector, with the encoder's fingerprint; training with the same encoder and
@@ -18,9 +18,9 @@ class Embedder:
 
   def __init__(self, text_cfg: dict[str, Any]):
     import jax  # pylint: disable=g-import-not-at-top  (only when embeddings are asked for)
-    import ml_collections  # pylint: disable=g-import-not-at-top
     from text import encoders  # pylint: disable=g-import-not-at-top
-    self.enc = encoders.build(ml_collections.ConfigDict(text_cfg))
+    from text.spec import TextSpec  # pylint: disable=g-import-not-at-top
+    self.enc = encoders.build(TextSpec(**text_cfg))
     self.params = self.enc.init(None)
     self.encode = jax.jit(self.enc.encode)
     self.device_get = jax.device_get

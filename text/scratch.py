@@ -1,7 +1,7 @@
 """Small bidirectional transformer text encoder trained from scratch with the diffusion model.
 
 Token + learned position embeddings, `depth` pre-LN blocks (Xiong et al. 2020) of padding-masked
-self-attention and GELU MLP, final LayerNorm. Configured by the `config.text` section.
+self-attention and GELU MLP, final LayerNorm. Sized by the text section (`text.encoders.build`).
 """
 from __future__ import annotations
 
@@ -15,16 +15,6 @@ from models import layers
 from models.attention import MultiHeadAttention
 from text.tokenizer import PAD_ID
 
-
-def _int_field(cfg: Any, name: str, default: Any = None) -> int:
-  if name not in cfg:
-    if default is None:
-      raise ValueError(f'text.{name} is missing from the config; add it to config.text.')
-    return default
-  value = cfg[name]
-  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-    raise ValueError(f'text.{name} must be a positive integer, got {value!r}.')
-  return value
 
 
 class TransformerBlock(nn.Module):
@@ -52,20 +42,18 @@ class ScratchTextEncoder(nn.Module):
   mask = ids != [PAD]; emb is zero at padded positions; pooled is the mean of emb over real
   tokens. Padding never influences real-token outputs (keys are masked).
   """
-  config: Any
-
-  def __post_init__(self):
-    layers.freeze_config(self)
-    super().__post_init__()
+  vocab_size: int
+  width: int
+  depth: int
+  num_heads: int
+  max_len: int
+  dtype: Any
+  param_dtype: Any
 
   @nn.compact
   def __call__(self, ids: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    cfg = self.config
-    vocab_size, width = _int_field(cfg, 'vocab_size'), _int_field(cfg, 'width')
-    depth, num_heads = _int_field(cfg, 'depth'), _int_field(cfg, 'num_heads')
-    max_len = _int_field(cfg, 'max_len')
-    dt = layers.resolve_dtype(cfg.get('dtype', 'float32'), 'text.dtype')
-    pdt = layers.resolve_dtype(cfg.get('param_dtype', 'float32'), 'text.param_dtype')
+    width, num_heads, max_len = self.width, self.num_heads, self.max_len
+    dt, pdt = self.dtype, self.param_dtype
     if width % num_heads:
       raise ValueError(f'text.num_heads={num_heads} must divide text.width={width}.')
     if ids.ndim != 2:
@@ -77,13 +65,13 @@ class ScratchTextEncoder(nn.Module):
 
     mask = ids != PAD_ID
     init = nn.initializers.normal(stddev=0.02)
-    x = nn.Embed(vocab_size, width, dtype=dt, param_dtype=pdt,
+    x = nn.Embed(self.vocab_size, width, dtype=dt, param_dtype=pdt,
                  embedding_init=layers.partitioned(init, ('vocab', 'text_embed')),
                  name='token_embed')(ids)
     pos = self.param('pos_embed', layers.partitioned(init, (None, 'text_embed')),
                      (max_len, width), pdt)
     x = x + jnp.asarray(pos[:ids.shape[1]], dt)[None]
-    for i in range(depth):
+    for i in range(self.depth):
       x = TransformerBlock(num_heads, dt, pdt, name=f'block_{i}')(x, mask)
     x = layers.layer_norm(dt, pdt, name='norm_out')(x).astype(jnp.float32)
     x = jnp.where(mask[..., None], x, 0.0)

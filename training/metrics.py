@@ -1,13 +1,12 @@
 """What a run reports: clu metrics merged per step, written to TensorBoard event files, the INFO
-log and metrics.jsonl (the writers and the progress and profiler hooks are `training/summaries.py`,
-free of TensorFlow); the parameter overview; and what an evaluator returns (images and scalars).
-Only process 0 writes files; the others log.
+log and metrics.jsonl (the writers, the progress and profiler hooks and what an evaluator returns are
+`runtime/summaries.py`, free of TensorFlow); the parameter overview. Only process 0 writes files;
+the others log.
 """
 
 import json
 import os
 import time
-from typing import NamedTuple, Protocol
 
 import jax
 import numpy as np
@@ -16,21 +15,9 @@ from flax import struct
 from clu import metrics, parameter_overview
 from PIL import Image
 
-from training import summaries
-
-
-class EvalResult(NamedTuple):
-  """What an evaluation gives the run to report."""
-  images: dict  # name -> uint8 [H, W, 3], written as a summary and as samples/<name>_<step>.png.
-  scalars: dict  # name -> float, written as eval/<name>.
-
-
-class Evaluator(Protocol):
-  """Evaluation during training, handed to the loop (train.py passes the standard one)."""
-
-  def __call__(self, step: int, unet, text_encoder, unet_params, text_params,
-               mesh) -> EvalResult:
-    ...
+from runtime import summaries
+from runtime import workdir as paths
+from runtime.summaries import EvalResult, flatten
 
 
 @struct.dataclass
@@ -42,7 +29,7 @@ class TrainMetrics(metrics.Collection):
 
 class JsonlWriter:
   """Scalars as one JSON object per line in WORKDIR/metrics.jsonl (for scripts and sweeps); the
-  other writes of a writer (training/summaries.py) are not kept here."""
+  other writes of a writer (runtime/summaries.py) are not kept here."""
 
   def __init__(self, path: str):
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -69,19 +56,20 @@ class JsonlWriter:
 class Reporter:
   """Per-step metric merging, periodic writing, progress, and evaluation results."""
 
-  def __init__(self, workdir: str, config, *, is_main: bool):
-    self.workdir, self.config, self.is_main = workdir, config, is_main
+  def __init__(self, workdir: str, settings, *, is_main: bool):
+    self.workdir, self.settings, self.is_main = workdir, settings, is_main
+    num_steps, log = settings.optim.num_steps, settings.logging
     self.writer = summaries.LogWriter()  # Other processes: log lines only.
     if is_main:
       self.writer = summaries.MultiWriter([
           self.writer, summaries.EventFileWriter(workdir),
-          JsonlWriter(os.path.join(workdir, 'metrics.jsonl'))])
+          JsonlWriter(paths.metrics(workdir))])
     self.progress = summaries.ReportProgress(
-        num_train_steps=config.optim.num_steps, writer=self.writer,
-        every_steps=config.logging.every_steps) if is_main else None
+        num_train_steps=num_steps, writer=self.writer,
+        every_steps=log.every_steps) if is_main else None
     self.profile = None
-    if is_main and config.logging.profile_steps:
-      self.profile = summaries.Profile(logdir=workdir, num_steps=config.logging.profile_steps,
+    if is_main and log.profile_steps:
+      self.profile = summaries.Profile(logdir=workdir, num_steps=log.profile_steps,
                                        first=10)
     self._merged = None
     self._t0 = None
@@ -96,9 +84,9 @@ class Reporter:
       logging.info('Parameters:\n%s', parameter_overview.get_parameter_overview(
           jax.device_get(state.params)))
       if step == 0:
-        self.writer.write_hparams(flatten(self.config.to_dict()))
-      from training import console  # pylint: disable=g-import-not-at-top
-      self.bar = console.progress(self.config.optim.num_steps, 'train', 'step', initial=step,
+        self.writer.write_hparams(flatten(self.settings.config_record()))
+      from runtime import console  # pylint: disable=g-import-not-at-top
+      self.bar = console.progress(self.settings.optim.num_steps, 'train', 'step', initial=step,
                                   mininterval=1.0, smoothing=0.1)
     self._t0 = time.time()
 
@@ -120,7 +108,8 @@ class Reporter:
       self.progress(done, time.time())
     if self.profile is not None:
       self.profile(done)
-    if done % self.config.logging.every_steps == 0 or done == self.config.optim.num_steps:
+    if (done % self.settings.logging.every_steps == 0
+        or done == self.settings.optim.num_steps):
       elapsed = max(time.time() - self._t0, 1e-9)
       computed = self._merged.compute()
       scalars = {f'train/{k}': float(v) for k, v in computed.items() if k != 'bad_records'}
@@ -129,7 +118,7 @@ class Reporter:
       scalars['data/bad_records'] = float(self.bad_records_total)
       steps_per_sec = self._steps_since / elapsed
       scalars.update({'train/learning_rate': lr, 'train/steps_per_sec': steps_per_sec,
-                      'train/images_per_sec': steps_per_sec * self.config.data.global_batch_size})
+                      'train/images_per_sec': steps_per_sec * self.settings.data.global_batch_size})
       self.writer.write_scalars(done, scalars)
       if self.bar is not None:
         self.bar.set_postfix(loss=f"{scalars['train/loss']:.4f}",
@@ -142,7 +131,7 @@ class Reporter:
     if not self.is_main:
       return
     for name, image in result.images.items():
-      path = os.path.join(self.workdir, 'samples', f'{name}_{step:07d}.png')
+      path = paths.sample_png(self.workdir, name, step)
       os.makedirs(os.path.dirname(path), exist_ok=True)
       Image.fromarray(image).save(path)
     if result.images:
@@ -158,15 +147,3 @@ class Reporter:
       self.profile.stop()  # A run shorter than the profile still leaves its trace.
     self.writer.flush()
     self.writer.close()
-
-
-def flatten(d, prefix='') -> dict:
-  """{'a': {'b': 1}} -> {'a.b': 1}; values that are not numbers, strings or bools become strings."""
-  out = {}
-  for k, v in d.items():
-    key = f'{prefix}{k}'
-    if isinstance(v, dict):
-      out.update(flatten(v, key + '.'))
-    else:
-      out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
-  return out

@@ -19,14 +19,13 @@ import time
 from typing import Any, Callable
 
 import jax
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from configs import base
-from training import console
+from runtime import console
+from runtime import workdir as paths
 
 # Config fields whose change makes a checkpoint unusable (architecture and meaning of params).
 # `model`: every field but these (which change how the same parameters are computed with).
@@ -52,13 +51,13 @@ class IncompatibleCheckpoint(ValueError):
 
 
 def state_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+  """WORKDIR/checkpoints as an absolute path (orbax needs one)."""
+  return paths.checkpoints(os.path.abspath(workdir))
 
 
 def _is_checkpoint(folder: str) -> bool:
   """Whether a numeric folder under checkpoints/ was written by orbax (not a stray folder)."""
-  return (os.path.isfile(os.path.join(folder, '_CHECKPOINT_METADATA'))
-          or all(os.path.isdir(os.path.join(folder, item)) for item in _ITEMS))
+  return paths.is_checkpoint(folder, items=_ITEMS)
 
 
 def describe_error(e: BaseException) -> str:
@@ -71,11 +70,12 @@ def describe_error(e: BaseException) -> str:
 class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` for this project's three items."""
 
-  def __init__(self, workdir: str, cfg=None, *, read_only: bool = False):
+  def __init__(self, workdir: str, spec=None, *, read_only: bool = False):
+    """`spec`: the run's `CheckpointSpec` (keep, async_save); None: keep all, save synchronously."""
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=int(cfg.keep) if cfg is not None else None,
+        max_to_keep=int(spec.keep) if spec is not None else None,
         save_interval_steps=1,  # The loop decides when; the manager must not skip our calls.
-        enable_async_checkpointing=bool(cfg.async_save) if cfg is not None else False,
+        enable_async_checkpointing=bool(spec.async_save) if spec is not None else False,
         create=not read_only,
         read_only=read_only,
     )
@@ -101,7 +101,7 @@ class Checkpointer:
                         os.path.join(self.directory, str(step)))
       return set(strays)
     for step in strays:
-      target = self._set_aside(step, 'ignored')
+      target = self._set_aside(step, paths.IGNORED)
       logging.warning('%s is not a checkpoint (no orbax metadata): moved to %s, and ignored.',
                       os.path.join(self.directory, str(step)), target)
     if strays and jax.process_count() > 1:
@@ -110,7 +110,7 @@ class Checkpointer:
 
   def _set_aside(self, step: int, kind: str) -> str:
     """Moves checkpoints/STEP to checkpoints.KIND/STEP[-time] (process 0; nothing is deleted)."""
-    target = os.path.join(f'{self.directory}.{kind}', str(step))
+    target = os.path.join(paths.set_aside(os.path.dirname(self.directory), kind), str(step))
     if os.path.exists(target):
       target += f'-{int(time.time())}'
     if jax.process_index() == 0:
@@ -169,7 +169,7 @@ class Checkpointer:
           'afresh.')
     if failures and not self.read_only:
       for bad, _ in failures:
-        target = self._set_aside(bad, 'corrupt')
+        target = self._set_aside(bad, paths.CORRUPT)
         logging.warning('Moved the damaged checkpoint step %d to %s (kept, not deleted); resuming '
                         'from step %d.', bad, target, step)
       if jax.process_count() > 1:
@@ -177,20 +177,21 @@ class Checkpointer:
       self._mngr.reload()
     return result, step
 
-  def save(self, step: int, state: Any, config: ml_collections.ConfigDict, data_position: dict,
+  def save(self, step: int, state: Any, config_record: dict, data_position: dict,
            *, force: bool = False) -> bool:
+    """Saves the state, the run's config (as a plain dict, `Settings.config_record()`) and the
+    data position."""
     return self._mngr.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        config=ocp.args.JsonSave(config.to_dict()),
+        config=ocp.args.JsonSave(config_record),
         data=ocp.args.JsonSave(data_position)), force=force)
 
-  def restore_config(self, step: int | None = None) -> ml_collections.ConfigDict:
-    """The config the run saved, over `configs/base.py` (a field added since then gets its default)."""
+  def saved_config(self, step: int | None = None) -> dict:
+    """The config the run saved with checkpoint `step`, as it was written (lists as tuples);
+    `configs.specs.from_saved` makes settings of it."""
     step = self.resolve(step)
     restored = self._mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    config = base.get_config()
-    _merge(config, _tuples(restored.config))
-    return config
+    return _tuples(restored.config)
 
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
     """Restores (state, data_position) into the shardings carried by `abstract_state`."""
@@ -284,19 +285,9 @@ def _tuples(obj):
   return obj
 
 
-def _merge(config: ml_collections.ConfigDict, saved: dict) -> None:
-  """Writes `saved` over `config`, section by section (fields the config lacks are added)."""
-  for key, value in saved.items():
-    if isinstance(value, dict) and isinstance(config.get(key), ml_collections.ConfigDict):
-      _merge(config[key], value)
-    else:
-      with config.ignore_type():
-        config[key] = value
-
-
-def check_compatible(saved: ml_collections.ConfigDict, current: ml_collections.ConfigDict,
-                     directory: str):
-  """Raises if the checkpoint was written by a config with another architecture."""
+def check_compatible(saved: dict, current: dict, directory: str):
+  """Raises IncompatibleCheckpoint if the checkpoint's config (`saved_config`) has another
+  architecture than the current one (both plain dicts of the config)."""
   diffs = []
   for section, fields in _ARCH_FIELDS.items():
     if fields is None:

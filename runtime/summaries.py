@@ -1,5 +1,6 @@
 """What a run writes as it trains, without TensorFlow: TensorBoard event files, the scalar lines of
-the INFO log, the progress report (steps/s, ETA) and the profiler hook.
+the INFO log, the progress report (steps/s, ETA), the profiler hook, and what an evaluator hands
+the run to write (`EvalResult`).
 
 An event file is a sequence of `Event` protos in TFRecord framing. We build the protos from
 `tensorboard.compat.proto` and frame them with tensorboard's `RecordWriter`, both pure Python.
@@ -14,7 +15,7 @@ import queue
 import socket
 import threading
 import time
-from typing import Mapping
+from typing import Mapping, NamedTuple, Protocol
 
 import jax
 import numpy as np
@@ -245,3 +246,30 @@ class Profile:
                  step if step is not None else 'the end', os.path.join(self.logdir, 'plugins',
                                                                        'profile'))
     self._started = None
+
+
+class EvalResult(NamedTuple):
+  """What an evaluation gives the run to report."""
+  images: dict  # name -> uint8 [H, W, 3], written as a summary and as samples/<name>_<step>.png.
+  scalars: dict  # name -> float, written as eval/<name>.
+
+
+class Evaluator(Protocol):
+  """Evaluation during training, handed to the loop (train.py passes the standard one)."""
+
+  def __call__(self, step: int, unet, text_encoder, unet_params, text_params, mesh,
+               autoencoder) -> EvalResult:
+    """`autoencoder`: the run's frozen VAE (latent diffusion) or None."""
+    ...
+
+
+def flatten(d, prefix='') -> dict:
+  """{'a': {'b': 1}} -> {'a.b': 1}; values that are not numbers, strings or bools become strings."""
+  out = {}
+  for k, v in d.items():
+    key = f'{prefix}{k}'
+    if isinstance(v, dict):
+      out.update(flatten(v, key + '.'))
+    else:
+      out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+  return out

@@ -1,6 +1,6 @@
 """Traced programs kept on disk: a warm start skips tracing the model in Python, not only XLA.
 
-jax's persistent compilation cache (training/compile_cache.py) is keyed by the lowered program,
+jax's persistent compilation cache (runtime/compile_cache.py) is keyed by the lowered program,
 so every process still traces the model in Python to find its key: 1.3 of the quickstart's
 3.1 s warm start, 2.5 s for configs/base.py. `Program` wraps a jitted function: its first call
 exports the traced program (`jax.export`, StableHLO) to the cache folder, and a later process
@@ -39,7 +39,8 @@ from absl import logging
 import jax
 import numpy as np
 
-from training import compile_cache
+from cluster.contract import OFF_WORDS
+from runtime import compile_cache
 
 ENV_SWITCH = 'JAXDIFF_TRACE_CACHE'
 SUFFIX = '.jaxexport'  # jax's LRU cache only reads its own '*-cache' files in the same folder.
@@ -50,7 +51,7 @@ _source_digest: str | None = None
 
 def directory() -> str | None:
   """The folder traced programs go to (the compilation cache's), or None when it is off."""
-  if os.environ.get(ENV_SWITCH, '').strip().lower() in compile_cache.OFF:
+  if os.environ.get(ENV_SWITCH, '').strip().lower() in OFF_WORDS:
     return None
   if not jax.config.jax_enable_compilation_cache or jax.process_count() > 1:
     return None

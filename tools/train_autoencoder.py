@@ -6,7 +6,7 @@ GAN terms: mean |x - D(z)| with z ~ q(z|x), plus kl_weight * KL(q(z|x) || N(0, I
 element. At the end the latent scale is estimated as SD did (scaling_factor = 1 / std of posterior
 samples, sec. 4.3.2) and the VAE is written as a diffusers folder with `save_vae`.
 
-  python -m training.autoencoder --out=runs/vae_shapes --image_size=64 --steps=600 --batch_size=16
+  python -m tools.train_autoencoder --out=runs/vae_shapes --image_size=64 --steps=600 --batch_size=16
 
 writes to --out: config.json + diffusion_pytorch_model.safetensors (load with
 `models.vae_loading.load_vae(out)`), reconstructions.png (8 held-out images over their
@@ -29,7 +29,6 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import flax.linen as nn
 import optax
@@ -117,10 +116,9 @@ def _check(name: str, value: Any, kind: type, positive: bool = True) -> None:
                      f'{kind.__name__}.')
 
 
-def _loaders(data_config, batch_size: int):
-  """(train loader, held-out loader, held-out split name) over `data_config` at `batch_size`."""
-  cfg = ml_collections.ConfigDict(data_config.to_dict())
-  cfg.global_batch_size = batch_size
+def _loaders(data_spec, batch_size: int):
+  """(train loader, held-out loader, held-out split name) over a `DataSpec` at `batch_size`."""
+  cfg = data_spec.replace(global_batch_size=batch_size)
   train = pipeline.make_loader(cfg, pipeline.make_source(cfg, 'train'))
   held_out = sources.make(cfg, 'eval')
   if held_out is None:  # No eval split configured (data.eval_path): say so in the summary.
@@ -140,7 +138,7 @@ def train_autoencoder(data_config, vae_config: VAEConfig, *, steps: int = 2000,
   """Trains `vae_config` on `data_config`'s images and saves it to `out_dir` (diffusers layout).
 
   Args:
-    data_config: a `configs/base.py` data section (dataset, path, image_size, seed, ...);
+    data_config: the data section as a `data.spec.DataSpec` (dataset, path, image_size, seed);
       its global_batch_size is replaced by `batch_size`.
     vae_config: the network (image_size must be a multiple of its downsample_factor).
     steps, batch_size, learning_rate: AdamW (b2=0.99, 1e-4 decay, global-norm clip 1) with a
@@ -294,7 +292,7 @@ def _parse(argv):
 
 def main(argv: Sequence[str]) -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from configs import base  # pylint: disable=g-import-not-at-top
+  from configs import base, specs  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   if len(argv) > 1:
     _fail(f'unexpected arguments {argv[1:]}; every option is a --flag.')
@@ -306,9 +304,9 @@ def main(argv: Sequence[str]) -> None:
     except ValueError:
       raise ValueError(f'--channels={",".join(f.channels)!r} must be comma-separated integers, '
                        'e.g. 32,64,64.') from None
-    data = base.get_config().data
-    data.dataset, data.path, data.eval_path = f.dataset, f.data_path, f.eval_path
-    data.image_size, data.seed = f.image_size, f.seed
+    data = specs.build(base.get_config()).data.replace(
+        dataset=f.dataset, path=f.data_path, eval_path=f.eval_path, image_size=f.image_size,
+        seed=f.seed)
     vae = demo_config(channels, f.latent_channels, f.norm_num_groups, f.image_size)
     summary = train_autoencoder(data, vae, steps=f.steps, batch_size=f.batch_size,
                                 learning_rate=f.learning_rate, kl_weight=f.kl_weight,

@@ -1,10 +1,10 @@
-"""Converts a dataset into ArrayRecord shards of jaxdiff records (`data.records`): `python -m data.prepare`.
+"""Converts a dataset into ArrayRecord shards of jaxdiff records (`data.records`): `python -m tools.prepare`.
 
-  python -m data.prepare --source=folder --input=/data/my_images --output=/data/shards/train \\
+  python -m tools.prepare --source=folder --input=/data/my_images --output=/data/shards/train \\
       --num_shards=16 --workers=4 [--max_side=512] [--format=keep] [--limit=100]
-  python -m data.prepare --source=tfds --tfds_name=coco_captions --split=train --data_dir=/data/tfds \\
+  python -m tools.prepare --source=tfds --tfds_name=coco_captions --split=train --data_dir=/data/tfds \\
       --image_key=image --caption_key=captions/text --output=/data/shards/coco
-  python -m data.prepare --source=webdataset --input='/data/wds/{00000..00099}.tar' --output=...
+  python -m tools.prepare --source=webdataset --input='/data/wds/{00000..00099}.tar' --output=...
   ... --text_encoder=pretrained [--pretrained_path=DIR] [--max_len=16]   # also store embeddings
   ... --autoencoder=VAE_DIR --image_size=256    # also store latents' posterior moments (docs/latent.md)
 
@@ -41,22 +41,17 @@ import json
 import multiprocessing
 import os
 import queue as queuelib
-import re
 import sys
 from typing import Any, Iterator, Sequence
 
 from absl import app, flags, logging
-import numpy as np
-from PIL import Image
 
-from data import images, latents, records, sources, webdataset
+from data import latents, records, sources, webdataset
 from text import record_text
+from tools.convert import FORMATS, Options, convert, skip_reason, text_config
 
 SOURCES = ('folder', 'tfds', 'webdataset')
-FORMATS = ('keep', 'jpeg', 'png', 'webp')
-ON_BAD_RECORD = ('skip', 'error')
 EXAMPLE_KEYS = 20  # Example keys kept per skip reason in the summaries.
-_KEPT_FORMATS = ('JPEG', 'PNG', 'WEBP')
 # The sources name the loader's config fields in their errors; here the user typed these flags.
 _FLAG_NAMES = (('data.path', '--input'), ('data.tfds_name', '--tfds_name'),
                ('data.image_key', '--image_key'), ('data.caption_key', '--caption_key'),
@@ -66,42 +61,6 @@ _FLAG_NAMES = (('data.path', '--input'), ('data.tfds_name', '--tfds_name'),
 def shard_path(output: str, index: int, num_shards: int) -> str:
   """`{output}-{index:05d}-of-{num_shards:05d}.array_record`."""
   return f'{output}-{index:05d}-of-{num_shards:05d}.array_record'
-
-
-@dataclasses.dataclass(frozen=True)
-class Options:
-  """How each example is stored; recorded with every shard (a resumed run must use the same)."""
-  max_side: int = 0  # Longer side above this: shrunk to it and re-encoded (0: never resize).
-  fmt: str = 'keep'  # 'keep' (original bytes; JPEG when resized, PNG for arrays), 'jpeg', 'png', 'webp'.
-  quality: int = 95  # JPEG/WebP quality when re-encoding.
-  on_bad_record: str = 'skip'  # 'skip' (count it) or 'error' (the first unusable example is fatal).
-  text: dict | None = None  # `text_config(...)`: store frozen-encoder embeddings of every caption.
-  latent: dict | None = None  # {'path', 'image_size', 'dtype'}: store the VAE posterior's moments.
-
-  def check(self):
-    if self.fmt not in FORMATS:
-      raise ValueError(f'--format={self.fmt!r} is not one of {FORMATS}.')
-    if self.on_bad_record not in ON_BAD_RECORD:
-      raise ValueError(f'--on_bad_record={self.on_bad_record!r} is not one of {ON_BAD_RECORD}.')
-    if not isinstance(self.max_side, int) or self.max_side < 0:
-      raise ValueError(f'--max_side={self.max_side!r} must be 0 (no resizing) or a positive size.')
-    if not 1 <= self.quality <= 100:
-      raise ValueError(f'--quality={self.quality!r} must be in [1, 100].')
-
-  def settings(self) -> dict[str, Any]:
-    text = self.text and {k: self.text[k] for k in ('pretrained_path', 'max_len', 'dtype')}
-    return {'max_side': self.max_side, 'format': self.fmt, 'quality': self.quality, 'text': text,
-            'latent': self.latent}
-
-
-def text_config(pretrained_path: str = '', max_len: int = 0) -> dict[str, Any]:
-  """The `config.text` section of configs/base.py for a frozen pretrained encoder (plain dict)."""
-  from configs import base  # pylint: disable=g-import-not-at-top
-  cfg = base.get_config().text
-  cfg.encoder, cfg.pretrained_path = 'pretrained', pretrained_path
-  if max_len:
-    cfg.max_len = int(max_len)
-  return cfg.to_dict()
 
 
 def _renamed(e: Exception) -> Exception:
@@ -132,52 +91,6 @@ def _describe(source) -> str:
   if isinstance(source, sources.TfdsSource):
     return f'tfds:{source.name}/{source.split}'
   return getattr(source, 'root', None) or getattr(source, 'pattern', None) or type(source).__name__
-
-
-# ------------------------------------------------------------------------------- one example
-
-
-def _shrink(img: Image.Image, max_side: int) -> Image.Image:
-  w, h = img.size
-  scale = max_side / max(w, h)
-  return img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.LANCZOS)
-
-
-def image_bytes(image: bytes | np.ndarray, opts: Options) -> bytes:
-  """The stored image: the original bytes when they can stay, else re-encoded; BadImage if unusable."""
-  original, kind = None, None
-  if isinstance(image, (bytes, bytearray)):
-    img = images.decode(bytes(image))
-    original, kind = bytes(image), img.format
-    rgb = images.to_rgb(img)
-  else:
-    rgb = images.from_array(image)
-  resize = bool(opts.max_side) and max(rgb.size) > opts.max_side
-  if not resize and kind in _KEPT_FORMATS and opts.fmt in ('keep', kind.lower()):
-    return original
-  if resize:
-    rgb = _shrink(rgb, opts.max_side)
-  fmt = opts.fmt if opts.fmt != 'keep' else ('jpeg' if resize else 'png')
-  return images.encode(rgb, fmt.upper(), opts.quality)
-
-
-def _reason(message: str) -> str:
-  """A skip reason without its trailing detail: 'image file is truncated (3 bytes ...)' -> '... truncated'."""
-  return re.sub(r'\s*\([^()]*\)$', '', message).strip() or message
-
-
-def convert(raw: dict[str, Any], opts: Options) -> tuple[dict[str, Any] | None, str]:
-  """A raw source example -> (record without text, '') or (None, the reason it is skipped)."""
-  if 'error' in raw:
-    return None, raw['error']
-  captions = list(raw.get('captions') or [])
-  if not captions:
-    return None, 'no caption'
-  try:
-    image = image_bytes(raw['image'], opts)
-  except images.BadImage as e:
-    return None, str(e) or 'not an image'
-  return {'key': str(raw['key']), 'image': image, 'captions': captions}, ''
 
 
 # ------------------------------------------------------------------------------- one shard
@@ -254,7 +167,7 @@ def _write_shard(job: _Job) -> dict[str, Any]:
         if opts.on_bad_record == 'error':
           raise ValueError(f'{raw["key"]}: {reason} (--on_bad_record=error; use skip to count and '
                            'leave out such examples).')
-        entry = side['reasons'].setdefault(_reason(reason), {'count': 0, 'examples': []})
+        entry = side['reasons'].setdefault(skip_reason(reason), {'count': 0, 'examples': []})
         entry['count'] += 1
         if len(entry['examples']) < EXAMPLE_KEYS:
           entry['examples'].append(str(raw['key']))

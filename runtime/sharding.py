@@ -1,7 +1,7 @@
-"""Device mesh and shardings from config: mesh axes ('data', 'fsdp', 'tensor').
+"""Device mesh and shardings: mesh axes ('data', 'fsdp', 'tensor').
 
-Parameters carry logical axis names (`nn.with_logical_partitioning`); the config's
-`mesh.logical_axis_rules` maps them to mesh axes. A dimension whose size is not
+Parameters carry logical axis names (`nn.with_logical_partitioning`); the mesh section's
+`logical_axis_rules` (`runtime.settings.MeshSpec`) maps them to mesh axes. A dimension whose size is not
 divisible by its mesh axes is left replicated rather than refused.
 """
 
@@ -17,9 +17,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
 
-def mesh_shape(cfg, num_devices: int) -> tuple[int, int, int]:
-  """Resolves `mesh.data/fsdp/tensor` (one may be -1 = fill) against the device count."""
-  sizes = [int(cfg[a]) for a in MESH_AXES]
+def mesh_shape(spec, num_devices: int) -> tuple[int, int, int]:
+  """Resolves `mesh.data/fsdp/tensor` of a `MeshSpec` (one may be -1 = fill) against the device
+  count."""
+  sizes = [int(getattr(spec, a)) for a in MESH_AXES]
   if sizes.count(-1) > 1:
     raise ValueError(f'Only one of mesh.data/fsdp/tensor may be -1; got {dict(zip(MESH_AXES, sizes))}.')
   if any(s == 0 or s < -1 for s in sizes):
@@ -36,11 +37,12 @@ def mesh_shape(cfg, num_devices: int) -> tuple[int, int, int]:
   return tuple(sizes)
 
 
-def make_mesh(cfg, devices=None) -> Mesh:
-  """Builds the ('data', 'fsdp', 'tensor') mesh; with several hosts, the dcn_* parts span hosts."""
+def make_mesh(spec, devices=None) -> Mesh:
+  """Builds the ('data', 'fsdp', 'tensor') mesh of a `MeshSpec`; with several hosts, the dcn_*
+  parts span hosts."""
   devices = list(jax.devices() if devices is None else devices)
-  shape = mesh_shape(cfg, len(devices))
-  dcn = (int(cfg.get('dcn_data', 1)), int(cfg.get('dcn_fsdp', 1)), 1)
+  shape = mesh_shape(spec, len(devices))
+  dcn = (int(spec.dcn_data), int(spec.dcn_fsdp), 1)
   num_slices = len({getattr(d, 'slice_index', 0) for d in devices})
   if math.prod(dcn) > 1 and num_slices > 1:
     ici = tuple(s // d for s, d in zip(shape, dcn))

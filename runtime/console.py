@@ -1,5 +1,7 @@
 """What an entry point's console shows: our progress lines, not the libraries' INFO chatter."""
 
+import dataclasses
+import functools
 import logging as pylogging
 import os
 import shutil
@@ -7,7 +9,10 @@ import sys
 import traceback
 from typing import Any, Callable
 
+from absl import flags
 from absl import logging
+
+from runtime import workdir as paths
 
 
 class _QuietLibraries(pylogging.Filter):
@@ -36,20 +41,70 @@ def quiet_info() -> None:
   logging.get_absl_handler().setLevel(pylogging.WARNING)
 
 
+class _LogFile(pylogging.FileHandler):
+  """`log_to_file`'s handler (a class of its own, so `worker_logging` repeats ours only)."""
+
+  def __init__(self, path: str):
+    super().__init__(path)  # Appends: worker processes add their lines to the same file.
+    self.setFormatter(pylogging.Formatter(
+        '%(levelname).1s%(asctime)s %(filename)s:%(lineno)d] %(message)s', '%m%d %H:%M:%S'))
+    self.setLevel(pylogging.INFO)
+
+
 def log_to_file(path: str, *, verbose: bool = False) -> None:
   """Every log line (INFO and up, libraries included) to `path`; the console shows warnings and
   errors only (all of it with `verbose`), next to the progress bars and the final summary."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  handler = pylogging.FileHandler(path)
-  handler.setFormatter(pylogging.Formatter(
-      '%(levelname).1s%(asctime)s %(filename)s:%(lineno)d] %(message)s', '%m%d %H:%M:%S'))
-  handler.setLevel(pylogging.INFO)
   root = pylogging.getLogger()
-  root.addHandler(handler)
+  root.addHandler(_LogFile(path))
   root.setLevel(min(root.level or pylogging.INFO, pylogging.INFO))
   logging.set_verbosity(logging.INFO)
   if not verbose:
     quiet_info()
+
+
+@dataclasses.dataclass(frozen=True)
+class _LogSetup:
+  """What an entry point set up in this process, as `worker_logging` repeats it."""
+  absl_console: bool  # absl's handler is on the root logger (app.run puts it there).
+  console_level: int  # Its level (`quiet_info`: WARNING).
+  quiet_libraries: bool  # `quiet_library_logs` filters it.
+  files: tuple[str, ...]  # `log_to_file`'s files (absolute paths).
+  root_level: int
+  verbosity: int
+
+
+def worker_logging() -> Callable[[], None]:
+  """A picklable function that sets a worker process's logging up as this process's is.
+
+  grain starts its workers by spawn: they begin with Python's defaults (absl lines print as
+  `WARNING:absl:...` and reach no log file), and grain formats absl's handler as '[k] message'.
+  """
+  root = pylogging.getLogger()
+  handler = logging.get_absl_handler()
+  setup = _LogSetup(
+      absl_console=handler in root.handlers, console_level=handler.level,
+      quiet_libraries=any(isinstance(f, _QuietLibraries) for f in handler.filters),
+      files=tuple(h.baseFilename for h in root.handlers if isinstance(h, _LogFile)),
+      root_level=root.level, verbosity=logging.get_verbosity())
+  return functools.partial(_repeat_log_setup, setup)
+
+
+def _repeat_log_setup(setup: _LogSetup) -> None:
+  root = pylogging.getLogger()
+  if setup.absl_console:
+    if not flags.FLAGS.is_parsed():  # Else absl's handler adds 'Logging before flag parsing'.
+      flags.FLAGS.mark_as_parsed()
+    logging.use_absl_handler()
+    handler = logging.get_absl_handler()
+    handler.setFormatter(logging.PythonFormatter())  # Not grain's '[k] message'.
+    handler.setLevel(setup.console_level)
+    if setup.quiet_libraries:
+      quiet_library_logs()
+  for path in setup.files:
+    root.addHandler(_LogFile(path))
+  logging.set_verbosity(setup.verbosity)
+  root.setLevel(setup.root_level)  # After set_verbosity, which sets it when absl's handler is on.
 
 
 def _drop_closed_loop_errors(previous):
@@ -83,7 +138,7 @@ class _OrphanedRestoreTasks(pylogging.Filter):
 
 
 def quiet_closed_loop_errors():
-  """No background-thread tracebacks after a failed checkpoint restore (training/checkpoint.py)."""
+  """No background-thread tracebacks after a failed checkpoint restore (runtime/checkpoint.py)."""
   if not getattr(sys.unraisablehook, 'drops_closed_loop_errors', False):
     sys.unraisablehook = _drop_closed_loop_errors(sys.unraisablehook)
   asyncio_logger = pylogging.getLogger('asyncio')
@@ -118,7 +173,7 @@ def run_or_exit(fn: Callable[[], Any], *, verbose: bool = False, log_dir: str | 
     if log_dir:
       try:
         os.makedirs(log_dir, exist_ok=True)
-        with open(os.path.join(log_dir, 'error.log'), 'a') as f:
+        with open(paths.error_log(log_dir), 'a') as f:
           traceback.print_exc(file=f)
           f.write(f'error: {one_line(e)}\n')
       except OSError:

@@ -33,9 +33,10 @@ from typing import Mapping
 
 from absl import logging
 
+from cluster.contract import OFF_WORDS
+
 ENV_DIR = 'JAXDIFF_CACHE_DIR'
 JAX_ENV_DIR = 'JAX_COMPILATION_CACHE_DIR'
-OFF = ('off', '0', 'none', 'false', 'no')
 # Programs that compile faster than this are not written (jax's default is 1 s). Each entry is a
 # file, and a loaded entry still costs a read and a deserialisation.
 MIN_COMPILE_SECS = 0.5
@@ -49,7 +50,7 @@ COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'  # Compile or cache
 def resolve_dir(environ: Mapping[str, str] | None = None) -> str | None:
   """The cache folder the environment asks for (see the module docstring); None: turned off."""
   env = os.environ if environ is None else environ
-  if env.get(ENV_DIR, '').strip().lower() in OFF:
+  if env.get(ENV_DIR, '').strip().lower() in OFF_WORDS:
     return None
   for name in (JAX_ENV_DIR, ENV_DIR):
     if path := env.get(name, '').strip():

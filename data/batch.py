@@ -1,0 +1,30 @@
+"""The batch schema: the keys a batch carries from the loader (data/pipeline.py) through the text
+inputs (training/text_inputs.py) to the train step (training/step.py), and which are optional.
+
+A loader batch of n examples (this process's part of the global batch):
+  CAPTION  str [n]           the caption drawn for each example
+  INDEX    int64 [n]         the record index
+  BAD      int32 [n]         1 where the slot's own record was unusable and the next one was used
+  IMAGE    f32 [n,S,S,3]     in [-1, 1]; absent when the records' cached latents are used
+  LATENTS  f32 [n,h,w,c] x2  posterior mean and log-variance (tools.prepare --autoencoder)
+  EMBEDDINGS                 a frozen encoder's outputs stored in the records (tools.prepare
+                             --text_encoder): emb [n,L,D], mask [n,L], pooled [n,D]
+
+What the train step takes: BAD, one of IMAGE or LATENTS, and one of TOKENS ([n, L] int32, encoded
+in the step) or EMBEDDINGS.
+"""
+
+CAPTION = 'caption'
+INDEX = 'index'
+BAD = 'bad'
+IMAGE = 'image'
+LATENTS = ('latent_mean', 'latent_logvar')
+TOKENS = 'tokens'
+EMBEDDINGS = ('emb', 'mask', 'pooled')
+TEXT = (TOKENS,) + EMBEDDINGS  # Either the first or the other three.
+STORED = EMBEDDINGS + LATENTS  # Per-example arrays a record may carry, stacked as they are.
+
+
+def image_keys(cached_latents: bool) -> tuple[str, ...]:
+  """The keys of what the network's input is made from: the images, or the cached latents."""
+  return LATENTS if cached_latents else (IMAGE,)

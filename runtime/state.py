@@ -1,0 +1,98 @@
+"""What a run holds and how it is built: the networks, `TrainState`, sharded initialisation.
+
+`build_networks` makes the denoiser (through the `model.family` seam) and the text encoder from
+their specs; `build_autoencoder` loads the frozen VAE of latent diffusion. `create_sharded_state`
+gives the abstract train state, its shardings (from the parameters' logical axis names) and a
+jitted initialiser that writes each shard where it lives; `abstract_params` is the
+parameters-only part of that, for restoring weights without an optimiser (sampling).
+Training (training/builder.py) and sampling (sampling/from_checkpoint.py) both build here.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from models import family
+from runtime import sharding
+from text import encoders
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any  # {'unet': ..., 'text': ...}: what the optimiser trains.
+  opt_state: Any
+  ema_params: Any  # Exponential moving average of `params` (sampling uses it by default).
+
+
+def build_autoencoder(spec):
+  """The frozen autoencoder of `autoencoder.path` (a `models.vae_loading.PretrainedVAE`), or None
+  for pixel-space diffusion. `spec`: the run's `AutoencoderSpec`."""
+  if not spec.path:
+    return None
+  from models import vae_loading  # pylint: disable=g-import-not-at-top
+  return vae_loading.load_vae(spec.path, spec.dtype)
+
+
+def diffusion_shape(image_size: int, autoencoder) -> tuple[int, int, int]:
+  """(H, W, C) of what the network denoises: the image, or the autoencoder's latent of it."""
+  if autoencoder is None:
+    return (image_size, image_size, 3)
+  f = autoencoder.config.downsample_factor
+  return (image_size // f, image_size // f, autoencoder.config.latent_channels)
+
+
+def build_networks(settings, *, autoencoder, workdir=None) -> tuple[nn.Module, encoders.TextEncoder]:
+  """The denoiser of `settings.model`'s family, sized for the training images (in pixels or in
+  the `autoencoder`'s latents), and the text encoder of `settings.text` (`workdir`: where
+  text.vocab='bpe' keeps its tokenizer)."""
+  side = diffusion_shape(settings.data.image_size, autoencoder)[0]
+  return family.build(settings.model, side), encoders.build(settings.text, workdir=workdir)
+
+
+def init_params(rng, *, unet, text_encoder, input_shape: tuple[int, int, int]) -> dict:
+  """Initial (boxed, i.e. logically annotated) trainable parameters: {'unet', 'text'?}."""
+  rng_unet, rng_text = jax.random.split(rng)
+  length = text_encoder.max_len
+  unet_params = unet.init(
+      {'params': rng_unet}, jnp.zeros((1,) + tuple(input_shape)), jnp.zeros((1,)),
+      jnp.zeros((1, length, text_encoder.dim)), jnp.ones((1, length), bool),
+      jnp.zeros((1, text_encoder.dim)), train=False)['params']
+  params = {'unet': unet_params}
+  if text_encoder.trainable:
+    params['text'] = text_encoder.init(rng_text)
+  return params
+
+
+def init_state(rng, *, unet, text_encoder, tx, input_shape: tuple[int, int, int]) -> TrainState:
+  """Initial boxed train state; jit/eval_shape it, do not call eagerly."""
+  params = init_params(rng, unet=unet, text_encoder=text_encoder, input_shape=input_shape)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    ema_params=params)
+
+
+def create_sharded_state(mesh, rules, *, unet, text_encoder, tx, input_shape):
+  """Abstract state + its shardings (from logical axis names via `rules`), and the jitted
+  initialiser."""
+  init = functools.partial(init_state, unet=unet, text_encoder=text_encoder, tx=tx,
+                           input_shape=input_shape)
+  boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
+  shardings = sharding.tree_shardings(boxed, mesh, rules)
+  abstract = nn.meta.unbox(boxed)
+  init_fn = jax.jit(lambda rng: nn.meta.unbox(init(rng)), out_shardings=shardings)
+  return abstract, shardings, init_fn
+
+
+def abstract_params(mesh, rules, *, unet, text_encoder, input_shape) -> Any:
+  """ShapeDtypeStructs of the trainable parameters with their shardings (no optimiser state)."""
+  init = functools.partial(init_params, unet=unet, text_encoder=text_encoder,
+                           input_shape=input_shape)
+  boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
+  shardings = sharding.tree_shardings(boxed, mesh, rules)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      nn.meta.unbox(boxed), shardings)
