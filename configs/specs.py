@@ -58,10 +58,6 @@ class Settings:
     """The config as a plain dict (what `ConfigDict.to_dict()` gives)."""
     return json.loads(self.record)
 
-  def replace(self, **sections) -> Settings:
-    """A copy with some sections replaced (benchmarks, tests); `record` is kept as it was."""
-    return dataclasses.replace(self, **sections)
-
 
 # Sections read by plain spec classes (the model section's class depends on model.family, the
 # sampler section derives its options from sampler.eta).

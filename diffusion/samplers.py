@@ -215,18 +215,24 @@ def get_sampler(name: str) -> Callable:
   return SAMPLERS[name]
 
 
-def sampler_options(name: str, **options) -> dict:
-  """All of `name`'s options as float32 scalars: `options` over the defaults, checked.
-
-  Every option is always present, so a jitted caller keeps one program per sampler whichever
-  options are given or changed (traced values do not recompile).
-  """
+def check_options(name: str, options) -> None:
+  """Raises ValueError for an unknown sampler or an option it does not take (touches no device:
+  settings are checked before jax.distributed starts)."""
   get_sampler(name)
   unknown = sorted(set(options) - set(SAMPLER_OPTIONS[name]))
   if unknown:
     takes = ', '.join(SAMPLER_OPTIONS[name]) or 'none'
     raise ValueError(f'sampler {name!r} takes no option {", ".join(unknown)}; its options: '
                      f'{takes}.')
+
+
+def sampler_options(name: str, **options) -> dict:
+  """All of `name`'s options as float32 scalars: `options` over the defaults, checked.
+
+  Every option is always present, so a jitted caller keeps one program per sampler whichever
+  options are given or changed (traced values do not recompile).
+  """
+  check_options(name, options)
   return {k: jnp.float32(v) for k, v in {**SAMPLER_DEFAULTS[name], **options}.items()}
 
 

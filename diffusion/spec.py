@@ -104,7 +104,7 @@ class SamplerSettings:
       raise ValueError(f'sampler.threshold_percentile={self.threshold_percentile!r} (sample.py '
                        '--threshold): expected a percentile in [0, 100] (e.g. 99.5; 0 clips x0 to '
                        '[-1, 1]).')
-    samplers.sampler_options(self.name, **dict(self.options))  # Unknown options raise here.
+    samplers.check_options(self.name, dict(self.options))  # Unknown options raise here.
 
   def replace(self, **changes) -> SamplerSettings:
     return dataclasses.replace(self, **changes)

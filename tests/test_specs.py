@@ -1,6 +1,9 @@
 """Typed settings: every default lives in configs/base.py, and each spec is read from it once."""
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -101,3 +104,16 @@ def test_a_checkpointed_config_gets_defaults_for_fields_added_since(tmp_path):
   assert restored.model.head_dim == base.get_config().model.head_dim
   assert restored.model.channels == 24 and restored.model.channel_mult == (1, 2, 2)
   assert restored.config_record()['model']['family'] == 'unet'
+
+
+def test_settings_are_made_before_any_device_is_touched():
+  """The loop builds settings before jax.distributed joins the job, which must come before the
+  XLA backend starts: making and checking settings must start no backend."""
+  code = ('from jax._src import xla_bridge\n'
+          'from configs import shapes, validation\n'
+          "validation.validate(shapes.get_config('tiny'))\n"
+          'print(xla_bridge.backends_are_initialized())')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split() == ['False']
