@@ -40,6 +40,7 @@ def full_run(folder, tmp_path_factory):
   return config, workdir, loop.train_and_evaluate(config, workdir, devices=jax.devices()[:4])
 
 
+@pytest.mark.full  # Trains its own 4-step run (bpe tokenizer, 4 devices): ~1 min.
 def test_a_mixed_folder_trains_and_reports_its_bad_files(full_run):
   config, workdir, result = full_run
   assert [s for s, _ in result.history] == [1, 2, 3, 4]
@@ -67,6 +68,7 @@ def test_resume_gives_the_parameters_of_an_uninterrupted_run(full_run, tmp_path)
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.full  # Needs the run above.
 def test_sampling_from_the_workdir_uses_its_tokenizer(full_run, tmp_path):
   _, workdir, _ = full_run
   loaded = from_checkpoint.load(workdir, settings_of=specs.from_saved)

@@ -129,6 +129,7 @@ def test_dropout_only_in_training(variables):
   assert float(jnp.abs(train_a - eval_a).max()) > 1e-4
 
 
+@pytest.mark.full  # Three jitted value-and-grads of the U-Net, ~40 s: the full tier.
 def test_remat_policies_give_same_outputs_and_gradients(variables):
   args = inputs()
   policies = ('none', 'dots', 'full')

@@ -1,6 +1,9 @@
 """The real training loop on the tiny config: sharding equivalence, resume, non-finite stop, specs."""
 
 import logging as pylogging
+import os
+import shutil
+
 import jax
 import numpy as np
 import pytest
@@ -59,6 +62,22 @@ def test_tensor_parallel_rules_shard_heads_and_mlp(tmp_path):
   assert P('fsdp', 'tensor') in mlp and P('tensor', 'fsdp') in mlp, mlp
 
 
+def test_named_parameters_have_the_partition_specs_of_their_axes(tmp_path):
+  """The specs of the state's shardings (nothing is compiled): conv kernels split their input
+  channels over 'fsdp', the text embedding table its width; the EMA follows the parameters."""
+  trainer, _ = built(tiny_config(tmp_path, data=4, fsdp=2))
+  specs = {jax.tree_util.keystr(k): normalized(s.spec)
+           for k, s in jax.tree_util.tree_leaves_with_path(trainer.shardings.params)}
+  conv = [k for k in specs
+          if k.endswith("['kernel']") and len(abstract_leaf(trainer.abstract, k).shape) == 4]
+  sharded = [k for k in conv if specs[k] == P(None, None, 'fsdp')]
+  assert conv and len(sharded) >= len(conv) // 2, {k: specs[k] for k in conv}
+  emb = [k for k in specs if 'text' in k and 'embedding' in k]
+  assert emb and all(specs[k] == P(None, 'fsdp') for k in emb), {k: specs[k] for k in emb}
+  assert trainer.shardings.ema_params == trainer.shardings.params
+
+
+@pytest.mark.full  # Compiles the initialiser over 8 devices (the specs alone: the test above).
 def test_named_parameters_are_really_sharded(tmp_path):
   trainer, mesh = built(tiny_config(tmp_path, data=4, fsdp=2))
   abstract, init_fn = trainer.abstract, trainer.init
@@ -104,7 +123,7 @@ def test_resume_replays_the_uninterrupted_run(tmp_path, tiny_run, caplog):
   with caplog.at_level(pylogging.INFO):
     second = loop.train_and_evaluate(config, str(tmp_path / 'cut'), devices=jax.devices()[:4])
   assert [s for s, _ in second.history] == [3, 4]
-  # The resumed run's step is the first run's traced program, read back (training/trace_cache).
+  # The resumed run's step is the first run's traced program, read back (runtime/trace_cache).
   assert any(r.getMessage().startswith('train_step: traced program loaded from')
              for r in caplog.records), [r.getMessage() for r in caplog.records][-20:]
   np.testing.assert_allclose(losses(first).tolist() + losses(second).tolist(), losses(full),
@@ -146,10 +165,11 @@ def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state.params)))
 
 
-def test_checkpoint_from_another_architecture_is_refused(tmp_path):
+def test_checkpoint_from_another_architecture_is_refused(tmp_path, tiny_run):
   config = tiny_config(tmp_path, **SHARED_MESH)
-  workdir = str(tmp_path / 'arch')
-  loop.train_and_evaluate(config, workdir, devices=jax.devices()[:4], stop_at=2)
+  workdir = str(tmp_path / 'arch')  # A copy of the shared run's checkpoints: nothing to train.
+  shutil.copytree(os.path.join(tiny_run.workdir, 'checkpoints'),
+                  os.path.join(workdir, 'checkpoints'))
   config.model.channels = 32
   with pytest.raises(ValueError, match='model.channels'):
     loop.train_and_evaluate(config, workdir, devices=jax.devices()[:4])

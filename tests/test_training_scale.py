@@ -92,7 +92,8 @@ def scan_lengths(jaxpr) -> list:
   return [e.params['length'] for e in jaxpr.eqns if e.primitive.name == 'scan']
 
 
-@pytest.mark.parametrize('k', [4, pytest.param(2, marks=pytest.mark.full)])
+@pytest.mark.full  # Two compiled steps on 2 devices, ~1 min: the full tier.
+@pytest.mark.parametrize('k', [4, 2])
 def test_accumulating_over_micro_batches_is_the_full_batch_step(tmp_path, k):
   # Half the captions dropped, so the condition dropout must be sliced like the images; fsdp=2,
   # so parameters (and the summed gradients) are sharded; k=4: 8 examples = 4 micro-batches of 2,

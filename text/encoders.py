@@ -48,7 +48,7 @@ def _scratch_tokenizer(cfg: TextSpec, workdir):
   if vocab == 'bpe':
     if workdir is None:
       raise ValueError("text.vocab='bpe' keeps its tokenizer in the workdir; pass workdir= to "
-                       'encoders.build / runtime.state.build_models.')
+                       'encoders.build / runtime.state.build_networks.')
     path = subword.workdir_path(workdir)
     if not os.path.isfile(path):
       raise FileNotFoundError(
