@@ -14,7 +14,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
-  os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
+  flags += " --xla_force_host_platform_device_count=8"
+# The tests compile many small programs and run each a few times: XLA's fast-compile preset
+# spends less on optimising them (about 12% of the models tests' time). Training and sampling
+# outside the tests keep XLA's defaults.
+if "xla_cpu_opt_preset" not in flags:
+  flags += " --xla_cpu_opt_preset=FAST_COMPILE"
+os.environ["XLA_FLAGS"] = flags.strip()
 # The tiny configs compile the same programs in many tests (and in their subprocesses): a
 # persistent cache, fresh for each session, compiles each once. It changes no result.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jaxdiff-xla-"))

@@ -36,6 +36,7 @@ def _run_vae_benchmark(tmp_path, *args):
   return json.loads(out.read_text())
 
 
+@pytest.mark.full  # A benchmark script (the full tier holds them).
 def test_vae_benchmark_memory_shrinks_with_chunks_and_speed_reports(tmp_path):
   """benchmarks/vae.py on a tiny VAE folder: decoding one latent per call needs fewer temporaries
   than the whole batch at once, and the speed mode reports both directions."""

@@ -166,6 +166,7 @@ def test_bad_arguments_raise_clear_errors():
     shapes.sample_scene('train', -1, 32)
 
 
+@pytest.mark.full  # Two processes building TFDS data: ~10 s.
 def test_two_processes_prepare_the_same_data_dir_at_once(tmp_path):
   """Sweep members (or hosts) started together: one writes the TFDS Shapes data, the other waits
   for it and finds it written (without the file lock, TFDS's rename collided)."""

@@ -145,6 +145,7 @@ def _unfinished(data_dir):
   return glob.glob(os.path.join(data_dir, 'shapes_benchmark', '*', 'incomplete.*'))
 
 
+@pytest.mark.full  # Starts and kills a building process.
 def test_a_build_killed_midway_leaves_nothing_behind_once_prepared_again(tmp_path, caplog):
   data_dir = str(tmp_path / 'tfds')
   proc = _start(_HANGING_BUILD, 'building', data_dir)

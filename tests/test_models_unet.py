@@ -61,7 +61,7 @@ def test_zero_init_output_layer_gives_zero_output(boxed_variables):
   np.testing.assert_array_equal(np.asarray(out), 0.0)
 
 
-@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+@pytest.mark.parametrize('dtype', ['float32', pytest.param('bfloat16', marks=pytest.mark.full)])
 def test_output_shape_dtype_and_precision(variables, dtype):
   out = apply(make_config(dtype=dtype), variables, *inputs())
   assert out.shape == (B, S, S, C) and out.dtype == jnp.float32

@@ -90,6 +90,7 @@ def test_sample_to_folder_writes_pngs_grid_and_manifest(loaded, tmp_path):
   assert a == b
 
 
+@pytest.mark.full  # Compiles three samplers (~20 s); refusals are unit-tested in test_specs.
 def test_sampler_options_reach_the_sampler_or_are_refused(loaded, tmp_path):
   prompts = ['a red square', 'a white circle']
   kw = dict(num_steps=3, guidance_scale=2.0, seed=5)

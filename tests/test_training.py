@@ -175,6 +175,7 @@ def test_checkpoint_from_another_architecture_is_refused(tmp_path, tiny_run):
     loop.train_and_evaluate(config, workdir, devices=jax.devices()[:4])
 
 
+@pytest.mark.full  # Trains its own run (~15 s alone): the full tier.
 def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, monkeypatch):
   import os
   import signal
