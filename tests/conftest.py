@@ -35,16 +35,53 @@ class TinyRun(NamedTuple):
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> TinyRun:
-  """One uninterrupted 4-step tiny run with its eval grid, for the tests that only read it."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from configs import shapes, specs  # pylint: disable=import-outside-toplevel
-  from evaluation import sample_grid  # pylint: disable=import-outside-toplevel
-  from training import loop  # pylint: disable=import-outside-toplevel
-  path = tmp_path_factory.mktemp("tiny_run")
+  """One uninterrupted 4-step tiny run with its eval grid, for the tests that only read it.
+
+  Trained once per session: the first pytest-xdist worker to need it trains it into the folder
+  all workers share (under a lock); the others read its final checkpoint and metrics.jsonl back.
+  """
+  import filelock  # pylint: disable=import-outside-toplevel
+  from configs import shapes  # pylint: disable=import-outside-toplevel
+  shared = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    shared = shared.parent  # The session's folder, above each worker's own.
+  path = shared / "tiny_run"
   config = shapes.get_config("tiny")
   config.data.data_dir = str(path / "tfds")
   config.mesh.data, config.mesh.fsdp = 2, 2
   workdir = str(path / "run")
-  result = loop.train_and_evaluate(config, workdir, devices=jax.devices()[:4],
-                                   evaluator=sample_grid.SampleGridEvaluator(specs.build(config)))
-  return TinyRun(config, workdir, result)
+  with filelock.FileLock(str(shared / "tiny_run.lock")):
+    if not (path / "done").exists():
+      result = _train_tiny_run(config, workdir)
+      (path / "done").touch()
+      return TinyRun(config, workdir, result)
+  return TinyRun(config, workdir, _read_tiny_run(config, workdir))
+
+
+def _train_tiny_run(config, workdir):
+  import jax  # pylint: disable=import-outside-toplevel
+  from configs import specs  # pylint: disable=import-outside-toplevel
+  from evaluation import sample_grid  # pylint: disable=import-outside-toplevel
+  from training import loop  # pylint: disable=import-outside-toplevel
+  return loop.train_and_evaluate(config, workdir, devices=jax.devices()[:4],
+                                 evaluator=sample_grid.SampleGridEvaluator(specs.build(config)))
+
+
+def _read_tiny_run(config, workdir):
+  """The TrainResult of a finished run: its last checkpoint's state, its logged losses (every
+  step is logged in the tiny config)."""
+  import json  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  from configs import specs  # pylint: disable=import-outside-toplevel
+  from runtime import checkpoint, sharding  # pylint: disable=import-outside-toplevel
+  from training import builder, loop  # pylint: disable=import-outside-toplevel
+  settings = specs.build(config)
+  trainer = builder.build_trainer(settings, sharding.make_mesh(settings.mesh, jax.devices()[:4]))
+  ckpt = checkpoint.Checkpointer(workdir, read_only=True)
+  state, _ = ckpt.restore(checkpoint.abstract_with_shardings(trainer.abstract, trainer.shardings))
+  ckpt.close()
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  history = [(row["step"], row["train/loss"]) for row in rows if "train/loss" in row]
+  assert len(history) == settings.optim.num_steps, history
+  return loop.TrainResult(state, history)
