@@ -83,10 +83,6 @@ def model(config: Mapping[str, Any]) -> Any:
   return cls(**_read(cls, config, 'model'))
 
 
-def diffusion(config: Mapping[str, Any]) -> DiffusionSpec:
-  return DiffusionSpec(**_read(DiffusionSpec, config, 'diffusion'))
-
-
 def sampler(config: Mapping[str, Any]) -> SamplerSettings:
   """The config's sampling recipe; `sampler.eta` is DDIM's eta and only valid with 'ddim'."""
   values = _read(SamplerSettings, config, 'sampler', skip=('options',))

@@ -47,7 +47,7 @@ def test_latent_run_trains_and_samples_images(latent_setup, full_run):
   loaded = from_checkpoint.load(workdir, settings_of=specs.from_saved)
   assert loaded.generator.image_shape == (8, 8, 4)
   out = str(root / 'samples')
-  recipe = specs.sampler(loaded.settings).replace(num_steps=2)
+  recipe = loaded.settings.sampler.replace(num_steps=2)
   from_checkpoint.sample_to_folder(loaded, out, ['a photo of a rgb', 'the grey picture'], recipe)
   from PIL import Image
   assert Image.open(os.path.join(out, '00000.png')).size == (16, 16)  # Decoded to pixels.

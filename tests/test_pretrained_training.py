@@ -44,7 +44,7 @@ def test_pretrained_cached_encoder_trains_resumes_and_samples(tmp_path):
   assert checkpoint.Checkpointer(workdir, read_only=True).latest_step() == 4
   out = str(tmp_path / 'samples')
   loaded = from_checkpoint.load(workdir, settings_of=specs.from_saved)
-  recipe = specs.sampler(loaded.settings).replace(num_steps=2, guidance_scale=2.0)
+  recipe = loaded.settings.sampler.replace(num_steps=2, guidance_scale=2.0)
   summary = from_checkpoint.sample_to_folder(loaded, out, ['a red square'], recipe)
   assert summary['num_images'] == 1 and os.path.exists(os.path.join(out, '00000.png'))
 
