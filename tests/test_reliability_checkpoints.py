@@ -105,12 +105,12 @@ def test_sampling_skips_a_damaged_checkpoint_and_names_it_when_asked_for(two_che
   root, _, _ = two_checkpoints
   workdir = copy_of(root, 'sample')
   truncate(str(workdir / 'checkpoints' / '4'))
-  loaded = from_checkpoint.load(str(workdir, settings_of=specs.from_saved))
+  loaded = from_checkpoint.load(str(workdir), settings_of=specs.from_saved)
   assert loaded.step == 2
   assert os.path.isdir(workdir / 'checkpoints' / '4')  # Read-only: nothing is moved.
   with pytest.raises(checkpoint.CheckpointError,
                      match=rf"--step=4: the checkpoint {workdir}/checkpoints/4 cannot be restored"):
-    from_checkpoint.load(str(workdir, settings_of=specs.from_saved), step=4)
+    from_checkpoint.load(str(workdir), settings_of=specs.from_saved, step=4)
 
 
 @pytest.mark.full  # Trains tiny runs: the full tier (CI runs it).
@@ -216,8 +216,9 @@ def test_kill_during_a_save_then_a_truncated_newest_checkpoint(tmp_path):
   assert again.returncode == 0, again.stderr[-2000:]
   assert f'Checkpoint step {newest} at' in again.stderr
   for use_ema in (False, True):
-    a = from_checkpoint.load(str(tmp_path / 'full', settings_of=specs.from_saved), use_ema=use_ema)
-    b = from_checkpoint.load(str(cut, settings_of=specs.from_saved), use_ema=use_ema)
+    a = from_checkpoint.load(str(tmp_path / 'full'), settings_of=specs.from_saved,
+                             use_ema=use_ema)
+    b = from_checkpoint.load(str(cut), settings_of=specs.from_saved, use_ema=use_ema)
     assert a.step == b.step == 8
     for x, y in zip(leaves(a.unet_params), leaves(b.unet_params)):
       np.testing.assert_array_equal(x, y)
