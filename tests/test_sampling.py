@@ -220,7 +220,7 @@ def test_sampler_benchmark_runs_on_a_workdir(workdir, tmp_path, monkeypatch):
   assert raw['ema'] is False and raw['guidance_interval'] == [-5.0, 5.0]
   assert raw['guidance_rescale'] == 0.5 and raw['threshold'] == 0.0
   assert thresholded and set(thresholded) == {0.0}  # 0 is static clipping, not 'off' or 99.5.
-  assert loaded == [{'use_ema': False, 'sampling_grid': None}]
+  assert loaded == [{'settings_of': specs.from_saved, 'use_ema': False, 'sampling_grid': None}]
 
 
 def test_another_resolution_is_refused_unless_allowed(workdir, tmp_path):
