@@ -132,10 +132,10 @@ def test_config_and_shapes(vae, images):
   assert cfg.downsample_factor == 2 and cfg.latent_channels == 4
   assert cfg.scaling_factor == pytest.approx(0.18215) and cfg.shift_factor == 0.0
   assert cfg.force_upcast is True and cfg.block_out_channels == (8, 16)
-  mean, logvar = vae.encode(vae.params, images)
+  mean, logvar = jax.jit(vae.encode)(vae.params, images)
   assert mean.shape == logvar.shape == (3, 8, 8, 4)
   assert mean.dtype == logvar.dtype == jnp.float32
-  out = vae.decode(vae.params, mean)
+  out = jax.jit(vae.decode)(vae.params, mean)
   assert out.shape == (3, 16, 16, 3) and out.dtype == jnp.float32
   assert np.all(np.isfinite(out)) and float(jnp.std(out)) > 1e-3
   # The encoder is not translation-trivial: different images, different latents.
@@ -174,7 +174,7 @@ def test_bfloat16_compute(tiny_dir, vae, images):
   mean, logvar = jax.jit(vae16.encode)(vae16.params, images)
   out = jax.jit(vae16.decode)(vae16.params, mean)
   assert mean.dtype == logvar.dtype == out.dtype == jnp.float32
-  ref_mean, _ = vae.encode(vae.params, images)
+  ref_mean, _ = jax.jit(vae.encode)(vae.params, images)
   assert float(jnp.max(jnp.abs(mean - ref_mean))) < 0.1
   assert vae16.fingerprint != vae.fingerprint and 'bfloat16' in vae16.fingerprint
 

@@ -1,4 +1,6 @@
 """U-Net behaviour on a tiny config: shapes, dtypes, zero init, text conditioning, masking, remat, axes."""
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -51,8 +53,14 @@ def variables(boxed_variables):
   return perturb_output_layer(boxed_variables)
 
 
-def apply(config, variables, *args, **kw):
-  return UNet(config).apply(variables, *args, train=False, **kw)
+@functools.cache
+def _jitted_apply(config):
+  return jax.jit(lambda variables, *args: UNet(config).apply(variables, *args, train=False))
+
+
+def apply(config, variables, *args):
+  """The U-Net in evaluation mode, jitted once per config (eager, its ops compile one by one)."""
+  return _jitted_apply(config)(variables, *args)
 
 
 def test_zero_init_output_layer_gives_zero_output(boxed_variables):
@@ -120,11 +128,11 @@ def test_fully_masked_context_is_finite_and_ignores_context(variables):
 
 def test_dropout_only_in_training(variables):
   config, args = make_config(dropout=0.5), inputs()
-  model = UNet(config)
-  eval_a = model.apply(variables, *args, train=False)
+  train = jax.jit(lambda v, key, *a: UNet(config).apply(v, *a, train=True, rngs={'dropout': key}))
+  eval_a = apply(config, variables, *args)
   np.testing.assert_array_equal(np.asarray(eval_a), np.asarray(apply(make_config(), variables, *args)))
-  train_a = model.apply(variables, *args, train=True, rngs={'dropout': jax.random.key(1)})
-  train_b = model.apply(variables, *args, train=True, rngs={'dropout': jax.random.key(2)})
+  train_a = train(variables, jax.random.key(1), *args)
+  train_b = train(variables, jax.random.key(2), *args)
   assert float(jnp.abs(train_a - train_b).max()) > 1e-4
   assert float(jnp.abs(train_a - eval_a).max()) > 1e-4
 

@@ -141,8 +141,11 @@ def test_resume_replays_the_uninterrupted_run(tmp_path, tiny_run, caplog):
 SHARED_MESH = dict(data=2, fsdp=2)
 
 
-def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
+def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path, tiny_run, monkeypatch):
   config = tiny_config(tmp_path, **SHARED_MESH)  # 4 steps, a checkpoint every 2.
+  workdir = str(tmp_path / 'nan')  # Resumes the shared run's step-2 checkpoint: steps 3 and 4.
+  shutil.copytree(os.path.join(tiny_run.workdir, 'checkpoints', '2'),
+                  os.path.join(workdir, 'checkpoints', '2'))
   real_get = pipeline.iterate
 
   def poisoned(*args, **kwargs):
@@ -152,13 +155,11 @@ def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
       yield step, batch
 
   monkeypatch.setattr(pipeline, 'iterate', poisoned)
-  workdir = str(tmp_path / 'nan')
   with pytest.raises(loop.NonFiniteError, match='step 3'):
     loop.train_and_evaluate(config, workdir, devices=jax.devices()[:4])
   ckpt = checkpoint.Checkpointer(workdir, read_only=True)
-  assert ckpt.latest_step() == 2
-  config.mesh.data, config.mesh.fsdp = 1, 1
-  trainer, _ = built(config, jax.devices()[:1])
+  assert ckpt.all_steps() == [2]  # Nothing of the poisoned step was saved.
+  trainer, _ = built(config, jax.devices()[:4])
   state, position = ckpt.restore(checkpoint.abstract_with_shardings(trainer.abstract,
                                                                     trainer.shardings))
   assert position['step'] == 2
