@@ -102,7 +102,7 @@ def test_attention_in_cache_sized_chunks_matches_the_reference_and_its_gradients
   monkeypatch.setattr(attention, '_CPU_SCORES_BYTES', 2 * per_example)
   assert attention._cpu_chunk(6, per_example) == 2  # pylint: disable=protected-access
   args = [jnp.asarray(a, jnp.float32) for a in (q, k, v)]
-  chunked = lambda *a: dot_product_attention(*a, jnp.asarray(mask))
+  chunked = jax.jit(lambda *a: dot_product_attention(*a, jnp.asarray(mask)))
   assert 'scan' in str(jax.make_jaxpr(chunked)(*args))  # lax.map really ran.
   np.testing.assert_allclose(chunked(*args), reference_attention(q, k, v, mask), rtol=1e-5,
                              atol=1e-5)
@@ -113,8 +113,8 @@ def test_attention_in_cache_sized_chunks_matches_the_reference_and_its_gradients
     probs = jnp.where(keep, jax.nn.softmax(jnp.where(keep, logits, -1e30), axis=-1), 0.0)
     return jnp.einsum('bhqk,bkhd->bqhd', probs, v)
   loss = lambda f: lambda *a: jnp.sum(f(*a) ** 2)
-  got = jax.grad(loss(chunked), argnums=(0, 1, 2))(*args)
-  want = jax.grad(loss(softmax_form), argnums=(0, 1, 2))(*args)
+  got = jax.jit(jax.grad(loss(chunked), argnums=(0, 1, 2)))(*args)
+  want = jax.jit(jax.grad(loss(softmax_form), argnums=(0, 1, 2)))(*args)
   for g, w in zip(got, want):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
   assert np.all(np.isfinite(got[0]))

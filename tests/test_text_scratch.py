@@ -88,13 +88,13 @@ def _encoder(cfg):
 def encoder_and_vars():
   encoder = _encoder(TEXT_CFG)
   ids = jnp.zeros((2, 8), jnp.int32)
-  return encoder, encoder.init(jax.random.key(0), ids)
+  return encoder, jax.jit(encoder.init)(jax.random.key(0), ids)
 
 
 def test_encoder_shapes_and_mask_from_padding(encoder_and_vars):
   encoder, variables = encoder_and_vars
   ids = tok.WordTokenizer(tok.SHAPES_VOCAB, max_len=8).encode(CAPTIONS)
-  emb, mask, pooled = encoder.apply(variables, jnp.asarray(ids))
+  emb, mask, pooled = jax.jit(encoder.apply)(variables, jnp.asarray(ids))
   assert emb.shape == (3, 8, 16) and emb.dtype == jnp.float32
   assert pooled.shape == (3, 16) and pooled.dtype == jnp.float32
   np.testing.assert_array_equal(mask, ids != 0)
@@ -107,21 +107,21 @@ def test_encoder_shapes_and_mask_from_padding(encoder_and_vars):
 def test_padding_does_not_influence_real_tokens(encoder_and_vars):
   encoder, variables = encoder_and_vars
   ids = jnp.asarray([[2, 3, 4, 11, 0, 0, 0, 0]], jnp.int32)
-  emb_a, _, pooled_a = encoder.apply(variables, ids)
+  emb_a, _, pooled_a = jax.jit(encoder.apply)(variables, ids)
   # The same real tokens in a shorter array: padding length must not matter.
-  emb_b, _, pooled_b = encoder.apply(variables, ids[:, :5])
+  emb_b, _, pooled_b = jax.jit(encoder.apply)(variables, ids[:, :5])
   np.testing.assert_allclose(emb_a[:, :5], emb_b, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(pooled_a, pooled_b, rtol=1e-6, atol=1e-6)
   # Changing the padding embedding row (what padded positions would carry) changes nothing.
   params = nn.unbox(variables)['params']
   table = params['token_embed']['embedding'].at[0].add(10.0)
   changed = {'params': {**params, 'token_embed': {'embedding': table}}}
-  emb_c, _, pooled_c = encoder.apply(changed, ids)
+  emb_c, _, pooled_c = jax.jit(encoder.apply)(changed, ids)
   np.testing.assert_array_equal(np.asarray(emb_a), np.asarray(emb_c))
   np.testing.assert_array_equal(np.asarray(pooled_a), np.asarray(pooled_c))
   # ...while changing a real token's row does.
   table = params['token_embed']['embedding'].at[3].add(jnp.linspace(-1.0, 1.0, 16))
-  emb_d, _, _ = encoder.apply({'params': {**params, 'token_embed': {'embedding': table}}}, ids)
+  emb_d, _, _ = jax.jit(encoder.apply)({'params': {**params, 'token_embed': {'embedding': table}}}, ids)
   assert float(jnp.abs(emb_a - emb_d).max()) > 1e-3
 
 
