@@ -55,10 +55,17 @@ def get_config(arg=None):
   text.allow_download = True  # A pretrained_path 'org/name' that is no local folder: fetch it from the hub.
   text.cache_embeddings = False  # Pretrained: precompute caption embeddings once (finite datasets).
   text.cond_drop_prob = 0.1  # Probability of replacing a caption by the empty one (CFG training).
+  text.clip_skip = 0  # CLIP: condition on the output this many layers before the last (then its
+  # final layer norm), as diffusers' and kohya's clip_skip; 0 = the last layer.
 
   # --- model (U-Net) --------------------------------------------------------
   config.model = model = ml_collections.ConfigDict()
-  model.family = 'unet'  # The denoiser network (models/family.py): 'unet', the ADM-style U-Net.
+  model.family = 'unet'  # The denoiser network (models/family.py): 'unet', the ADM-style U-Net;
+  # 'sd', Stable Diffusion's U-Net from model.pretrained.
+  model.pretrained = ''  # A diffusers Stable Diffusion folder: fills the U-Net, text encoder, VAE
+  # and diffusion fields from it (configs/pipeline.py, docs/stable_diffusion.md).
+  model.pretrained_changes = ()  # Fields that may differ from model.pretrained's on purpose, e.g.
+  # ('diffusion.zero_terminal_snr', 'diffusion.prediction').
   model.patch_size = 1  # Fold p x p pixel patches into channels first (p=2: 4x cheaper convs).
   model.coord_channels = True  # Append (x, y) coordinate channels: absolute position for "left of".
   model.pooled_conditioning = False  # Add the pooled text vector to the noise embedding (Imagen);
@@ -105,6 +112,8 @@ def get_config(arg=None):
   diff.loss_target = 'auto'  # Loss space: 'eps', 'x0', 'v'; 'auto' = same as prediction.
   diff.loss_weighting = 'auto'  # 'none', 'min_snr', 'edm'; 'auto' = edm for edm, else none.
   diff.min_snr_gamma = 5.0  # Min-SNR-gamma clip (Hang et al. 2023).
+  diff.noise_offset = 0.0  # Offset noise: + this x one normal per example and channel (0 = off;
+  # 0.05-0.1 lets a fine-tune reach darker and brighter images, as diffusers and kohya offer it).
 
   # --- sampler (eval grids during training; sample.py defaults) -------------
   config.sampler = sampler = ml_collections.ConfigDict()

@@ -29,7 +29,7 @@ from typing import Any, Mapping
 import ml_collections
 
 from cluster.distributed import DistributedSpec
-from configs import base
+from configs import base, pipeline
 from data.spec import DataSpec
 from diffusion.spec import DiffusionSpec, SamplerSettings
 from models import family
@@ -65,11 +65,15 @@ _SECTIONS = {'data': DataSpec, 'text': TextSpec, 'autoencoder': AutoencoderSpec,
              'diffusion': DiffusionSpec, 'optim': OptimSpec, 'mesh': MeshSpec,
              'distributed': DistributedSpec, 'checkpoint': CheckpointSpec,
              'logging': LoggingSpec}
-_NOT_SPEC_FIELDS = {'model': ('family',), 'sampler': ('eta',)}  # Read here, not by the spec.
+# Read here or by configs/pipeline.py, not by the spec.
+_NOT_SPEC_FIELDS = {'model': ('family', 'pretrained', 'pretrained_changes'), 'sampler': ('eta',)}
 
 
 def build(config: Mapping[str, Any]) -> Settings:
-  """Every section of `config` (a ConfigDict or the same as nested dicts) as its spec."""
+  """Every section of `config` (a ConfigDict or the same as nested dicts) as its spec; a
+  `model.pretrained` pipeline folder fills its fields first (configs/pipeline.py)."""
+  if isinstance(config, ml_collections.ConfigDict):
+    config = pipeline.fill(config)
   sections = {name: cls(**_read(cls, config, name)) for name, cls in _SECTIONS.items()}
   record = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
   return Settings(seed=_field(config, 'seed', ''), model=model(config), sampler=sampler(config),
@@ -79,8 +83,10 @@ def build(config: Mapping[str, Any]) -> Settings:
 def model(config: Mapping[str, Any]) -> Any:
   """The `model` section as the spec of its `model.family`."""
   name = _field(_section(config, 'model'), 'family', 'model')
-  cls = family.get(name).spec_class
-  return cls(**_read(cls, config, 'model'))
+  chosen = family.get(name)
+  if chosen.read_spec is not None:
+    return chosen.read_spec(_tuples(dict(_section(config, 'model'))))
+  return chosen.spec_class(**_read(chosen.spec_class, config, 'model'))
 
 
 def sampler(config: Mapping[str, Any]) -> SamplerSettings:
@@ -101,7 +107,8 @@ def from_saved(saved: Mapping[str, Any]) -> Settings:
   """The settings of a config a checkpoint saved (its JSON), over configs/base.py: a field added
   since the run was written gets its default."""
   config = base.get_config()
-  _merge(config, _tuples(dict(saved)))
+  saved = {k: v for k, v in saved.items() if not k.startswith('_')}  # '_frozen': digests.
+  _merge(config, _tuples(saved))
   return build(config)
 
 

@@ -55,6 +55,10 @@ def diffusion_loss(pred_fn, x0, rng, spec):
   rng_logsnr, rng_eps = jax.random.split(rng)
   logsnr = schedules.sample_train_logsnr(rng_logsnr, x0.shape[:1], spec)
   eps = jax.random.normal(rng_eps, x0.shape, x0.dtype)
+  if spec.noise_offset:  # Offset noise: one extra normal per example and channel (Guttenberg 2023).
+    shape = x0.shape[:1] + (1,) * (x0.ndim - 2) + x0.shape[-1:]
+    eps = eps + spec.noise_offset * jax.random.normal(jax.random.fold_in(rng_eps, 1), shape,
+                                                      x0.dtype)
   alpha, sigma = param.per_example(logsnr, x0)
   x_t = alpha * x0 + sigma * eps
   out = jnp.asarray(pred_fn(x_t, logsnr), x0.dtype)

@@ -128,6 +128,30 @@ def discrete_logsnrs(spec) -> np.ndarray:
     return np.log(alpha_bar) - np.log1p(-alpha_bar)
 
 
+def timestep_from_logsnr(logsnr, spec):
+  """The discrete-time network input of a noise level: diffusers' timestep t in [0, T-1].
+
+  Timestep k of `discrete_logsnrs` (k = 1..T) is diffusers' t = k - 1 (its alphas_cumprod[t]).
+  Between table entries t is interpolated linearly in log-SNR (diffusers' Euler schedulers
+  interpolate in log sigma, the same up to the factor -2), so a training level taken from the
+  table maps to its integer timestep exactly. `diffusion.logsnr_shift` is removed first; levels
+  beyond either end clip to 0 or T-1.
+  """
+  if spec.schedule == 'edm':
+    raise ValueError("diffusion.schedule='edm' has no timesteps; a network that takes discrete "
+                     'timesteps (model.family=\'sd\') needs a discrete schedule.')
+  table = discrete_logsnrs(spec)[1:]  # [T], decreasing; may end in -inf (zero terminal SNR).
+  table = np.where(np.isfinite(table), table, table[np.isfinite(table)].min() - 20.0)
+  ascending = jnp.asarray(table[::-1], jnp.float32)  # For searchsorted.
+  level = jnp.asarray(logsnr, jnp.float32) - float(spec.logsnr_shift)
+  level = jnp.clip(level, ascending[0], ascending[-1])
+  i = jnp.clip(jnp.searchsorted(ascending, level, side='right') - 1, 0, len(table) - 2)
+  lo, hi = ascending[i], ascending[i + 1]
+  frac = (level - lo) / (hi - lo)
+  k_ascending = i.astype(jnp.float32) + frac  # Position in the ascending table.
+  return (len(table) - 1) - k_ascending
+
+
 # ------------------------------------------------------------------ EDM / Karras
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0):
   """Karras et al. 2022 eq. 5: n sigmas from sigma_max down to sigma_min, equal in sigma^(1/rho)."""

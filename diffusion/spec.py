@@ -45,6 +45,7 @@ class DiffusionSpec:
   loss_target: str
   loss_weighting: str
   min_snr_gamma: float
+  noise_offset: float
 
   def __post_init__(self):
     for name, choices in (('schedule', schedules.SCHEDULES),
@@ -63,6 +64,9 @@ class DiffusionSpec:
     if not 0 < self.sigma_min <= self.sigma_max:
       raise ValueError(f'{SECTION}.sigma_min={self.sigma_min} and sigma_max={self.sigma_max} '
                        'must satisfy 0 < sigma_min <= sigma_max.')
+    if not self.noise_offset >= 0:
+      raise ValueError(f'{SECTION}.noise_offset must be >= 0 (0: off; 0.05-0.1 is usual), got '
+                       f'{self.noise_offset}.')
     if self.sigma_data <= 0:
       raise ValueError(f'{SECTION}.sigma_data must be > 0, got {self.sigma_data}.')
     if self.prediction == 'eps' and self.zero_terminal_snr:

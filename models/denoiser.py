@@ -10,13 +10,15 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from diffusion import parameterization
+from diffusion import parameterization, schedules
 
 
 def apply_network(unet, unet_params, x_t, logsnr, cond: dict, spec, *, train=False, rngs=None):
   """Raw U-Net output for noisy x_t at log-SNR `logsnr` ([B] or scalar) given text `cond`."""
   logsnr = jnp.broadcast_to(jnp.asarray(logsnr, jnp.float32), x_t.shape[:1])
   net_in, c_noise = parameterization.network_inputs(x_t, logsnr, spec)
+  if getattr(unet, 'takes_timestep', False):  # Discrete-time networks (SD): diffusers' timestep.
+    c_noise = schedules.timestep_from_logsnr(logsnr, spec)
   return unet.apply({'params': unet_params}, net_in, c_noise, cond['emb'], cond['mask'],
                     cond['pooled'], train=train, rngs=rngs)
 

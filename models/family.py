@@ -8,6 +8,11 @@ checkpointing never ask which one they hold:
       -> raw output [B,H,W,C] float32 (the preconditioning wrapper, models/denoiser.py, turns it
          into x0 for the diffusion spec's parameterisation)
 
+A family may also read its spec from somewhere else than the config's fields (`read_spec`: the
+'sd' family reads `model.pretrained`'s unet/config.json) and start from pretrained weights
+(`pretrained`). A module with `takes_timestep = True` gets diffusers' discrete timestep as
+c_noise (models/denoiser.py maps the noise level to it).
+
 A second family (other weights, other inputs) adds an entry to FAMILIES; nothing else changes.
 """
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 
-from models import unet
+from models import sd_family, unet
 
 
 class Family(NamedTuple):
@@ -25,6 +30,10 @@ class Family(NamedTuple):
   # (spec, image side in pixels, its name for errors, *, vae_factor, attention): raises
   # ValueError naming the field unless the network can take images of that side.
   check_image_size: Callable[..., None]
+  # (the config's `model` section as a mapping) -> spec; None: spec_class(**the section's fields).
+  read_spec: Callable[[Any], Any] | None = None
+  # spec -> a function loading its pretrained weights (plain arrays), or None (random init).
+  pretrained: Callable[[Any], Callable[[], Any] | None] | None = None
 
 
 def _build_unet(spec: unet.UNetSpec, side: int) -> nn.Module:
@@ -32,7 +41,11 @@ def _build_unet(spec: unet.UNetSpec, side: int) -> nn.Module:
   return unet.UNet(spec, attn_levels=unet.attention_levels(spec, side // spec.patch_size))
 
 
-FAMILIES = {'unet': Family(unet.UNetSpec, _build_unet, unet.check_image_size)}  # model.family
+FAMILIES = {  # model.family
+    'unet': Family(unet.UNetSpec, _build_unet, unet.check_image_size),
+    'sd': Family(sd_family.SDSpec, sd_family.build, sd_family.check_image_size,
+                 read_spec=sd_family.read_spec, pretrained=sd_family.pretrained),
+}
 
 
 def get(name: str) -> Family:
@@ -53,6 +66,12 @@ def of(spec: Any) -> Family:
 def build(spec: Any, input_side: int) -> nn.Module:
   """The module of `spec`'s family for inputs of side `input_side` (pixels or latents)."""
   return of(spec).build(spec, input_side)
+
+
+def pretrained(spec: Any) -> Callable[[], Any] | None:
+  """A function loading the pretrained weights `spec`'s family starts from (None: random init)."""
+  hook = of(spec).pretrained
+  return None if hook is None else hook(spec)
 
 
 def check_image_size(spec: Any, size: int, name: str, *, vae_factor: int = 1,

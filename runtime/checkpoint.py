@@ -29,16 +29,20 @@ from runtime import workdir as paths
 
 # Config fields whose change makes a checkpoint unusable (architecture and meaning of params).
 # `model`: every field but these (which change how the same parameters are computed with).
-_MODEL_FREE = ('dtype', 'param_dtype', 'remat', 'dropout', 'attention')
+# (model.pretrained: a folder may move; the frozen parts are compared by weight digest instead.)
+_MODEL_FREE = ('dtype', 'param_dtype', 'remat', 'dropout', 'attention', 'pretrained',
+               'pretrained_changes')
 _ARCH_FIELDS = {
     'model': None,  # All of config.model except _MODEL_FREE.
-    'text': ('encoder', 'width', 'depth', 'num_heads', 'max_len', 'vocab', 'pretrained_path'),
+    'text': ('encoder', 'width', 'depth', 'num_heads', 'max_len', 'vocab'),
     'data': ('image_size',),
     'diffusion': ('prediction',),
 }
 
 
 _ITEMS = ('state', 'config', 'data')
+# Key of the saved config item holding the frozen components' {name: [weight digest, folder]}.
+FROZEN_KEY = '_frozen'
 
 
 class CheckpointError(ValueError):
@@ -313,6 +317,14 @@ def check_compatible(saved: dict, current: dict, directory: str):
         f'The checkpoint in {directory} was written with another architecture: '
         + '; '.join(diffs) + '. Use a fresh --workdir, or set these fields back to the '
         'checkpoint values.')
+  was, now = saved.get(FROZEN_KEY) or {}, current.get(FROZEN_KEY) or {}
+  for name in sorted(set(was) & set(now)):  # Runs saved before digests were kept: nothing to check.
+    if was[name][0] != now[name][0]:
+      raise IncompatibleCheckpoint(
+          f'The {name} differs from the one the checkpoint in {directory} was trained with: '
+          f'weight digest {now[name][0]} ({now[name][1]}) vs {was[name][0]} ({was[name][1]}). '
+          'A frozen component must not change under a run: point the config back at the '
+          'original weights, or start a fresh --workdir.')
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:

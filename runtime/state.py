@@ -69,23 +69,35 @@ def init_params(rng, *, unet, text_encoder, input_shape: tuple[int, int, int]) -
   return params
 
 
-def init_state(rng, *, unet, text_encoder, tx, input_shape: tuple[int, int, int]) -> TrainState:
-  """Initial boxed train state; jit/eval_shape it, do not call eagerly."""
+def init_state(rng, *, unet, text_encoder, tx, input_shape: tuple[int, int, int],
+               unet_params=None) -> TrainState:
+  """Initial boxed train state; jit/eval_shape it, do not call eagerly. `unet_params`: pretrained
+  weights (the family's, plain arrays) that replace the random ones, keeping their axis names."""
   params = init_params(rng, unet=unet, text_encoder=text_encoder, input_shape=input_shape)
+  if unet_params is not None:
+    is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+    params = dict(params, unet=jax.tree.map(
+        lambda box, value: box.replace_boxed(value) if is_box(box) else value,
+        params['unet'], unet_params, is_leaf=is_box))
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     ema_params=params)
 
 
-def create_sharded_state(mesh, rules, *, unet, text_encoder, tx, input_shape):
+def create_sharded_state(mesh, rules, *, unet, text_encoder, tx, input_shape, pretrained=None):
   """Abstract state + its shardings (from logical axis names via `rules`), and the jitted
-  initialiser."""
+  initialiser `init_fn(rng)`. `pretrained`: None, or a function giving the family's pretrained
+  U-Net weights, called only when a run starts from scratch (a resumed run never reads them)."""
   init = functools.partial(init_state, unet=unet, text_encoder=text_encoder, tx=tx,
                            input_shape=input_shape)
   boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
   shardings = sharding.tree_shardings(boxed, mesh, rules)
   abstract = nn.meta.unbox(boxed)
-  init_fn = jax.jit(lambda rng: nn.meta.unbox(init(rng)), out_shardings=shardings)
-  return abstract, shardings, init_fn
+  if pretrained is None:
+    return abstract, shardings, jax.jit(lambda rng: nn.meta.unbox(init(rng)),
+                                        out_shardings=shardings)
+  jitted = jax.jit(lambda rng, values: nn.meta.unbox(init(rng, unet_params=values)),
+                   out_shardings=shardings)
+  return abstract, shardings, lambda rng: jitted(rng, pretrained())
 
 
 def abstract_params(mesh, rules, *, unet, text_encoder, input_shape) -> Any:

@@ -113,3 +113,24 @@ def test_loss_jits_and_bad_options_raise():
   with pytest.raises(ValueError, match='diffusion.loss_target'):
     losses.diffusion_loss(lambda x, l: x, _x0(), jax.random.PRNGKey(0),
                           make_cfg(loss_target='score'))
+
+
+def test_offset_noise_adds_one_normal_per_example_and_channel():
+  """With eps prediction and a network that predicts 0, the loss is E[eps^2] = 1 + offset^2;
+  the offset is shared by every pixel of an example's channel."""
+  x0 = jnp.zeros((512, 4, 4, 3))
+  zero = lambda x_t, logsnr: jnp.zeros_like(x_t)
+  plain, _ = losses.diffusion_loss(zero, x0, jax.random.key(0), make_cfg())
+  offset, _ = losses.diffusion_loss(zero, x0, jax.random.key(0), make_cfg(noise_offset=1.0))
+  assert abs(float(plain.mean()) - 1.0) < 0.05
+  assert abs(float(offset.mean()) - 2.0) < 0.1
+  seen = []
+  pred = lambda x_t, logsnr: seen.append(x_t) or jnp.zeros_like(x_t)
+  losses.diffusion_loss(pred, jnp.zeros((2, 8, 8, 3)), jax.random.key(1),
+                        make_cfg(noise_offset=100.0))
+  x_t = np.asarray(seen[0])  # x0 = 0: x_t = sigma eps, dominated by the shared offset.
+  per_channel = x_t.mean(axis=(1, 2), keepdims=True)
+  residual = x_t - per_channel  # sigma x unit noise, against sigma x 100 x a shared normal.
+  assert residual.std() < 0.05 * np.sqrt(np.mean(per_channel**2))
+  with pytest.raises(ValueError, match='noise_offset'):
+    make_cfg(noise_offset=-0.1)

@@ -181,3 +181,17 @@ def test_remat_accepts_the_old_booleans_and_names_the_choices(tmp_path):
   saved = shapes.get_config('tiny').to_dict()
   saved['model']['remat'] = True
   checkpoint.check_compatible(saved, tiny_config(model__remat='dots').to_dict(), str(tmp_path))
+
+
+def test_a_frozen_component_with_other_weights_is_refused_but_a_moved_folder_resumes(tmp_path):
+  saved = shapes.get_config('tiny').to_dict()
+  saved[checkpoint.FROZEN_KEY] = {'autoencoder': ['aaaa', '/models/vae']}
+  moved = dict(saved, **{checkpoint.FROZEN_KEY: {'autoencoder': ['aaaa', '/elsewhere/vae']}})
+  checkpoint.check_compatible(saved, moved, str(tmp_path))  # Same weights, another path.
+  other = dict(saved, **{checkpoint.FROZEN_KEY: {'autoencoder': ['bbbb', '/models/vae2']}})
+  with pytest.raises(checkpoint.IncompatibleCheckpoint,
+                     match=r'The autoencoder differs .* weight digest bbbb \(/models/vae2\) vs '
+                           r'aaaa \(/models/vae\)'):
+    checkpoint.check_compatible(saved, other, str(tmp_path))
+  del saved[checkpoint.FROZEN_KEY]  # A checkpoint written before digests were kept.
+  checkpoint.check_compatible(saved, other, str(tmp_path))

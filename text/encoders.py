@@ -89,8 +89,9 @@ def _scratch(cfg: TextSpec, workdir=None) -> TextEncoder:
 def _pretrained(cfg: TextSpec) -> TextEncoder:
   from text import pretrained
   path = cfg.pretrained_path or pretrained.default_minilm_path()
+  extra = {'clip_skip': cfg.clip_skip} if cfg.clip_skip else {}  # CLIP folders only.
   enc = pretrained.load_pretrained(path, max_len=cfg.max_len, dtype=cfg.dtype,
-                                   allow_download=cfg.allow_download)
+                                   allow_download=cfg.allow_download, **extra)
   params = enc.params
   return TextEncoder(tokenize=enc.tokenize, init=lambda rng: params, encode=enc.encode,
                      trainable=False, dim=enc.dim, max_len=cfg.max_len, module=None,

@@ -29,6 +29,7 @@ class TextSpec:
   allow_download: bool
   cache_embeddings: bool
   cond_drop_prob: float
+  clip_skip: int
 
   def __post_init__(self):
     if self.encoder not in ENCODERS:
@@ -41,6 +42,8 @@ class TextSpec:
       raise ValueError(f'text.num_heads={self.num_heads} must divide text.width={self.width}.')
     layers.resolve_dtype(self.dtype, 'text.dtype')
     layers.resolve_dtype(self.param_dtype, 'text.param_dtype')
+    if isinstance(self.clip_skip, bool) or not isinstance(self.clip_skip, int) or self.clip_skip < 0:
+      raise ValueError(f'text.clip_skip={self.clip_skip!r} must be an int >= 0 (0: the last layer).')
     if not 0.0 <= self.cond_drop_prob < 1.0:
       raise ValueError(f'text.cond_drop_prob={self.cond_drop_prob!r} must be in [0, 1).')
 

@@ -19,6 +19,7 @@ from absl import logging
 from data import batch as batch_keys
 from data import records
 from data.sources import DataError
+from models import family, weights
 from runtime import sharding, state as state_lib, trace_cache
 from text import encoders
 from training import step as step_lib
@@ -39,6 +40,7 @@ class Trainer(NamedTuple):
   text_inputs: text_inputs_lib.TextInputs  # Host: a loader batch's captions -> text inputs.
   image_keys: tuple[str, ...]  # data.batch.image_keys: images, or the records' cached latents.
   step: trace_cache.Program  # (state, global batch, rng, frozen_text, vae_params) -> (state, m).
+  frozen: dict[str, list[str]]  # Frozen component -> [weight digest, folder]: what a resume checks.
 
 
 def make_optimizer(optim) -> tuple[optax.GradientTransformation, Callable[[Any], Any]]:
@@ -71,7 +73,8 @@ def build_trainer(settings, mesh, *, source=None, workdir=None) -> Trainer:
   tx, lr_schedule = make_optimizer(settings.optim)
   abstract, shardings, init = state_lib.create_sharded_state(
       mesh, settings.mesh.logical_axis_rules, unet=unet, text_encoder=text_encoder, tx=tx,
-      input_shape=state_lib.diffusion_shape(settings.data.image_size, autoencoder))
+      input_shape=state_lib.diffusion_shape(settings.data.image_size, autoencoder),
+      pretrained=family.pretrained(settings.model))
   # Frozen weights: split over 'fsdp' like the trained ones.
   frozen_text = None if text_encoder.trainable else sharding.put_frozen(text_encoder.init(None),
                                                                          mesh)
@@ -84,8 +87,14 @@ def build_trainer(settings, mesh, *, source=None, workdir=None) -> Trainer:
   step = jit_train_step(settings, unet=unet, text_encoder=text_encoder,
                         null_inputs=text_inputs.null, tx=tx, autoencoder=autoencoder,
                         state_shardings=shardings, batch_shardings=batch_shardings)
+  frozen = {}  # By weight digest, not path: a moved folder with the same weights still resumes.
+  if autoencoder is not None:
+    frozen['autoencoder'] = [weights.digest(autoencoder.params), settings.autoencoder.path]
+  if not text_encoder.trainable:
+    frozen['text encoder'] = [weights.digest(text_encoder.init(None)),
+                              settings.text.pretrained_path or 'the packaged MiniLM']
   return Trainer(unet, text_encoder, autoencoder, tx, lr_schedule, abstract, shardings, init,
-                 frozen_text, vae_params, text_inputs, image_keys, step)
+                 frozen_text, vae_params, text_inputs, image_keys, step, frozen)
 
 
 def jit_train_step(settings, *, unet, text_encoder, null_inputs, tx, autoencoder, state_shardings,

@@ -68,7 +68,7 @@ def train(settings, workdir: str, *, evaluator: Evaluator | None = None, devices
   guard = checkpoint.DivergenceGuard(settings.checkpoint.divergence_factor,
                                      settings.checkpoint.divergence_window)
   target = checkpoint.abstract_with_shardings(trainer.abstract, trainer.shardings)
-  record = settings.config_record()
+  record = dict(settings.config_record(), **{checkpoint.FROZEN_KEY: trainer.frozen})
 
   def restore(step):
     checkpoint.check_compatible(ckpt.saved_config(step), record, ckpt.directory)
