@@ -15,7 +15,7 @@ from typing import Any, Callable
 import flax.linen as nn
 
 UNET = 'unet'  # The U-Net's sub-folder of a pipeline folder.
-_RUN_FIELDS = ('dtype', 'param_dtype', 'remat')  # model.* fields the 'sd' family reads.
+_RUN_FIELDS = ('dtype', 'param_dtype', 'remat', 'attention')  # model.* fields the 'sd' family reads.
 
 
 @dataclasses.dataclass(frozen=True)

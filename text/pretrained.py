@@ -1,5 +1,7 @@
 """Frozen pretrained text encoders (BERT family incl. MiniLM, T5/mT5 encoder) from local HF folders.
 
+(A diffusers `text_encoder/` folder, model_type 'clip_text_model', goes to `text.clip.load_clip`.)
+
 A Hugging Face-layout folder holds `config.json`, `model.safetensors` (or sharded
 `model.safetensors.index.json` + shards) and `tokenizer.json`. `load_pretrained` dispatches on
 `config.json`'s `model_type`, converts the tensors to our Flax parameter tree (checking every shape
@@ -190,7 +192,7 @@ _MODEL_TYPES = {'bert': 'bert', 't5': 't5', 'mt5': 't5'}
 
 def load_pretrained(path: str, *, max_len: int, dtype: str | Any = 'float32',
                     param_dtype: Any = jnp.float32,
-                    allow_download: bool = True) -> PretrainedEncoder:
+                    allow_download: bool = True, clip_skip: int = 0) -> PretrainedEncoder:
   """Loads a local Hugging Face folder (or hub id, see `resolve_path`) as a `PretrainedEncoder`.
 
   Args:
@@ -201,16 +203,26 @@ def load_pretrained(path: str, *, max_len: int, dtype: str | Any = 'float32',
     param_dtype: dtype the weights are stored in (float32; bfloat16 halves memory for big T5s).
     allow_download: a hub id 'org/name' that is no local folder may be downloaded
       (`text.allow_download`); otherwise it is an error.
+    clip_skip: CLIP only (see `text.clip.load_clip`): take the hidden state this many layers
+      before the last.
   """
   folder = resolve_path(path, allow_download=allow_download)
   config_path = _require(folder, 'config.json')
   with open(config_path) as f:
     cfg = json.load(f)
   model_type = cfg.get('model_type')
+  if model_type == 'clip_text_model':
+    from text import clip  # pylint: disable=g-import-not-at-top  (clip imports this module)
+    return clip.load_clip(folder, max_len=max_len, clip_skip=clip_skip, dtype=dtype,
+                          param_dtype=param_dtype)
+  if clip_skip:
+    raise ValueError(f'clip_skip={clip_skip} applies only to CLIP text encoders; {config_path} '
+                     f'has model_type={model_type!r}. Set it to 0.')
   arch_name = _MODEL_TYPES.get(model_type)
   if arch_name is None:
     raise ValueError(f"{config_path}: model_type={model_type!r} is not supported; supported: "
-                     "'bert' (BERT, MiniLM, ...), 't5' and 'mt5' (encoder only).")
+                     "'bert' (BERT, MiniLM, ...), 't5' and 'mt5' (encoder only), 'clip_text_model' "
+                     "(a diffusers text_encoder/).")
   arch = _ARCHS[arch_name]
   compute_dtype = layers.resolve_dtype(dtype, 'text.dtype') if isinstance(dtype, str) else dtype
   if compute_dtype not in layers.DTYPES.values():
