@@ -40,8 +40,10 @@ def write_pipeline(out: str, *, preset: str = 'sd1', seed: int = 0) -> str:
   try:
     sd2 = preset == 'sd2'
     random_sd_unet.write_random_sd_unet(os.path.join(work, 'unet'), preset=preset, seed=seed)
+    with open(os.path.join(work, 'unet', 'config.json')) as f:
+      width = json.load(f)['cross_attention_dim']  # The text encoder's width.
     random_clip.write_random_clip(
-        os.path.join(work, 'text_encoder'), os.path.join(work, 'tokenizer'),
+        os.path.join(work, 'text_encoder'), os.path.join(work, 'tokenizer'), hidden_size=width,
         hidden_act='gelu' if sd2 else 'quick_gelu', pad_token='!' if sd2 else '<|endoftext|>',
         seed=seed + 1)
     vae_config = autoencoder.VAEConfig(block_out_channels=(8, 16), layers_per_block=1,
@@ -78,19 +80,19 @@ def _write_json(path: str, value) -> None:
     f.write('\n')
 
 
-_OUT = flags.DEFINE_string('out', None, 'Folder to write (replaced if it exists).')
-_PRESET = flags.DEFINE_enum('preset', 'sd1', PRESETS, 'sd1: SD 1.x-like (conv proj_in, '
-                            'quick_gelu CLIP, epsilon); sd2: SD 2.x-like (linear proj_in, head '
-                            'counts per level, upcast attention, gelu CLIP, v_prediction).')
-_SEED = flags.DEFINE_integer('seed', 0, 'Seed of the random weights.')
-
-
 def main(argv):
   del argv
-  if not _OUT.value:
+  flag = flags.FLAGS
+  if not flag.out:
     raise app.UsageError('--out is required (the pipeline folder to write).')
-  print(write_pipeline(_OUT.value, preset=_PRESET.value, seed=_SEED.value))
+  print(write_pipeline(flag.out, preset=flag.preset, seed=flag.seed))
 
 
 if __name__ == '__main__':
+  # Flags only when run as a program: the tests import this module beside sample.py's flags.
+  flags.DEFINE_string('out', None, 'Folder to write (replaced if it exists).')
+  flags.DEFINE_enum('preset', 'sd1', PRESETS, 'sd1: SD 1.x-like (conv proj_in, quick_gelu CLIP, '
+                    'epsilon); sd2: SD 2.x-like (linear proj_in, head counts per level, upcast '
+                    'attention, gelu CLIP, v_prediction).')
+  flags.DEFINE_integer('seed', 0, 'Seed of the random weights.')
   app.run(main)
