@@ -1,5 +1,7 @@
 """`model.pretrained`: a pipeline folder fills the config; contradictions and bad folders are refused."""
 import json
+import subprocess
+import sys
 import os
 
 import pytest
@@ -89,3 +91,16 @@ def test_without_a_folder_nothing_changes():
   config = sd.get_config('tiny')
   config.model.family = 'unet'
   assert pipeline.fill(config) is config
+
+
+def test_train_py_names_a_folder_without_model_index_in_one_line(tmp_path):
+  folder = folder_with(tmp_path, index=False)
+  result = subprocess.run(
+      [sys.executable, 'train.py', '--config=configs/sd.py:tiny', f'--workdir={tmp_path / "w"}',
+       f'--config.model.pretrained={folder}', f'--config.data.path={tmp_path}'],
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
+      text=True, timeout=300, check=False)
+  assert result.returncode != 0
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: ') and 'model_index.json not found' in last, result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr
