@@ -1,13 +1,18 @@
-"""Samples images from a trained workdir. Thin entry point: flags -> sampling.from_checkpoint.
+"""Samples images from a trained workdir, or from a diffusers Stable Diffusion folder as it is.
+Thin entry point: flags -> sampling.from_checkpoint / sampling.from_pipeline.
 
   python sample.py --workdir=runs/shapes_cpu --prompt="a red circle" --prompt="a blue square" \
       --out=runs/shapes_cpu/samples_cli --sampler=ddim --steps=50 --guidance=3 --seed=0 --num=4
   python sample.py --workdir=runs/shapes_cpu --prompt_file=prompts.txt --out=/tmp/samples
   python sample.py --workdir=runs/shapes_cpu --shapes_benchmark --out=/tmp/bench  # then evaluate.py
+  python sample.py --pretrained=/models/sd15 --prompt="a cat" --negative_prompt="blurry" \
+      --sampler=euler --steps=30 --guidance=7.5 --out=/tmp/cats  # diffusers' images, untrained
 
 Writes one PNG per sample, grid.png and manifest.jsonl (file, prompt, seed, sampler,
 steps, guidance settings, sampler options, grid, checkpoint step). Uses the EMA parameters
 unless --noema. A sampler option the sampler does not take (e.g. --eta with heun) is an error.
+--pretrained samples the folder with configs/sd.py:sample (float32) on the timesteps of its
+scheduler_config.json, as diffusers' StableDiffusionPipeline does (docs/stable_diffusion.md).
 """
 
 import json
@@ -22,8 +27,14 @@ from absl import app, flags, logging  # noqa: E402
 from diffusion import names  # noqa: E402  (no jax: the flags' choices)
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir (checkpoints + saved config).')
-_OUT = flags.DEFINE_string('out', None, 'Output folder (default: WORKDIR/samples_cli).')
+_PRETRAINED = flags.DEFINE_string('pretrained', None, 'Instead of --workdir: a diffusers Stable '
+                                  'Diffusion folder, sampled as it is (no training).')
+_OUT = flags.DEFINE_string('out', None, 'Output folder (default: WORKDIR/samples_cli; required '
+                           'with --pretrained).')
 _PROMPT = flags.DEFINE_multi_string('prompt', [], 'A prompt; repeat the flag for several.')
+_NEGATIVE = flags.DEFINE_string('negative_prompt', '', 'What guidance steers away from, for all '
+                                'prompts (the unconditional branch encodes it; default: the '
+                                'empty caption).')
 _PROMPT_FILE = flags.DEFINE_string('prompt_file', None, 'A text file with one prompt per line.')
 _BENCH = flags.DEFINE_bool('shapes_benchmark', False, 'Use the fixed Shapes benchmark prompt set.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
@@ -59,7 +70,6 @@ _VERBOSE = flags.DEFINE_bool('verbose', False, 'On an error, print the whole tra
 _ALLOW_SIZE = flags.DEFINE_bool('allow_other_resolution', None, 'Allow --image_size to differ from '
                                 'the trained size (default: the config\'s '
                                 'data.allow_other_sample_size).')
-flags.mark_flags_as_required(['workdir'])
 
 
 def main(argv):
@@ -97,14 +107,55 @@ def _check_flags():
     except ValueError:
       problems.append(f'--guidance_interval={",".join(_INTERVAL.value)} must be lo,hi with lo <= '
                       'hi (log-SNR)')
-  if not os.path.isdir(_WORKDIR.value):
-    problems.append(f'--workdir={_WORKDIR.value}: no such folder')
+  problems += _source_problems()
   if problems:
     sys.exit('error: ' + '; '.join(problems) + '.')
 
 
-def _sample():
+def _source_problems() -> list[str]:
+  """Exactly one of --workdir / --pretrained, and what each allows."""
+  if bool(_WORKDIR.value) == bool(_PRETRAINED.value):
+    return ['pass exactly one of --workdir (a training run) and --pretrained (a diffusers Stable '
+            'Diffusion folder)']
+  if _WORKDIR.value:
+    return [] if os.path.isdir(_WORKDIR.value) else [f'--workdir={_WORKDIR.value}: no such folder']
+  from configs import pipeline  # (No jax: the folder's layout.)
+  workdir_only = ((_STEP, 'a pipeline folder has no checkpoints'),
+                  (_EMA, 'a pipeline folder has no EMA parameters'),
+                  (_ALLOW_SIZE, 'a pipeline folder samples at any --image_size'))
+  problems = [f'--{flag.name} needs --workdir ({why})' for flag, why in workdir_only
+              if flags.FLAGS[flag.name].present]
+  if not _OUT.value:
+    problems.append('--pretrained needs --out (the folder to write the images to)')
+  folder = os.path.abspath(os.path.expanduser(_PRETRAINED.value))
+  if not os.path.isdir(folder):
+    problems.append(f'--pretrained={_PRETRAINED.value}: no such folder (a diffusers Stable '
+                    f'Diffusion folder: {pipeline.INDEX}, {", ".join(pipeline.COMPONENTS)})')
+  else:
+    try:
+      pipeline.check_folder(folder)
+    except pipeline.PipelineError as e:
+      problems.append(f'--pretrained={_PRETRAINED.value}: {str(e).rstrip(".")}')
+  return problems
+
+
+def _load():
+  """The model to sample: a workdir's checkpoint, or a pipeline folder (configs/sd.py:sample)."""
   from configs import specs
+  from sampling import from_checkpoint
+  if _WORKDIR.value:
+    return from_checkpoint.load(_WORKDIR.value, _STEP.value, settings_of=specs.from_saved,
+                                use_ema=_EMA.value, sampling_grid=_GRID.value,
+                                image_size=_SIZE.value, allow_other_resolution=_ALLOW_SIZE.value)
+  from configs import sd
+  from sampling import from_pipeline
+  config = sd.get_config('sample')
+  config.model.pretrained = _PRETRAINED.value
+  return from_pipeline.load(specs.build(config), image_size=_SIZE.value,
+                            sampling_grid=_GRID.value)
+
+
+def _sample():
   from diffusion import spec as settings
   from sampling import from_checkpoint
   prompts = list(_PROMPT.value)
@@ -113,22 +164,22 @@ def _sample():
     prompts += shapes_scorer.benchmark_prompts()
   prompts = from_checkpoint.read_prompts(prompts, _PROMPT_FILE.value)
   out = _OUT.value or os.path.join(_WORKDIR.value, 'samples_cli')
-  loaded = from_checkpoint.load(_WORKDIR.value, _STEP.value, settings_of=specs.from_saved,
-                                use_ema=_EMA.value, sampling_grid=_GRID.value,
-                                image_size=_SIZE.value, allow_other_resolution=_ALLOW_SIZE.value)
+  loaded = _load()
   recipe = settings.overridden(
       loaded.settings.sampler, sampler=_SAMPLER.value, num_steps=_STEPS.value,
       guidance_scale=_GUIDANCE.value, guidance_rescale=_RESCALE.value,
       guidance_interval=tuple(float(v) for v in _INTERVAL.value) if _INTERVAL.value else None,
       thresholding=None if _THRESHOLD.value is None else True,
-      threshold_percentile=_THRESHOLD.value, use_ema=_EMA.value,
+      threshold_percentile=_THRESHOLD.value, use_ema=_EMA.value and not loaded.pretrained,
       options={'eta': _ETA.value, 's_churn': _CHURN.value, 's_tmin': _TMIN.value,
                's_tmax': _TMAX.value, 's_noise': _SNOISE.value})
   summary = from_checkpoint.sample_to_folder(
       loaded, out, prompts, recipe, seed=_SEED.value, samples_per_prompt=_NUM.value,
-      batch_size=_BATCH.value, progress=True)
+      batch_size=_BATCH.value, progress=True, negative_prompt=_NEGATIVE.value)
   grids = summary['grids']
-  print(f"Wrote {summary['num_images']} images of checkpoint step {summary['checkpoint_step']} "
+  source = (f'of {loaded.pretrained}' if loaded.pretrained
+            else f"of checkpoint step {summary['checkpoint_step']}")
+  print(f"Wrote {summary['num_images']} images {source} "
         f"in {summary['seconds']:.0f} s to {out}: PNGs, manifest.jsonl, {os.path.basename(grids[0])}"
         + (f' (+{len(grids) - 1} more page{"s" * (len(grids) > 2)})' if len(grids) > 1 else '')
         + '.', file=sys.stderr)

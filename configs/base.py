@@ -107,7 +107,11 @@ def get_config(arg=None):
   diff.p_mean = -1.2  # EDM log-normal training sigma: mean of ln sigma.
   diff.p_std = 1.2  # EDM log-normal training sigma: std of ln sigma.
   diff.noise_sampling = 'uniform'  # Training noise levels: 'uniform' (in t) or 'lognormal' (EDM).
-  diff.sampling_grid = 'auto'  # 'uniform_t', 'karras', 'uniform_logsnr'; 'auto': karras for edm.
+  diff.sampling_grid = 'auto'  # 'uniform_t', 'karras', 'uniform_logsnr'; 'auto': karras for edm;
+  # 'leading', 'trailing', 'linspace': diffusers' timestep_spacing (diffusion/spacings.py).
+  diff.steps_offset = 0  # The 'leading' grid's timesteps + this (diffusers' steps_offset; SD: 1).
+  diff.set_alpha_to_one = True  # DDIM on a diffusers grid ends at clean data; False: at alpha_bar
+  # of diffusers' timestep 0 (its DDIMScheduler's set_alpha_to_one; SD's folders: False).
   diff.prediction = 'v'  # Network output: 'eps', 'x0', 'v' or 'edm'.
   diff.loss_target = 'auto'  # Loss space: 'eps', 'x0', 'v'; 'auto' = same as prediction.
   diff.loss_weighting = 'auto'  # 'none', 'min_snr', 'edm'; 'auto' = edm for edm, else none.

@@ -9,11 +9,15 @@ The folder is what `StableDiffusionPipeline.save_pretrained` writes (or a hub sn
   model.family            'sd' (models/family.py; the U-Net's own config.json is read there)
   text.encoder, text.pretrained_path, text.max_len    the CLIP text encoder and its tokenizer
   autoencoder.path        the VAE
-  diffusion.*             from scheduler/scheduler_config.json (FIELDS below)
+  diffusion.*             from scheduler/scheduler_config.json (`folder_values`): the noise
+                          schedule, prediction type, and diffusers' timestep spacing as the
+                          sampling grid, steps_offset and set_alpha_to_one (so sampling walks the
+                          timesteps diffusers' schedulers walk)
 
 A field left at its configs/base.py default takes the folder's value. A field set to something
 else contradicts the folder and is refused naming both, unless it is listed in
-`model.pretrained_changes`: a listed field keeps the config's value (e.g.
+`model.pretrained_changes` (diffusion.sampling_grid, a sampling choice, needs no listing): a
+listed field keeps the config's value (e.g.
 ('diffusion.zero_terminal_snr', 'diffusion.prediction') with both set, to fine-tune SD 1.5
 towards zero terminal SNR with v-prediction).
 """
@@ -26,6 +30,7 @@ from typing import Any
 import ml_collections
 
 from configs import base
+from diffusion import names
 
 COMPONENTS = ('unet', 'text_encoder', 'tokenizer', 'vae', 'scheduler')  # Sub-folders it needs.
 INDEX = 'model_index.json'
@@ -33,6 +38,16 @@ SCHEDULER_CONFIG = os.path.join('scheduler', 'scheduler_config.json')
 _PREDICTIONS = {'epsilon': 'eps', 'v_prediction': 'v', 'sample': 'x0'}
 _SCHEDULES = {'scaled_linear': 'scaled_linear', 'linear': 'linear',
               'squaredcos_cap_v2': 'cosine'}
+# diffusers' default timestep_spacing where scheduler_config.json has none: 'linspace' for these
+# classes, 'leading' for the others (SD 1.5's PNDMScheduler, DDIMScheduler, DDPMScheduler).
+_LINSPACE_BY_DEFAULT = ('EulerDiscreteScheduler', 'EulerAncestralDiscreteScheduler',
+                        'HeunDiscreteScheduler', 'DPMSolverMultistepScheduler',
+                        'DPMSolverSDEScheduler',
+                        'UniPCMultistepScheduler', 'DEISMultistepScheduler', 'SASolverScheduler',
+                        'KDPM2DiscreteScheduler', 'KDPM2AncestralDiscreteScheduler',
+                        'LMSDiscreteScheduler')
+# Sampling choices the folder suggests: a config's own value is kept, without pretrained_changes.
+_SUGGESTED = ('diffusion.sampling_grid',)
 
 
 class PipelineError(ValueError):
@@ -80,6 +95,12 @@ def folder_values(folder: str) -> dict[str, dict[str, Any]]:
   if prediction_type not in _PREDICTIONS:
     raise PipelineError(f'{scheduler_path}: prediction_type={prediction_type!r} is not supported '
                         f'(supported: {", ".join(_PREDICTIONS)}).')
+  default_spacing = ('linspace' if sched.get('_class_name') in _LINSPACE_BY_DEFAULT
+                     else 'leading')
+  spacing = sched.get('timestep_spacing') or default_spacing
+  if spacing not in names.TIMESTEP_SPACINGS:
+    raise PipelineError(f'{scheduler_path}: timestep_spacing={spacing!r} is not supported '
+                        f'(supported: {", ".join(names.TIMESTEP_SPACINGS)}).')
   tokenizer_config = os.path.join(folder, 'tokenizer', 'tokenizer_config.json')
   max_len = 77
   if os.path.isfile(tokenizer_config):
@@ -100,6 +121,9 @@ def folder_values(folder: str) -> dict[str, dict[str, Any]]:
           'zero_terminal_snr': bool(sched.get('rescale_betas_zero_snr', False)),
           'logsnr_shift': 0.0,
           'noise_sampling': 'uniform',
+          'sampling_grid': spacing,
+          'steps_offset': int(sched.get('steps_offset', 0)),
+          'set_alpha_to_one': bool(sched.get('set_alpha_to_one', True)),
       },
   }
 
@@ -120,6 +144,8 @@ def fill(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       given = config[section].get(field)
       default = defaults[section].get(field)
       name = f'{section}.{field}'
+      if name in _SUGGESTED and given is not None and given != default:
+        continue  # The config's own sampling choice.
       if given is not None and given != default and given != value and name not in allowed:
         raise PipelineError(
             f'{name}={given!r} contradicts the pipeline folder {folder} ({value!r}); leave it '

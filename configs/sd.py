@@ -1,5 +1,6 @@
 """Fine-tune a pretrained Stable Diffusion (1.x or 2.x, a diffusers folder) on your own captioned
-images: `finetune` (accelerators) and `tiny` (a laptop CPU, with a random tiny pipeline).
+images: `finetune` (accelerators) and `tiny` (a laptop CPU, with a random tiny pipeline); `sample`
+is what `sample.py --pretrained` samples a folder with, untrained.
 
 `model.pretrained` fills the U-Net, the CLIP text encoder and tokenizer, the VAE and the noise
 schedule and prediction type from the folder (configs/pipeline.py; docs/stable_diffusion.md).
@@ -18,11 +19,14 @@ Launch:
   python -m tools.make_sd_pipeline --out=runs/sd_tiny_pipeline
   python train.py --config=configs/sd.py:tiny --workdir=runs/sd_tiny \
       --config.model.pretrained=runs/sd_tiny_pipeline --config.data.path=/data/mine
+  # Sample a folder as it is (no training): what diffusers' StableDiffusionPipeline makes.
+  python sample.py --pretrained=/models/stable-diffusion-v1-5 --prompt="a photo of a cat" \
+      --negative_prompt="blurry" --out=/tmp/cats
 """
 
 from configs import base
 
-VARIANTS = ('finetune', 'tiny')
+VARIANTS = ('finetune', 'tiny', 'sample')
 
 
 def get_config(arg='finetune'):
@@ -77,4 +81,6 @@ def get_config(arg='finetune'):
     config.logging.eval_max_prompts = 2
     config.logging.eval_samples_per_prompt = 1
     config.sampler.num_steps = 4
+  elif arg == 'sample':  # sample.py --pretrained: the folder as it is, in float32 (base.py's
+    pass  # dtypes, as diffusers' from_pretrained loads it); the image size is the folder's.
   return config

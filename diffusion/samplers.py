@@ -10,7 +10,8 @@ keyword arrays and may be traced (changing them does not retrace); N is the grid
 Samplers start at x = noise (the VP/DDPM convention): exact when logsnrs[0] = -inf (zero terminal
 SNR); otherwise the true x_T ~ alpha_0 x0 + sigma_0 eps is approximated, an error of order alpha_0
 (alpha_0 = 0.0125 at EDM's sigma_max = 80, 0.006 for the linear DDPM schedule). Every step to
-logsnr = +inf returns the denoiser output x0_hat (a first-order step, no noise).
+logsnr = +inf returns the denoiser output x0_hat (a first-order step, no noise). A grid may end at
+a finite level (diffusers' DDIM with set_alpha_to_one=False): the sampler returns that state.
 Steps work in VP form, written so that logsnr = -inf (alpha = 0) needs no special case except in
 Heun's second stage, see `heun`.
 """

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion import names
+from diffusion import names, spacings
 
 SCHEDULES = ('linear', 'scaled_linear', 'cosine', 'sigmoid', 'edm')
 SAMPLING_GRIDS = names.SAMPLING_GRIDS
@@ -213,7 +213,8 @@ def effective_grid(spec, sampler: str | None = None) -> str:
 
 
 def sampling_logsnrs(spec, num_steps: int, sampler: str | None = None) -> jax.Array:
-  """The [num_steps + 1] log-SNR grid a sampler walks: noisiest first, last entry +inf (clean).
+  """The [num_steps + 1] log-SNR grid a sampler walks: noisiest first, last entry +inf (clean;
+  diffusers' DDIM grids may end just before it).
 
   `spec.sampling_grid`:
     'uniform_t' -- discrete schedules: "trailing" timesteps k_i = round(T (1 - i/N)), i = 0..N
@@ -228,6 +229,9 @@ def sampling_logsnrs(spec, num_steps: int, sampler: str | None = None) -> jax.Ar
     'auto' (default) -- 'karras' for 'edm' or when `sampler` is 'heun' (its trapezoid in
       sigma_ve is inaccurate across the uniform grid's first step from sigma_ve ~ 2e4 on
       'cosine'), 'uniform_t' otherwise.
+    'leading', 'trailing', 'linspace' -- diffusers' timestep spacings, as the diffusers scheduler
+      `sampler` reproduces spaces them (diffusion/spacings.py; `diffusion.steps_offset`); DDIM's
+      grid ends at alpha_bar of diffusers' timestep 0 unless `diffusion.set_alpha_to_one`.
   `diffusion.logsnr_shift` is added to every entry.
   """
   grid = effective_grid(spec, sampler)
@@ -235,6 +239,13 @@ def sampling_logsnrs(spec, num_steps: int, sampler: str | None = None) -> jax.Ar
   if N < 1:
     raise ValueError(f'sampler.num_steps must be >= 1, got {num_steps}.')
   shift = float(spec.logsnr_shift)
+  if grid in spacings.SPACINGS:
+    if spec.schedule == 'edm' or sampler is None:
+      raise ValueError(f"diffusion.sampling_grid={grid!r} spaces the timesteps of a discrete "
+                       "schedule for a sampler; diffusion.schedule='edm' has none (use 'karras').")
+    levels = spacings.grid(grid, sampler, N, discrete_logsnrs(spec), spec.steps_offset,
+                           spec.set_alpha_to_one)
+    return jnp.asarray(levels + shift)
   sigma_min, sigma_max, rho = float(spec.sigma_min), float(spec.sigma_max), float(spec.rho)
   if spec.schedule == 'edm':
     lead = []
@@ -264,6 +275,16 @@ def sampling_logsnrs(spec, num_steps: int, sampler: str | None = None) -> jax.Ar
   else:  # 'karras', and 'uniform_t' for 'edm' (the same curve, t = 1 - i/(N-1)).
     levels = list(-2 * np.log(karras_sigmas(n, sigma_min, sigma_max, rho)))
   return jnp.asarray(np.array(lead + levels + [np.inf]) + shift)
+
+
+def initial_noise_scale(spec, logsnrs, sampler: str) -> float:
+  """The factor on a sampler's N(0, I) start: 1 (x_T = noise), except on the diffusers grids
+  where its scheduler starts elsewhere (`spacings.initial_noise_scale`: Euler on 'linspace' and
+  'trailing' starts at sigma_T * noise)."""
+  grid = effective_grid(spec, sampler)
+  if grid not in spacings.SPACINGS:
+    return 1.0
+  return spacings.initial_noise_scale(grid, sampler, float(logsnrs[0]) - float(spec.logsnr_shift))
 
 
 def sample_train_logsnr(rng: jax.Array, shape, spec) -> jax.Array:

@@ -41,6 +41,8 @@ class DiffusionSpec:
   p_std: float
   noise_sampling: str
   sampling_grid: str
+  steps_offset: int
+  set_alpha_to_one: bool
   prediction: str
   loss_target: str
   loss_weighting: str
@@ -67,6 +69,10 @@ class DiffusionSpec:
     if not self.noise_offset >= 0:
       raise ValueError(f'{SECTION}.noise_offset must be >= 0 (0: off; 0.05-0.1 is usual), got '
                        f'{self.noise_offset}.')
+    if isinstance(self.steps_offset, bool) or not isinstance(self.steps_offset, int) or (
+        self.steps_offset < 0):
+      raise ValueError(f'{SECTION}.steps_offset must be an integer >= 0 (diffusers\' steps_offset '
+                       f'of the \'leading\' grid; SD: 1), got {self.steps_offset!r}.')
     if self.sigma_data <= 0:
       raise ValueError(f'{SECTION}.sigma_data must be > 0, got {self.sigma_data}.')
     if self.prediction == 'eps' and self.zero_terminal_snr:

@@ -30,7 +30,8 @@ class Loaded(NamedTuple):
   generator: generate.Generator
   unet_params: Any
   text_params: Any
-  step: int  # The checkpoint's training step.
+  step: int | None  # The checkpoint's training step (None: a pipeline folder, from_pipeline.py).
+  pretrained: str = ''  # The diffusers folder sampled as it is (sample.py --pretrained), or ''.
 
 
 def load(workdir: str, step: int | None = None, *, settings_of: Callable[[dict], Any],
@@ -121,12 +122,13 @@ def read_prompts(prompts: Sequence[str], prompt_file: str | None) -> list[str]:
 
 def sample_to_folder(loaded: Loaded, out_dir: str, prompts: Sequence[str],
                      recipe: SamplerSettings, *, seed=0, samples_per_prompt=1,
-                     batch_size=64, progress: bool = False) -> dict:
+                     batch_size=64, progress: bool = False, negative_prompt: str = '') -> dict:
   """Writes one PNG per sample, grid.png and manifest.jsonl into out_dir; returns a summary.
 
   `recipe`: how to sample (start from `loaded.settings.sampler`, see
-  `diffusion.spec.overridden`). Sample k of the run gets seed + k. The captioned grid
-  (`images.captioned_pages`) is grid.png, then grid_2.png, grid_3.png ... when it takes more
+  `diffusion.spec.overridden`). Sample k of the run gets seed + k. `negative_prompt` (one for all
+  prompts) is what guidance's unconditional branch encodes ('': the empty caption). The captioned
+  grid (`images.captioned_pages`) is grid.png, then grid_2.png, grid_3.png ... when it takes more
   than one screen-sized page; the summary's 'grids' lists their paths.
   """
   gen = loaded.generator
@@ -135,6 +137,10 @@ def sample_to_folder(loaded: Loaded, out_dir: str, prompts: Sequence[str],
   # What every manifest line records besides its file, prompt and seed.
   record = {**recipe.record(), 'grid': schedules.effective_grid(gen.spec, recipe.name),
             'checkpoint_step': loaded.step, 'image_size': gen.image_size}
+  if negative_prompt:
+    record['negative_prompt'] = negative_prompt
+  if loaded.pretrained:
+    record['pretrained'] = loaded.pretrained
   if gen.vae is not None:  # Latent diffusion: which autoencoder decoded the samples.
     record['autoencoder'] = gen.vae.fingerprint
   os.makedirs(out_dir, exist_ok=True)
@@ -145,7 +151,7 @@ def sample_to_folder(loaded: Loaded, out_dir: str, prompts: Sequence[str],
       chunk = jobs[start:start + batch_size]
       pad = chunk + [chunk[-1]] * (batch_size - len(chunk)) if len(jobs) > batch_size else chunk
       out = gen(loaded.unet_params, loaded.text_params, [p for p, _ in pad],
-                seed=[s for _, s in pad], settings=recipe)
+                seed=[s for _, s in pad], settings=recipe, negative_prompt=negative_prompt)
       imgs = images.to_uint8(out[:len(chunk)])
       for k, ((prompt, s), img) in enumerate(zip(chunk, imgs)):
         name = f'{start + k:05d}.png'

@@ -1,9 +1,12 @@
 """Text-to-image generation: tokens -> guided sampler -> images, as one jitted function.
 
 `Generator(unet, text_encoder, diffusion_spec, image_size)(params..., prompts, seed=...,
-settings=SamplerSettings)`; with `autoencoder=` it samples latents and decodes them. The guidance strengths, sampler options and seeds are traced
-arguments, so changing them reuses the compiled program; the sampler, its step count (the
-grid's length), thresholding on or off and the batch shape are what compile.
+settings=SamplerSettings, negative_prompt='')`; with `autoencoder=` it samples latents and decodes
+them. The unconditional branch of classifier-free guidance encodes `negative_prompt` (the empty
+caption by default). The guidance strengths, sampler options, seeds, the negative prompt and
+given initial latents are traced arguments, so changing them reuses the compiled program; the
+sampler, its step count (the grid's length), thresholding on or off and the batch shape are what
+compile.
 """
 
 from typing import Sequence
@@ -48,56 +51,80 @@ class Generator:
       self.image_shape = (image_size // f, image_size // f, c)  # The latent the sampler draws.
       self.vae_params = jax.device_put(
           autoencoder.params, NamedSharding(mesh, P()) if mesh is not None else None)
-    self.null_ids = np.asarray(text_encoder.tokenize([NULL_CAPTION]))
     out_sharding = NamedSharding(mesh, P()) if mesh is not None else None
     self._jitted = jax.jit(self._sample, static_argnames=('sampler_name', 'thresholding'),
                            out_shardings=out_sharding)
+    self._noise = jax.jit(self._draw_noise)
 
-  def _sample(self, unet_params, text_params, vae_params, ids, logsnrs, seeds, strengths, opts, *,
-               sampler_name, thresholding):
+  def _draw_noise(self, seeds):
+    # One key per example (its seed), so a deterministic sampler's image depends on its seed alone.
+    keys = jax.vmap(jax.random.PRNGKey)(seeds)
+    return jax.vmap(lambda k: jax.random.normal(k, self.image_shape, jnp.float32))(keys)
+
+  def _sample(self, unet_params, text_params, vae_params, ids, uncond_ids, logsnrs, seeds, noise,
+              noise_scale, strengths, opts, *, sampler_name, thresholding):
     cond = _cond(self.text.encode, text_params, ids)
-    null = jnp.broadcast_to(self.null_ids, ids.shape)
-    uncond = _cond(self.text.encode, text_params, null)
+    uncond = _cond(self.text.encode, text_params, jnp.broadcast_to(uncond_ids, ids.shape))
     model_fn = denoiser.x0_model(self.unet, unet_params, self.spec)
     denoise_fn = guidance.guided_denoiser(model_fn, cond, uncond, strengths,
                                           thresholding=thresholding)
-    # One key per example (its seed), so a deterministic sampler's image depends on its seed alone.
-    keys = jax.vmap(jax.random.PRNGKey)(seeds)
-    noise = jax.vmap(lambda k: jax.random.normal(k, self.image_shape, jnp.float32))(keys)
-    rng_sampler = jax.random.fold_in(keys[0], 1)
-    x0 = samplers.get_sampler(sampler_name)(denoise_fn, noise, logsnrs, rng_sampler, **opts)
+    if noise is None:
+      noise = self._draw_noise(seeds)
+    rng_sampler = jax.random.fold_in(jax.random.PRNGKey(seeds[0]), 1)
+    x0 = samplers.get_sampler(sampler_name)(denoise_fn, noise * noise_scale, logsnrs, rng_sampler,
+                                            **opts)
     if self.vae is not None:
       chunk = min(self.decode_chunk, x0.shape[0])
       x0 = self.vae.decode_chunked(vae_params, self.vae.from_latents(x0), chunk)
     return jnp.clip(x0, -1.0, 1.0)
 
   def __call__(self, unet_params, text_params, prompts: Sequence[str], *, seed,
-               settings: SamplerSettings) -> np.ndarray:
+               settings: SamplerSettings, negative_prompt: str = NULL_CAPTION,
+               latents=None) -> np.ndarray:
     """Samples one image per prompt with `settings`; float32 [len(prompts), S, S, 3] in [-1, 1].
 
-    `seed` is an int (example i gets seed + i) or a sequence of per-example seeds. The guidance
-    strengths, sampler options and seeds are traced: new values reuse the compiled program; the
-    sampler, its step count, thresholding on/off and the batch shape compile.
+    `seed` is an int (example i gets seed + i) or a sequence of per-example seeds; the initial
+    noise is `initial_noise(seeds)` unless `latents` ([B, h, w, c] ~ N(0, I), diffusers'
+    `latents=` in NHWC) gives it. `negative_prompt` is what the unconditional branch encodes.
+    The guidance strengths, sampler options, seeds, negative prompt and latents are traced: new
+    values reuse the compiled program; the sampler, its step count, thresholding on/off and the
+    batch shape compile.
     """
-    args, static = self._inputs(unet_params, text_params, prompts, seed, settings)
+    args, static = self._inputs(unet_params, text_params, prompts, seed, settings,
+                                negative_prompt, latents)
     with compile_cache.gc_paused():  # A new sampler, step count or batch shape traces.
       out = self._jitted(*args, **static)
     return np.asarray(jax.device_get(out))
 
+  def initial_noise(self, seeds: Sequence[int]) -> np.ndarray:
+    """The N(0, I) noise [B, h, w, c] sampling starts from for these per-example seeds (before
+    the scheduler's scale, `schedules.initial_noise_scale`): diffusers' `latents=` in NHWC."""
+    return np.asarray(self._noise(np.asarray(seeds, np.int32)))
+
   def lower(self, unet_params, text_params, prompts: Sequence[str], *, seed,
-            settings: SamplerSettings) -> jax.stages.Lowered:
+            settings: SamplerSettings, negative_prompt: str = NULL_CAPTION,
+            latents=None) -> jax.stages.Lowered:
     """The program `__call__` runs for these inputs, lowered (for its HLO and cost analysis)."""
-    args, static = self._inputs(unet_params, text_params, prompts, seed, settings)
+    args, static = self._inputs(unet_params, text_params, prompts, seed, settings,
+                                negative_prompt, latents)
     return self._jitted.lower(*args, **static)
 
-  def _inputs(self, unet_params, text_params, prompts, seed, settings) -> tuple[tuple, dict]:
+  def _inputs(self, unet_params, text_params, prompts, seed, settings, negative_prompt,
+              latents) -> tuple[tuple, dict]:
     """(positional, static keyword) arguments of the jitted sampler for this call."""
     ids = np.asarray(self.text.tokenize(list(prompts)))
+    uncond_ids = np.asarray(self.text.tokenize([negative_prompt]))
     logsnrs = schedules.sampling_logsnrs(self.spec, settings.num_steps, settings.name)
+    noise_scale = np.float32(schedules.initial_noise_scale(self.spec, logsnrs, settings.name))
     seeds = np.asarray(seed, np.int32) if np.ndim(seed) else np.int32(seed) + np.arange(
         len(ids), dtype=np.int32)
-    return ((unet_params, text_params, self.vae_params, ids, logsnrs, seeds, settings.guidance(),
-             settings.sampler_kwargs()),
+    if latents is not None:
+      latents = np.asarray(latents, np.float32)
+      if latents.shape != (len(ids),) + self.image_shape:
+        raise ValueError(f'latents of shape {latents.shape}: expected '
+                         f'{(len(ids),) + self.image_shape} (one N(0, I) array per prompt, NHWC).')
+    return ((unet_params, text_params, self.vae_params, ids, uncond_ids, logsnrs, seeds, latents,
+             noise_scale, settings.guidance(), settings.sampler_kwargs()),
             {'sampler_name': settings.name, 'thresholding': settings.thresholding})
 
   def compiled_count(self) -> int:

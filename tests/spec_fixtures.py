@@ -5,8 +5,8 @@ from diffusion.spec import DiffusionSpec
 DDPM = dict(schedule='linear', num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
             zero_terminal_snr=False, logsnr_shift=0.0, sigma_min=0.002, sigma_max=80.0, rho=7.0,
             sigma_data=0.5, p_mean=-1.2, p_std=1.2, noise_sampling='uniform',
-            sampling_grid='auto', prediction='eps', loss_target='auto', loss_weighting='auto',
-            min_snr_gamma=5.0, noise_offset=0.0)
+            sampling_grid='auto', steps_offset=0, set_alpha_to_one=True, prediction='eps',
+            loss_target='auto', loss_weighting='auto', min_snr_gamma=5.0, noise_offset=0.0)
 
 
 def make_spec(**overrides) -> DiffusionSpec:

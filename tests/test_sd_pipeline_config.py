@@ -51,6 +51,35 @@ def test_v_prediction_and_zero_terminal_snr_come_from_the_scheduler(tmp_path):
   assert filled.diffusion.prediction == 'v' and filled.diffusion.zero_terminal_snr is True
 
 
+@pytest.mark.parametrize('scheduler,grid', [
+    ({'_class_name': 'PNDMScheduler', 'steps_offset': 1, 'set_alpha_to_one': False},
+     ('leading', 1, False)),  # SD 1.5's: no timestep_spacing, diffusers' default 'leading'.
+    ({'_class_name': 'EulerDiscreteScheduler'}, ('linspace', 0, True)),
+    ({'_class_name': 'DDIMScheduler', 'timestep_spacing': 'trailing'}, ('trailing', 0, True)),
+])
+def test_the_timestep_spacing_becomes_the_sampling_grid(tmp_path, scheduler, grid):
+  config = sd.get_config('tiny')
+  config.model.pretrained = folder_with(tmp_path, scheduler={'beta_schedule': 'scaled_linear',
+                                                             **scheduler})
+  filled = pipeline.fill(config).diffusion
+  assert (filled.sampling_grid, filled.steps_offset, filled.set_alpha_to_one) == grid
+
+
+def test_a_configs_own_grid_is_kept_and_an_unknown_spacing_is_named(tmp_path):
+  config = sd.get_config('tiny')
+  config.model.pretrained = folder_with(tmp_path)
+  config.diffusion.sampling_grid = 'karras'  # A sampling choice: no pretrained_changes needed.
+  assert pipeline.fill(config).diffusion.sampling_grid == 'karras'
+  config.diffusion.steps_offset = 3  # The folder's is 0: the model's timesteps, refused.
+  with pytest.raises(pipeline.PipelineError, match='diffusion.steps_offset=3 contradicts'):
+    pipeline.fill(config)
+  config.model.pretrained = folder_with(tmp_path / 'other', scheduler={
+      'beta_schedule': 'scaled_linear', 'timestep_spacing': 'log'})
+  with pytest.raises(pipeline.PipelineError, match=r"scheduler_config.json: "
+                     r"timestep_spacing='log' is not supported \(supported: leading, trailing"):
+    pipeline.fill(config)
+
+
 def test_a_contradicting_field_is_refused_unless_listed_as_a_change(tmp_path):
   config = sd.get_config('tiny')
   config.model.pretrained = folder_with(tmp_path)
