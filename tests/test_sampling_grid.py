@@ -140,8 +140,8 @@ class FakeGenerator:
     self.vae = None
     self.calls = 0
 
-  def __call__(self, unet_params, text_params, prompts, *, seed, settings):
-    del unet_params, text_params, seed, settings
+  def __call__(self, unet_params, text_params, prompts, *, seed, settings, negative_prompt=''):
+    del unet_params, text_params, seed, settings, negative_prompt
     start, self.calls = self.calls, self.calls + len(prompts)
     return solid_images(start + len(prompts), size=16)[start:] / 127.5 - 1.0
 
