@@ -35,7 +35,7 @@ if [[ " $CHECKS " == *" sd "* ]]; then
       --batch=8 --rounds=5 --steps=5 --peak_tflops=989 --peer_compile \
       --out="$OUT/sd_throughput_gpu.json" 2>&1 | tee "$OUT/sd_throughput_gpu.log" \
       || echo "exit $? (sd_throughput_gpu.log)"
-  timeout 180 python -m benchmarks.sd_memory --fsdp=1 --remat=none,dots --batch=8 \
+  timeout 240 python -m benchmarks.sd_memory --fsdp=1 --remat=none,dots --batch=8 \
       --out="$OUT/sd_memory_gpu.json" 2>&1 | tee "$OUT/sd_memory_gpu.log" \
       || echo "exit $? (sd_memory_gpu.log)"
 fi

@@ -3,11 +3,12 @@
   # BENCHMARKS.md's CPU ratio: 32 x 32 latents (256 px), batch 1, float32 on both sides, 2
   # threads each. The two sides do not fit in memory together, so each round runs ours, then the
   # peer, each in its own process, and pairs their per-step times (median ratio over the rounds).
-  # Our whole step needs 19.95 GiB by XLA's analysis (state 12.81 + temporaries 7.15), more than
-  # a 24 GiB machine spares beside other work, so there the part timed is the loss and its
-  # gradients (the U-Net's forward and backward), on both sides:
+  # Our whole step needs 19.95 GiB by XLA's analysis (state 12.81 + temporaries 7.15) and the
+  # peer's peaks at 17.8 GB resident, more than a 24 GiB machine spares beside other work, so
+  # there the part timed is the loss and its gradients (the U-Net's forward and backward; 10.3
+  # and 8.0 GB resident), on both sides:
   python -m benchmarks.sd_throughput --processes --part=grads --rounds=3 --steps=2
-  # The whole step where memory allows (the peer's needs about 14 GiB, ours about 21):
+  # The whole step where memory allows (about 22 GB for ours):
   python -m benchmarks.sd_throughput --processes --rounds=3 --steps=2
   # One side alone (what a round runs); the last line is its figures as JSON:
   python -m benchmarks.sd_throughput --side=peer --steps=2
