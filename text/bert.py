@@ -67,14 +67,14 @@ class BertConfig:
                        "not supported (only 'absolute').")
 
 
-def _dense(features, names, dtype, param_dtype, axis=-1, name=None):
+def dense(features, names, dtype, param_dtype, axis=-1, name=None):
   """DenseGeneral with logically partitioned kernel and bias (BERT init: normal(0.02))."""
   return layers.DenseGeneral(features=features, names=names, axis=axis, dtype=dtype,
                              param_dtype=param_dtype, kernel_init=nn.initializers.normal(0.02),
                              name=name)
 
 
-def _layer_norm(eps, param_dtype, name):
+def layer_norm(eps, param_dtype, name):
   """LayerNorm computed in float32 with ('norm',) parameters."""
   return nn.LayerNorm(
       epsilon=eps, dtype=jnp.float32, param_dtype=param_dtype, name=name,
@@ -93,22 +93,22 @@ class BertLayer(nn.Module):
     c = self.config
     heads, dh = c.num_attention_heads, c.head_dim
     h = x.astype(self.dtype)
-    q, k, v = (_dense((heads, dh), ('text_embed', 'heads', 'kv'), self.dtype, self.param_dtype,
+    q, k, v = (dense((heads, dh), ('text_embed', 'heads', 'kv'), self.dtype, self.param_dtype,
                       name=n)(h) for n in ('query', 'key', 'value'))
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) / np.sqrt(dh)
     logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     ctx = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
-    attn = _dense(c.hidden_size, ('heads', 'kv', 'text_embed'), self.dtype, self.param_dtype,
+    attn = dense(c.hidden_size, ('heads', 'kv', 'text_embed'), self.dtype, self.param_dtype,
                   axis=(-2, -1), name='attn_out')(ctx)
-    x = _layer_norm(c.layer_norm_eps, self.param_dtype, 'attn_norm')(x + attn.astype(jnp.float32))
+    x = layer_norm(c.layer_norm_eps, self.param_dtype, 'attn_norm')(x + attn.astype(jnp.float32))
 
-    h = _dense(c.intermediate_size, ('text_embed', 'mlp'), self.dtype, self.param_dtype,
+    h = dense(c.intermediate_size, ('text_embed', 'mlp'), self.dtype, self.param_dtype,
                name='mlp_in')(x.astype(self.dtype))
     h = _ACTIVATIONS[c.hidden_act](h)
-    h = _dense(c.hidden_size, ('mlp', 'text_embed'), self.dtype, self.param_dtype,
+    h = dense(c.hidden_size, ('mlp', 'text_embed'), self.dtype, self.param_dtype,
                name='mlp_out')(h)
-    return _layer_norm(c.layer_norm_eps, self.param_dtype, 'mlp_norm')(x + h.astype(jnp.float32))
+    return layer_norm(c.layer_norm_eps, self.param_dtype, 'mlp_norm')(x + h.astype(jnp.float32))
 
 
 class BertEncoder(nn.Module):
@@ -133,7 +133,7 @@ class BertEncoder(nn.Module):
     x += embed(c.max_position_embeddings, (None, 'text_embed'), 'pos_embed')(
         jnp.arange(ids.shape[-1]))[None]
     x += embed(c.type_vocab_size, (None, 'text_embed'), 'type_embed')(jnp.zeros_like(ids))
-    x = _layer_norm(c.layer_norm_eps, self.param_dtype, 'embed_norm')(x.astype(jnp.float32))
+    x = layer_norm(c.layer_norm_eps, self.param_dtype, 'embed_norm')(x.astype(jnp.float32))
     for i in range(c.num_hidden_layers):
       x = BertLayer(c, self.dtype, self.param_dtype, name=f'layer_{i}')(x, mask)
     return x

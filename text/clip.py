@@ -30,6 +30,7 @@ import numpy as np
 
 from models import layers, weights
 from text import clip_tokenizer
+from text.bert import dense, layer_norm  # The same BERT-style layers, shared.
 from text.pretrained import PretrainedEncoder
 
 Dtype = Any
@@ -79,20 +80,6 @@ class CLIPTextConfig:
                        f'{sorted(_ACTIVATIONS)} (SD 1.x: quick_gelu, SD 2.x: gelu).')
 
 
-def _dense(features, names, dtype, param_dtype, axis=-1, name=None):
-  return layers.DenseGeneral(features=features, names=names, axis=axis, dtype=dtype,
-                             param_dtype=param_dtype, kernel_init=nn.initializers.normal(0.02),
-                             name=name)
-
-
-def _layer_norm(eps, param_dtype, name):
-  """LayerNorm computed in float32 with ('norm',) parameters."""
-  return nn.LayerNorm(
-      epsilon=eps, dtype=jnp.float32, param_dtype=param_dtype, name=name,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ('norm',)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ('norm',)))
-
-
 class CLIPEncoderLayer(nn.Module):
   """x += Attn(LN1(x)) (causal); x += fc2(act(fc1(LN2(x)))). The residual stream is float32."""
   config: CLIPTextConfig
@@ -103,21 +90,21 @@ class CLIPEncoderLayer(nn.Module):
   def __call__(self, x: jax.Array, causal: jax.Array) -> jax.Array:
     c = self.config
     heads, dh = c.num_attention_heads, c.head_dim
-    h = _layer_norm(c.layer_norm_eps, self.param_dtype, 'layer_norm1')(x).astype(self.dtype)
-    q, k, v = (_dense((heads, dh), ('text_embed', 'heads', 'kv'), self.dtype, self.param_dtype,
+    h = layer_norm(c.layer_norm_eps, self.param_dtype, 'layer_norm1')(x).astype(self.dtype)
+    q, k, v = (dense((heads, dh), ('text_embed', 'heads', 'kv'), self.dtype, self.param_dtype,
                       name=n)(h) for n in ('q_proj', 'k_proj', 'v_proj'))
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) / np.sqrt(dh)
     logits = jnp.where(causal, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     ctx = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
-    x = x + _dense(c.hidden_size, ('heads', 'kv', 'text_embed'), self.dtype, self.param_dtype,
+    x = x + dense(c.hidden_size, ('heads', 'kv', 'text_embed'), self.dtype, self.param_dtype,
                    axis=(-2, -1), name='out_proj')(ctx).astype(jnp.float32)
 
-    h = _layer_norm(c.layer_norm_eps, self.param_dtype, 'layer_norm2')(x).astype(self.dtype)
-    h = _dense(c.intermediate_size, ('text_embed', 'mlp'), self.dtype, self.param_dtype,
+    h = layer_norm(c.layer_norm_eps, self.param_dtype, 'layer_norm2')(x).astype(self.dtype)
+    h = dense(c.intermediate_size, ('text_embed', 'mlp'), self.dtype, self.param_dtype,
                name='fc1')(h)
     h = _ACTIVATIONS[c.hidden_act](h)
-    return x + _dense(c.hidden_size, ('mlp', 'text_embed'), self.dtype, self.param_dtype,
+    return x + dense(c.hidden_size, ('mlp', 'text_embed'), self.dtype, self.param_dtype,
                       name='fc2')(h).astype(jnp.float32)
 
 
@@ -153,7 +140,7 @@ class CLIPTextTransformer(nn.Module):
     for i in range(c.num_hidden_layers):
       states.append(CLIPEncoderLayer(c, self.dtype, self.param_dtype, name=f'layers_{i}')(
           states[-1], causal))
-    final_norm = _layer_norm(c.layer_norm_eps, self.param_dtype, 'final_layer_norm')
+    final_norm = layer_norm(c.layer_norm_eps, self.param_dtype, 'final_layer_norm')
     last = final_norm(states[-1])
     if c.eos_token_id == 2:  # Configs from before transformers#24773: the end token has the top id.
       eos = jnp.argmax(ids, axis=-1)
