@@ -55,6 +55,8 @@ def get_config(arg=None):
   text.allow_download = True  # A pretrained_path 'org/name' that is no local folder: fetch it from the hub.
   text.cache_embeddings = False  # Pretrained: precompute caption embeddings once (finite datasets).
   text.cond_drop_prob = 0.1  # Probability of replacing a caption by the empty one (CFG training).
+  text.finetune = False  # Pretrained: train the encoder's weights with the denoiser (same optimiser,
+  # EMA and checkpoints) instead of keeping them frozen; needs text.cache_embeddings=False.
   text.clip_skip = 0  # CLIP: condition on the output this many layers before the last (then its
   # final layer norm), as diffusers' and kohya's clip_skip; 0 = the last layer.
 

@@ -11,6 +11,7 @@ than jax.nn's own XLA path (BENCHMARKS.md, issue 17). `attention_impl` names the
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -58,7 +59,11 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
       raise ValueError("implementation='cudnn' is for unmasked attention.")
     return jax.nn.dot_product_attention(q, k, v, implementation='cudnn')
   batch = q.shape[0]
-  chunk = _cpu_chunk(batch, q.shape[2] * q.shape[1] * k.shape[1] * 4)
+  # Under a mesh each device holds `shards` contiguous parts of the batch; the chunk is sized by
+  # a device's part and keeps one slot per part (else each device would compute every example).
+  shards = _batch_shards()
+  shards = shards if batch % shards == 0 else 1
+  chunk = shards * _cpu_chunk(batch // shards, q.shape[2] * q.shape[1] * k.shape[1] * 4)
   if chunk == batch:
     return _attend(q, k, v, mask)
   # XLA:CPU: the scores of the whole batch do not fit in cache; `chunk` examples at a time do.
@@ -71,6 +76,17 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 
 # Largest scores tensor (float32 bytes) one XLA:CPU attention call keeps: ~ a core's share of cache.
 _CPU_SCORES_BYTES = 4 << 20
+
+
+def _batch_shards() -> int:
+  """Devices the batch axis is split over: the mesh axes the logical rules map 'batch' to, in
+  the mesh being traced under (1 outside a mesh)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return 1
+  axes = dict(nn.get_logical_axis_rules()).get(layers.ACTIVATION_AXES[0])
+  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  return math.prod(mesh.shape.get(a, 1) for a in axes)
 
 
 def _cpu_chunk(batch: int, bytes_per_example: int) -> int:

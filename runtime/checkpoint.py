@@ -34,7 +34,7 @@ _MODEL_FREE = ('dtype', 'param_dtype', 'remat', 'dropout', 'attention', 'pretrai
                'pretrained_changes')
 _ARCH_FIELDS = {
     'model': None,  # All of config.model except _MODEL_FREE.
-    'text': ('encoder', 'width', 'depth', 'num_heads', 'max_len', 'vocab'),
+    'text': ('encoder', 'width', 'depth', 'num_heads', 'max_len', 'vocab', 'finetune'),
     'data': ('image_size',),
     'diffusion': ('prediction',),
 }

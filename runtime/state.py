@@ -10,7 +10,7 @@ Training (training/builder.py) and sampling (sampling/from_checkpoint.py) both b
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -55,38 +55,65 @@ def build_networks(settings, *, autoencoder, workdir=None) -> tuple[nn.Module, e
   return family.build(settings.model, side), encoders.build(settings.text, workdir=workdir)
 
 
-def init_params(rng, *, unet, text_encoder, input_shape: tuple[int, int, int]) -> dict:
-  """Initial (boxed, i.e. logically annotated) trainable parameters: {'unet', 'text'?}."""
+def init_params(rng, *, unet, text_encoder, input_shape: tuple[int, int, int],
+                shaped_only=()) -> dict:
+  """Initial (boxed, i.e. logically annotated) trainable parameters: {'unet', 'text'?}. The parts
+  named in `shaped_only` are only shaped (boxes of ShapeDtypeStructs), not computed."""
   rng_unet, rng_text = jax.random.split(rng)
   length = text_encoder.max_len
-  unet_params = unet.init(
-      {'params': rng_unet}, jnp.zeros((1,) + tuple(input_shape)), jnp.zeros((1,)),
-      jnp.zeros((1, length, text_encoder.dim)), jnp.ones((1, length), bool),
-      jnp.zeros((1, text_encoder.dim)), train=False)['params']
-  params = {'unet': unet_params}
+
+  def init_unet(r):
+    return unet.init(
+        {'params': r}, jnp.zeros((1,) + tuple(input_shape)), jnp.zeros((1,)),
+        jnp.zeros((1, length, text_encoder.dim)), jnp.ones((1, length), bool),
+        jnp.zeros((1, text_encoder.dim)), train=False)['params']
+
+  make = lambda name, f, r: jax.eval_shape(f, r) if name in shaped_only else f(r)
+  params = {'unet': make('unet', init_unet, rng_unet)}
   if text_encoder.trainable:
-    params['text'] = text_encoder.init(rng_text)
+    params['text'] = make('text', text_encoder.init, rng_text)
   return params
 
 
+def _is_box(x) -> bool:
+  return isinstance(x, nn.meta.AxisMetadata)
+
+
 def init_state(rng, *, unet, text_encoder, tx, input_shape: tuple[int, int, int],
-               unet_params=None) -> TrainState:
-  """Initial boxed train state; jit/eval_shape it, do not call eagerly. `unet_params`: pretrained
-  weights (the family's, plain arrays) that replace the random ones, keeping their axis names."""
-  params = init_params(rng, unet=unet, text_encoder=text_encoder, input_shape=input_shape)
-  if unet_params is not None:
-    is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
-    params = dict(params, unet=jax.tree.map(
-        lambda box, value: box.replace_boxed(value) if is_box(box) else value,
-        params['unet'], unet_params, is_leaf=is_box))
+               pretrained=None) -> TrainState:
+  """Initial boxed train state; jit/eval_shape it, do not call eagerly. `pretrained`: plain
+  arrays replacing parts of the initial parameters, keeping their axis names: {'unet': the
+  family's weights, 'text': a fine-tuned pretrained encoder's} (either may be absent). Those
+  parts are never initialised here (a pretrained encoder's initial values would otherwise be
+  constants of the jitted initialiser)."""
+  pretrained = pretrained or {}
+  params = init_params(rng, unet=unet, text_encoder=text_encoder, input_shape=input_shape,
+                       shaped_only=tuple(pretrained))
+  for name, values in pretrained.items():
+    params[name] = jax.tree.map(
+        lambda box, value: box.replace_boxed(value) if _is_box(box) else value,
+        params[name], values, is_leaf=_is_box)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     ema_params=params)
 
 
+def pretrained_weights(model_spec, text_encoder) -> Callable[[], dict] | None:
+  """A function loading the weights a run starts from ({'unet'?, 'text'?}, plain arrays), or None
+  when everything starts random: the family's pretrained U-Net (model.pretrained) and a pretrained
+  text encoder that trains (text.finetune). Called only when a run starts from scratch."""
+  unet = family.pretrained(model_spec)
+  text = text_encoder.trainable and text_encoder.module is None  # Pretrained, not scratch.
+  if unet is None and not text:
+    return None
+  return lambda: {**({'unet': unet()} if unet is not None else {}),
+                  **({'text': nn.meta.unbox(text_encoder.init(None))} if text else {})}
+
+
 def create_sharded_state(mesh, rules, *, unet, text_encoder, tx, input_shape, pretrained=None):
   """Abstract state + its shardings (from logical axis names via `rules`), and the jitted
-  initialiser `init_fn(rng)`. `pretrained`: None, or a function giving the family's pretrained
-  U-Net weights, called only when a run starts from scratch (a resumed run never reads them)."""
+  initialiser `init_fn(rng)`. `pretrained`: None, or a function giving the weights that replace
+  the initial ones (`pretrained_weights`), called only when a run starts from scratch (a resumed
+  run never reads them)."""
   init = functools.partial(init_state, unet=unet, text_encoder=text_encoder, tx=tx,
                            input_shape=input_shape)
   boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
@@ -95,7 +122,7 @@ def create_sharded_state(mesh, rules, *, unet, text_encoder, tx, input_shape, pr
   if pretrained is None:
     return abstract, shardings, jax.jit(lambda rng: nn.meta.unbox(init(rng)),
                                         out_shardings=shardings)
-  jitted = jax.jit(lambda rng, values: nn.meta.unbox(init(rng, unet_params=values)),
+  jitted = jax.jit(lambda rng, values: nn.meta.unbox(init(rng, pretrained=values)),
                    out_shardings=shardings)
   return abstract, shardings, lambda rng: jitted(rng, pretrained())
 

@@ -120,6 +120,29 @@ def test_attention_in_cache_sized_chunks_matches_the_reference_and_its_gradients
   assert np.all(np.isfinite(got[0]))
 
 
+def test_attention_chunks_keep_the_batch_split_over_the_mesh(monkeypatch):
+  """Under a mesh the chunks are sized by each device's part of the batch and keep one slot per
+  part, so every device attends only its own examples (a chunk of 1 example of 16 would make
+  each of 8 devices compute all 16)."""
+  from configs import base
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:8]).reshape(1, 8, 1),
+                           ('data', 'fsdp', 'tensor'))
+  per_example = 2 * 32 * 32 * 4
+  monkeypatch.setattr(attention, '_CPU_SCORES_BYTES', per_example // 2)  # 1 example a call.
+  q = jnp.asarray(np.random.RandomState(0).randn(16, 32, 2, 8), jnp.float32)
+  batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(('data', 'fsdp')))
+  fn = jax.jit(lambda q: dot_product_attention(q, q, q), out_shardings=batch)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(base.get_config().mesh.logical_axis_rules):
+    assert attention._batch_shards() == 8  # pylint: disable=protected-access
+    jaxpr = str(jax.make_jaxpr(fn)(q))
+    out = fn(jax.device_put(q, batch))
+  # 2 chunks of 8 strided examples (one per device), not 16 chunks of 1.
+  assert 'length=2' in jaxpr and 'f32[2,8,32,2,8]' in jaxpr
+  np.testing.assert_allclose(out, reference_attention(q, q, q, np.ones((16, 32), bool)),
+                             rtol=1e-5, atol=1e-5)
+  assert attention._batch_shards() == 1  # pylint: disable=protected-access  (no mesh)
+
+
 def test_attention_implementation_choice():
   q32, q16 = jnp.zeros((1, 4, 2, 32)), jnp.zeros((1, 4, 2, 32), jnp.bfloat16)
   # This machine is a CPU: 'auto' is the einsum form even in bfloat16; 'cudnn' only when asked.

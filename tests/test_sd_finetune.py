@@ -1,5 +1,6 @@
 """Fine-tuning a (tiny, random) Stable Diffusion pipeline folder end to end, without PyTorch:
 configs/sd.py:tiny from model.pretrained, exact resume, sampling from the workdir."""
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -7,6 +8,7 @@ import pytest
 from configs import sd, specs
 from models import family
 from sampling import from_checkpoint
+from text import encoders
 from tests import image_folders
 from tools import make_sd_pipeline
 from training import loop
@@ -31,36 +33,40 @@ def tiny_config(folder, data, **changes):
   return config
 
 
-@pytest.mark.full  # Three runs of the tiny pipeline (~60 s): the full tier.
-def test_the_run_starts_from_the_folder_weights_and_resumes_exactly(pipeline_and_data, tmp_path):
+def test_the_run_starts_from_the_folder_weights_resumes_exactly_and_samples(pipeline_and_data,
+                                                                            tmp_path):
+  """Both the U-Net and (text.finetune) the CLIP text encoder train from the folder's weights."""
   folder, data = pipeline_and_data
-  config = tiny_config(folder, data, optim__num_steps=4, checkpoint__every_steps=2)
+  config = tiny_config(folder, data, optim__num_steps=2, checkpoint__every_steps=1,
+                       text__finetune=True)
   settings = specs.build(config)
   assert settings.model.network.in_channels == 4 and settings.diffusion.prediction == 'eps'
   assert settings.text.max_len == 77 and settings.autoencoder.path.endswith('vae')
   full = loop.train_and_evaluate(config, str(tmp_path / 'full'), devices=jax.devices()[:1])
   cut = str(tmp_path / 'cut')
-  first = loop.train_and_evaluate(config, cut, devices=jax.devices()[:1], stop_at=2)
+  first = loop.train_and_evaluate(config, cut, devices=jax.devices()[:1], stop_at=1)
   second = loop.train_and_evaluate(config, cut, devices=jax.devices()[:1])
   losses = [loss for _, loss in first.history + second.history]
+  assert [step for step, _ in first.history + second.history] == [1, 2]
   np.testing.assert_allclose(losses, [loss for _, loss in full.history], rtol=1e-6)
   assert all(np.isfinite(losses))
-  # Step 1 started from the pipeline's U-Net, not from a random initialisation.
-  loaded = family.pretrained(settings.model)()
-  trained = jax.device_get(full.state.params['unet'])
-  conv_in_before = np.asarray(loaded['conv_in']['kernel'])
-  conv_in_after = np.asarray(trained['conv_in']['kernel'])
-  assert np.abs(conv_in_after - conv_in_before).max() < 0.01 * np.abs(conv_in_before).max() + 1e-3
-
-
-def test_a_two_step_fine_tune_loads_for_sampling(pipeline_and_data, tmp_path):
-  folder, data = pipeline_and_data
-  config = tiny_config(folder, data, optim__num_steps=2, checkpoint__every_steps=2)
-  workdir = str(tmp_path / 'run')
-  result = loop.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
-  assert [step for step, _ in result.history] == [1, 2]
-  assert all(np.isfinite(loss) for _, loss in result.history)
-  loaded = from_checkpoint.load(workdir, settings_of=specs.from_saved, use_ema=False)
+  # Step 1 started from the pipeline's weights (moved by Adam's ~lr per step), not random ones.
+  start = {'unet': family.pretrained(settings.model)(),
+           'text': nn.meta.unbox(encoders.build(settings.text).init(None))}
+  trained = jax.device_get(full.state.params)
+  for part, path in (('unet', ('conv_in', 'kernel')), ('text', ('token_embedding', 'embedding'))):
+    before, after = (np.asarray(tree[part][path[0]][path[1]]) for tree in (start, trained))
+    moved = np.abs(after - before).max()
+    assert 0 < moved < 3 * config.optim.learning_rate + 1e-6, (part, moved)
+  loaded = from_checkpoint.load(cut, settings_of=specs.from_saved, use_ema=False)
   assert loaded.settings.model.folder == folder and loaded.step == 2
   assert loaded.settings.diffusion.schedule == 'scaled_linear'
-  assert loaded.settings.text.max_len == 77
+  np.testing.assert_array_equal(jax.device_get(loaded.text_params['token_embedding']['embedding']),
+                                trained['text']['token_embedding']['embedding'])
+
+
+def test_a_fine_tuned_text_encoder_cannot_use_cached_embeddings(pipeline_and_data, tmp_path):
+  folder, data = pipeline_and_data
+  config = tiny_config(folder, data, text__finetune=True, text__cache_embeddings=True)
+  with pytest.raises(ValueError, match='text.cache_embeddings=True needs a frozen encoder'):
+    loop.train_and_evaluate(config, str(tmp_path / 'run'), devices=jax.devices()[:1])

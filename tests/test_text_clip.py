@@ -285,3 +285,34 @@ def test_bad_config_and_pickled_weights(folders, tmp_path):
   os.rename(os.path.join(te, 'model.safetensors'), os.path.join(te, 'pytorch_model.bin'))
   with pytest.raises(FileNotFoundError, match=r"pytorch_model.bin.*safe_serialization=True"):
     clip.load_clip(te)
+
+
+def test_a_fine_tuned_clip_trains_from_its_weights_split_over_fsdp(folders):
+  """text.finetune: the folder's weights are the trainable 'text' parameters, and they, Adam's
+  moments and the EMA split over 'fsdp' as the frozen ones do."""
+  import optax
+  from configs import base
+  from runtime import sharding, state
+  from text import encoders
+  from text.spec import TextSpec
+  section = dict(base.get_config().text, encoder='pretrained', pretrained_path=folders['sd1'][0],
+                 max_len=77, finetune=True)
+  encoder = encoders.build(TextSpec(**section))
+  assert encoder.trainable
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:2]).reshape(1, 2, 1), sharding.MESH_AXES)
+  unet = nn.Dense(4)  # Stands in for the denoiser: only the text part matters here.
+  unet.init = lambda rngs, x, *a, **k: {'params': {'kernel': jnp.zeros((3, 4))}}
+  abstract, shardings, init = state.create_sharded_state(
+      mesh, base.get_config().mesh.logical_axis_rules, unet=unet, text_encoder=encoder,
+      tx=optax.adam(1e-3), input_shape=(4, 4, 3),
+      pretrained=lambda: {'text': nn.meta.unbox(encoder.init(None))})
+  embedding = ('token_embedding', 'embedding')
+  for tree in (shardings.params, shardings.ema_params, shardings.opt_state[0].mu):
+    assert tree['text'][embedding[0]][embedding[1]].spec == jax.sharding.PartitionSpec(None, 'fsdp')
+  started = init(jax.random.key(0))
+  folder_values = pretrained.load_pretrained(folders['sd1'][0], max_len=77).params
+  np.testing.assert_array_equal(
+      np.asarray(started.params['text'][embedding[0]][embedding[1]]),
+      np.asarray(folder_values[embedding[0]][embedding[1]]))
+  assert abstract.params['text'][embedding[0]][embedding[1]].shape == \
+      folder_values[embedding[0]][embedding[1]].shape

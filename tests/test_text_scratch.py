@@ -143,6 +143,8 @@ def test_encoder_logical_axes(encoder_and_vars):
     (dict(width=0), 'text.width'),
     (dict(dtype='int8'), 'text.dtype'),
     (dict(encoder='clip'), 'text.encoder'),
+    (dict(finetune=True), 'text.finetune'),  # A scratch encoder always trains.
+    (dict(finetune=1), 'text.finetune'),
 ])
 def test_bad_text_section_is_refused_naming_the_field(overrides, field):
   section = dict(base.get_config().text)

@@ -12,6 +12,7 @@ import hashlib
 import os
 from typing import Any, Callable, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,9 +94,22 @@ def _pretrained(cfg: TextSpec) -> TextEncoder:
   enc = pretrained.load_pretrained(path, max_len=cfg.max_len, dtype=cfg.dtype,
                                    allow_download=cfg.allow_download, **extra)
   params = enc.params
-  return TextEncoder(tokenize=enc.tokenize, init=lambda rng: params, encode=enc.encode,
-                     trainable=False, dim=enc.dim, max_len=cfg.max_len, module=None,
+  # Fine-tuned: the weights get logical axis names, so they, their optimiser state and EMA split
+  # over 'fsdp' as the frozen ones do (runtime.sharding.frozen_shardings).
+  init = (lambda rng: annotate(params)) if cfg.finetune else (lambda rng: params)
+  return TextEncoder(tokenize=enc.tokenize, init=init, encode=enc.encode,
+                     trainable=cfg.finetune, dim=enc.dim, max_len=cfg.max_len, module=None,
                      fingerprint=getattr(enc, 'fingerprint', str(path)))
+
+
+def annotate(params: Any, min_size: int = 1 << 14) -> Any:
+  """A pretrained (unannotated) parameter tree boxed for training: each array of at least
+  `min_size` elements gets the logical name 'text_embed' on its last axis (the rest replicated)."""
+  def box(x):
+    if x.size < min_size:
+      return x
+    return nn.Partitioned(x, (None,) * (x.ndim - 1) + ('text_embed',))
+  return jax.tree.map(box, params)
 
 
 def build(cfg: TextSpec, workdir=None) -> TextEncoder:

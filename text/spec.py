@@ -30,6 +30,7 @@ class TextSpec:
   cache_embeddings: bool
   cond_drop_prob: float
   clip_skip: int
+  finetune: bool
 
   def __post_init__(self):
     if self.encoder not in ENCODERS:
@@ -44,6 +45,11 @@ class TextSpec:
     layers.resolve_dtype(self.param_dtype, 'text.param_dtype')
     if isinstance(self.clip_skip, bool) or not isinstance(self.clip_skip, int) or self.clip_skip < 0:
       raise ValueError(f'text.clip_skip={self.clip_skip!r} must be an int >= 0 (0: the last layer).')
+    if not isinstance(self.finetune, bool):
+      raise ValueError(f'text.finetune={self.finetune!r} must be True or False.')
+    if self.finetune and self.encoder != 'pretrained':
+      raise ValueError("text.finetune=True trains a pretrained encoder: set text.encoder='pretrained' "
+                       '(a scratch encoder always trains).')
     if not 0.0 <= self.cond_drop_prob < 1.0:
       raise ValueError(f'text.cond_drop_prob={self.cond_drop_prob!r} must be in [0, 1).')
 

@@ -19,7 +19,7 @@ from absl import logging
 from data import batch as batch_keys
 from data import records
 from data.sources import DataError
-from models import family, weights
+from models import weights
 from runtime import sharding, state as state_lib, trace_cache
 from text import encoders
 from training import step as step_lib
@@ -74,7 +74,7 @@ def build_trainer(settings, mesh, *, source=None, workdir=None) -> Trainer:
   abstract, shardings, init = state_lib.create_sharded_state(
       mesh, settings.mesh.logical_axis_rules, unet=unet, text_encoder=text_encoder, tx=tx,
       input_shape=state_lib.diffusion_shape(settings.data.image_size, autoencoder),
-      pretrained=family.pretrained(settings.model))
+      pretrained=state_lib.pretrained_weights(settings.model, text_encoder))
   # Frozen weights: split over 'fsdp' like the trained ones.
   frozen_text = None if text_encoder.trainable else sharding.put_frozen(text_encoder.init(None),
                                                                          mesh)
