@@ -43,7 +43,7 @@ def main(argv):
   settings = validation.validate(config)
   mesh = sharding.make_mesh(settings.mesh)
   trainer = builder.build_trainer(settings, mesh)  # No records: its step takes images.
-  frozen, vae_params = trainer.frozen_text, trainer.vae_params
+  frozen, vae_params = trainer.frozen_weights, trainer.vae_params
   b, s = config.data.global_batch_size, config.data.image_size
   rng = np.random.default_rng(0)
   latent = (s // trainer.autoencoder.config.downsample_factor,) * 2 + (

@@ -262,7 +262,7 @@ def run_train_step(args, overrides) -> dict:
   local = {'image': np.random.default_rng(0).uniform(-1, 1, (b, s, s, 3)).astype(np.float32),
            'bad': np.zeros(b, np.int32), **trainer.text_inputs({'caption': captions})}
   rng = jax.random.PRNGKey(0)
-  args_of = lambda: (rng, trainer.frozen_text, trainer.vae_params)
+  args_of = lambda: (rng, trainer.frozen_weights, trainer.vae_params)
   with jax.set_mesh(mesh), nn.logical_axis_rules(settings.mesh.logical_axis_rules):
     state, batch = trainer.init(rng), sharding.global_batch(mesh, local)
     t0 = time.perf_counter()

@@ -119,7 +119,7 @@ class SDStep(NamedTuple):
   batch_shapes: dict[str, tuple[tuple[int, ...], Any]]  # Batch key -> (global shape, dtype).
 
   def abstract_args(self) -> tuple:
-    """(state, batch, rng, frozen_text, vae_params) as ShapeDtypeStructs, nothing allocated."""
+    """(state, batch, rng, frozen_weights, vae_params) as ShapeDtypeStructs, nothing allocated."""
     import jax  # pylint: disable=import-outside-toplevel
     from runtime import sharding  # pylint: disable=import-outside-toplevel
     batch = {k: jax.ShapeDtypeStruct(s, d, sharding=sharding.batch_sharding(self.mesh, len(s)))

@@ -93,7 +93,7 @@ class OursTrain:
              **trainer.text_inputs.from_captions(['a red circle'] * batch_size),
              'image': rng.uniform(-1, 1, (batch_size, size, size, 3)).astype(np.float32)}
     self.step = trainer.step
-    init_fn, frozen, vae = trainer.init, trainer.frozen_text, trainer.vae_params
+    init_fn, frozen, vae = trainer.init, trainer.frozen_weights, trainer.vae_params
     self.mesh, self.rules = mesh, settings.mesh.logical_axis_rules
     # As training/loop.py calls them: the collector paused while a program is traced.
     with jax.set_mesh(mesh), nn.logical_axis_rules(self.rules), compile_cache.gc_paused():

@@ -86,6 +86,12 @@ def get_config(arg=None):
   # memory, more compute; docs/models.md). 'dots' keeps matmul outputs; True/False = 'full'/'none'.
   model.attention = 'auto'  # Self-attention kernel: 'auto' (cuDNN flash attention for bf16/fp16 on a
   # GPU, else XLA), 'xla' or 'cudnn' (models/attention.py).
+  model.lora = lora = ml_collections.ConfigDict()  # model.family='sd': LoRA (docs/stable_diffusion.md).
+  lora.rank = 0  # Rank of the adapters; 0 = no LoRA (train every U-Net weight).
+  lora.alpha = 0.0  # The adapters' update is scaled by alpha / rank; 0 = alpha = rank.
+  lora.targets = ('to_q', 'to_k', 'to_v', 'to_out.0')  # diffusers' layer names: the attention
+  # projections; 'ff.net.0.proj' and 'ff.net.2' add the feed-forward (models/lora.py).
+  lora.dropout = 0.0  # Dropout on the adapters' input while training, as peft's lora_dropout.
 
   # --- autoencoder (latent diffusion, docs/latent.md) -----------------------
   config.autoencoder = ae = ml_collections.ConfigDict()

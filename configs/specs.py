@@ -66,7 +66,8 @@ _SECTIONS = {'data': DataSpec, 'text': TextSpec, 'autoencoder': AutoencoderSpec,
              'distributed': DistributedSpec, 'checkpoint': CheckpointSpec,
              'logging': LoggingSpec}
 # Read here or by configs/pipeline.py, not by the spec.
-_NOT_SPEC_FIELDS = {'model': ('family', 'pretrained', 'pretrained_changes'), 'sampler': ('eta',)}
+_NOT_SPEC_FIELDS = {'model': ('family', 'pretrained', 'pretrained_changes', 'lora'),
+                    'sampler': ('eta',)}
 
 
 def build(config: Mapping[str, Any]) -> Settings:
@@ -86,6 +87,10 @@ def model(config: Mapping[str, Any]) -> Any:
   chosen = family.get(name)
   if chosen.read_spec is not None:
     return chosen.read_spec(_tuples(dict(_section(config, 'model'))))
+  lora = _section(_section(config, 'model'), 'lora')
+  if lora and lora.get('rank'):
+    raise ValueError(f"model.lora.rank={lora['rank']} adapts a pretrained network: it needs "
+                     f"model.family='sd' (model.pretrained), not {name!r}.")
   return chosen.spec_class(**_read(chosen.spec_class, config, 'model'))
 
 

@@ -74,6 +74,11 @@ def pretrained(spec: Any) -> Callable[[], Any] | None:
   return None if hook is None else hook(spec)
 
 
+def lora(spec: Any) -> Any:
+  """The LoRA adapters (`models.lora.LoRASpec`) `spec`'s network carries, or None."""
+  return getattr(getattr(spec, 'network', None), 'lora', None)
+
+
 def check_image_size(spec: Any, size: int, name: str, *, vae_factor: int = 1,
                      attention: bool = True) -> None:
   """Raises ValueError naming `name` unless `spec`'s network takes images of side `size`."""

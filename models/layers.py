@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from models import lora
+
 Dtype = Any
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
@@ -243,4 +245,5 @@ class DenseGeneral(nn.Module):
       bias = self.param('bias', partitioned(nn.initializers.zeros_init(), self.names[-len(feats):]),
                         feats, self.param_dtype)
       y = y + bias.astype(self.dtype)
-    return y
+    delta = lora.adapter(self, x, axes, feats, self.names, self.dtype)  # None: not a LoRA target.
+    return y if delta is None else y + delta

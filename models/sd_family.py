@@ -14,6 +14,8 @@ from typing import Any, Callable
 
 import flax.linen as nn
 
+from models import lora
+
 UNET = 'unet'  # The U-Net's sub-folder of a pipeline folder.
 _RUN_FIELDS = ('dtype', 'param_dtype', 'remat', 'attention')  # model.* fields the 'sd' family reads.
 
@@ -43,7 +45,12 @@ def read_spec(section: dict[str, Any]) -> SDSpec:
   with open(config_path) as f:
     cfg = json.load(f)
   run = {name: section[name] for name in _RUN_FIELDS}
-  return SDSpec(sd_unet.spec_from_config(cfg, config_path, **run), os.path.abspath(folder))
+  network = sd_unet.spec_from_config(cfg, config_path, **run)
+  adapters = lora.LoRASpec(**dict(section.get('lora') or {'rank': 0, 'alpha': 0.0, 'targets': (),
+                                                           'dropout': 0.0}))
+  if adapters.enabled:
+    network = dataclasses.replace(network, lora=adapters)
+  return SDSpec(network, os.path.abspath(folder))
 
 
 def build(spec: SDSpec, side: int) -> nn.Module:
@@ -67,5 +74,5 @@ def pretrained(spec: SDSpec) -> Callable[[], Any]:
     from models import sd_loading  # pylint: disable=import-outside-toplevel
     _, params = sd_loading.load_sd_unet(spec.unet_folder, **{
         name: getattr(spec.network, name) for name in _RUN_FIELDS})
-    return params
+    return params  # The base network's (with LoRA, the frozen weights under the adapters).
   return load

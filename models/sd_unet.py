@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from models import attention as attention_lib
 from models import layers
+from models import lora
 from models import sd_blocks
 from models.unet import REMAT_POLICIES
 
@@ -68,6 +69,7 @@ class SDUNetSpec:
   param_dtype: str = 'float32'
   remat: str = 'none'  # models.unet.REMAT_POLICIES, applied to each resnet and transformer block.
   attention: str = 'auto'  # models.attention.IMPLEMENTATIONS, for the self-attention.
+  lora: Any = None  # models.lora.LoRASpec: adapters on its target layers (None: the network alone).
   source: str = dataclasses.field(default='SDUNetSpec', compare=False)  # Names it in errors.
 
   def __post_init__(self):
@@ -315,9 +317,13 @@ class SDUNet(nn.Module):
                context_mask: jax.Array, pooled: jax.Array, *, train: bool) -> jax.Array:
     """x [B,H,W,C], c_noise = diffusers timestep [B], context [B,L,D] -> [B,H,W,C] float32.
 
-    context_mask and pooled are ignored (SD attends to every token); `train` changes nothing.
+    context_mask and pooled are ignored (SD attends to every token); `train` applies only LoRA's
+    dropout (SD 1.x/2.x configs have none).
     """
-    del train  # No dropout in SD 1.x/2.x configs.
+    with lora.active(self.spec.lora, train):
+      return self._forward(x, c_noise, context, context_mask, pooled)
+
+  def _forward(self, x, c_noise, context, context_mask, pooled):
     spec = self.spec
     _check_inputs(spec, x, c_noise, context, context_mask, pooled)
     dt, pdt, c0 = spec.compute_dtype, spec.weight_dtype, spec.block_out_channels[0]

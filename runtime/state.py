@@ -15,9 +15,10 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
-from models import family
+from models import family, lora
 from runtime import sharding
 from text import encoders
 
@@ -55,24 +56,48 @@ def build_networks(settings, *, autoencoder, workdir=None) -> tuple[nn.Module, e
   return family.build(settings.model, side), encoders.build(settings.text, workdir=workdir)
 
 
+def _init_network(rng, *, unet, text_encoder, input_shape):
+  """The denoiser's whole initial parameter tree (boxed), adapters included."""
+  length = text_encoder.max_len
+  return unet.init(
+      {'params': rng}, jnp.zeros((1,) + tuple(input_shape)), jnp.zeros((1,)),
+      jnp.zeros((1, length, text_encoder.dim)), jnp.ones((1, length), bool),
+      jnp.zeros((1, text_encoder.dim)), train=False)['params']
+
+
 def init_params(rng, *, unet, text_encoder, input_shape: tuple[int, int, int],
                 shaped_only=()) -> dict:
-  """Initial (boxed, i.e. logically annotated) trainable parameters: {'unet', 'text'?}. The parts
+  """Initial (boxed, i.e. logically annotated) trainable parameters: {'unet', 'text'?}. With LoRA
+  adapters in the network, 'unet' holds only them (the base is frozen: `frozen_base`). The parts
   named in `shaped_only` are only shaped (boxes of ShapeDtypeStructs), not computed."""
   rng_unet, rng_text = jax.random.split(rng)
-  length = text_encoder.max_len
 
   def init_unet(r):
-    return unet.init(
-        {'params': r}, jnp.zeros((1,) + tuple(input_shape)), jnp.zeros((1,)),
-        jnp.zeros((1, length, text_encoder.dim)), jnp.ones((1, length), bool),
-        jnp.zeros((1, text_encoder.dim)), train=False)['params']
+    adapters, base = lora.split(_init_network(r, unet=unet, text_encoder=text_encoder,
+                                              input_shape=input_shape))
+    return adapters or base
 
   make = lambda name, f, r: jax.eval_shape(f, r) if name in shaped_only else f(r)
   params = {'unet': make('unet', init_unet, rng_unet)}
   if text_encoder.trainable:
     params['text'] = make('text', text_encoder.init, rng_text)
   return params
+
+
+def frozen_base(mesh, rules, *, unet, text_encoder, input_shape) -> Any:
+  """ShapeDtypeStructs, with their shardings, of the frozen base weights under a network's LoRA
+  adapters: placed by their logical axis names, as trained weights would be."""
+  boxed = jax.eval_shape(functools.partial(_init_network, unet=unet, text_encoder=text_encoder,
+                                           input_shape=input_shape), jax.random.PRNGKey(0))
+  base = lora.split(boxed)[1]
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      nn.meta.unbox(base), sharding.tree_shardings(base, mesh, rules))
+
+
+def put(values, abstract) -> Any:
+  """Plain arrays (one process's full copy) placed as `abstract`'s ShapeDtypeStructs say."""
+  return jax.tree.map(lambda x, a: jax.make_array_from_callback(
+      a.shape, a.sharding, lambda i, x=x: np.asarray(x[i], a.dtype)), values, abstract)
 
 
 def _is_box(x) -> bool:
@@ -101,7 +126,7 @@ def pretrained_weights(model_spec, text_encoder) -> Callable[[], dict] | None:
   """A function loading the weights a run starts from ({'unet'?, 'text'?}, plain arrays), or None
   when everything starts random: the family's pretrained U-Net (model.pretrained) and a pretrained
   text encoder that trains (text.finetune). Called only when a run starts from scratch."""
-  unet = family.pretrained(model_spec)
+  unet = None if family.lora(model_spec) else family.pretrained(model_spec)  # LoRA: frozen base.
   text = text_encoder.trainable and text_encoder.module is None  # Pretrained, not scratch.
   if unet is None and not text:
     return None

@@ -5,39 +5,24 @@ import jax
 import numpy as np
 import pytest
 
-from configs import sd, specs
+from configs import specs
 from models import family
 from sampling import from_checkpoint
 from text import encoders
-from tests import image_folders
-from tools import make_sd_pipeline
+from tests import sd_runs
 from training import loop
 
 
 @pytest.fixture(scope='module')
 def pipeline_and_data(tmp_path_factory):
-  root = tmp_path_factory.mktemp('sd')
-  folder = make_sd_pipeline.write_pipeline(str(root / 'pipeline'), preset='sd1')
-  image_folders.make_folder(root / 'images', broken=False)
-  return folder, str(root / 'images')
-
-
-def tiny_config(folder, data, **changes):
-  config = sd.get_config('tiny')
-  config.model.pretrained = folder
-  config.data.path = data
-  config.logging.eval_at_end = False
-  for key, value in changes.items():
-    section, field = key.split('__')
-    config[section][field] = value
-  return config
+  return sd_runs.pipeline_and_images(tmp_path_factory.mktemp('sd'))
 
 
 def test_the_run_starts_from_the_folder_weights_resumes_exactly_and_samples(pipeline_and_data,
                                                                             tmp_path):
   """Both the U-Net and (text.finetune) the CLIP text encoder train from the folder's weights."""
   folder, data = pipeline_and_data
-  config = tiny_config(folder, data, optim__num_steps=2, checkpoint__every_steps=1,
+  config = sd_runs.tiny_config(folder, data, optim__num_steps=2, checkpoint__every_steps=1,
                        text__finetune=True)
   settings = specs.build(config)
   assert settings.model.network.in_channels == 4 and settings.diffusion.prediction == 'eps'
@@ -67,6 +52,6 @@ def test_the_run_starts_from_the_folder_weights_resumes_exactly_and_samples(pipe
 
 def test_a_fine_tuned_text_encoder_cannot_use_cached_embeddings(pipeline_and_data, tmp_path):
   folder, data = pipeline_and_data
-  config = tiny_config(folder, data, text__finetune=True, text__cache_embeddings=True)
+  config = sd_runs.tiny_config(folder, data, text__finetune=True, text__cache_embeddings=True)
   with pytest.raises(ValueError, match='text.cache_embeddings=True needs a frozen encoder'):
     loop.train_and_evaluate(config, str(tmp_path / 'run'), devices=jax.devices()[:1])

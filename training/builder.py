@@ -2,7 +2,7 @@
 
   trainer = build_trainer(settings, mesh, source=source, workdir=workdir)
   state = trainer.init(jax.random.PRNGKey(settings.seed))   # or restored into trainer.abstract
-  state, metrics = trainer.step(state, global_batch, rng, trainer.frozen_text, trainer.vae_params)
+  state, metrics = trainer.step(state, global_batch, rng, trainer.frozen_weights, trainer.vae_params)
 
 The training loop and every benchmark that times the train step build through `build_trainer`,
 so what they time is what training runs.
@@ -19,7 +19,7 @@ from absl import logging
 from data import batch as batch_keys
 from data import records
 from data.sources import DataError
-from models import weights
+from models import family, weights
 from runtime import sharding, state as state_lib, trace_cache
 from text import encoders
 from training import step as step_lib
@@ -35,11 +35,13 @@ class Trainer(NamedTuple):
   abstract: Any  # The TrainState's ShapeDtypeStructs (what a checkpoint restores into, with...)
   shardings: Any  # ...these shardings.
   init: Callable[[jax.Array], state_lib.TrainState]  # rng -> the sharded initial state (jitted).
-  frozen_text: Any  # The frozen text encoder's parameters over 'fsdp', or None.
+  # The frozen parameters the step combines with the trained ones ({'text'?, 'unet'?}): the frozen
+  # text encoder's, and the base weights under LoRA adapters, over 'fsdp'.
+  frozen_weights: dict[str, Any]
   vae_params: Any  # The frozen autoencoder's parameters over 'fsdp', or None.
   text_inputs: text_inputs_lib.TextInputs  # Host: a loader batch's captions -> text inputs.
   image_keys: tuple[str, ...]  # data.batch.image_keys: images, or the records' cached latents.
-  step: trace_cache.Program  # (state, global batch, rng, frozen_text, vae_params) -> (state, m).
+  step: trace_cache.Program  # (state, global batch, rng, frozen_weights, vae_params) -> (state, m).
   frozen: dict[str, list[str]]  # Frozen component -> [weight digest, folder]: what a resume checks.
 
 
@@ -76,8 +78,14 @@ def build_trainer(settings, mesh, *, source=None, workdir=None) -> Trainer:
       input_shape=state_lib.diffusion_shape(settings.data.image_size, autoencoder),
       pretrained=state_lib.pretrained_weights(settings.model, text_encoder))
   # Frozen weights: split over 'fsdp' like the trained ones.
-  frozen_text = None if text_encoder.trainable else sharding.put_frozen(text_encoder.init(None),
-                                                                         mesh)
+  frozen_weights = {}
+  if not text_encoder.trainable:
+    frozen_weights['text'] = sharding.put_frozen(text_encoder.init(None), mesh)
+  if family.lora(settings.model):
+    base = family.pretrained(settings.model)()
+    frozen_weights['unet'] = state_lib.put(base, state_lib.frozen_base(
+        mesh, settings.mesh.logical_axis_rules, unet=unet, text_encoder=text_encoder,
+        input_shape=state_lib.diffusion_shape(settings.data.image_size, autoencoder)))
   vae_params = None if autoencoder is None else sharding.put_frozen(autoencoder.params, mesh)
   text_inputs = text_inputs_lib.TextInputs(text_encoder, settings, workdir, source)
   image_keys = batch_keys.image_keys(_cached_latents(settings, source, autoencoder))
@@ -93,15 +101,17 @@ def build_trainer(settings, mesh, *, source=None, workdir=None) -> Trainer:
   if not text_encoder.trainable:
     frozen['text encoder'] = [weights.digest(text_encoder.init(None)),
                               settings.text.pretrained_path or 'the packaged MiniLM']
+  if 'unet' in frozen_weights:  # LoRA: the adapters apply to this base alone.
+    frozen['U-Net under the LoRA adapters'] = [weights.digest(base), settings.model.unet_folder]
   return Trainer(unet, text_encoder, autoencoder, tx, lr_schedule, abstract, shardings, init,
-                 frozen_text, vae_params, text_inputs, image_keys, step, frozen)
+                 frozen_weights, vae_params, text_inputs, image_keys, step, frozen)
 
 
 def jit_train_step(settings, *, unet, text_encoder, null_inputs, tx, autoencoder, state_shardings,
                    batch_shardings) -> trace_cache.Program:
   """`train_step` jitted over the mesh (state donated), its trace kept on disk for the next start.
 
-  Call it as `train_step` without the keywords: (state, batch, rng, frozen_text, vae_params).
+  Call it as `train_step` without the keywords: (state, batch, rng, frozen_weights, vae_params).
   The trace's key holds the config and what the step closes over that the config does not say:
   the null caption's inputs, the networks' fields and the frozen weights' fingerprints.
   """

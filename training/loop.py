@@ -23,6 +23,7 @@ from cluster import distributed
 from configs import validation
 from data import batch as batch_keys
 from data import pipeline, sources
+from models import lora
 from runtime import checkpoint, compile_cache, console, sharding
 from runtime.summaries import Evaluator
 from training import builder, metrics
@@ -87,10 +88,10 @@ def train(settings, workdir: str, *, evaluator: Evaluator | None = None, devices
   rng = jax.random.PRNGKey(settings.seed)
 
   def evaluate(step, state):
-    params = state.ema_params if settings.sampler.use_ema else state.params
-    text_params = params['text'] if trainer.text_encoder.trainable else trainer.frozen_text
-    return evaluator(step, trainer.unet, trainer.text_encoder, params['unet'], text_params, mesh,
-                     trainer.autoencoder)
+    weights = lora.combine(state.ema_params if settings.sampler.use_ema else state.params,
+                           trainer.frozen_weights)
+    return evaluator(step, trainer.unet, trainer.text_encoder, weights['unet'],
+                     weights.get('text'), mesh, trainer.autoencoder)
 
   def save(step, state, force=False):
     ckpt.save(step, state, record, {'step': step, 'seed': settings.data.seed}, force=force)
@@ -125,7 +126,7 @@ def train(settings, workdir: str, *, evaluator: Evaluator | None = None, devices
       with (jax.set_mesh(mesh), nn.logical_axis_rules(settings.mesh.logical_axis_rules),
             compile_cache.gc_paused()):
         state, step_metrics = trainer.step(state, sharding.global_batch(mesh, local), rng,
-                                           trainer.frozen_text, trainer.vae_params)
+                                           trainer.frozen_weights, trainer.vae_params)
       if pending is not None:
         _record(writer, guard, *pending)
       pending = (step, step_metrics, float(trainer.lr_schedule(step)))

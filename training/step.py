@@ -11,7 +11,7 @@ import optax
 
 from data import batch as batch_keys
 from diffusion import losses
-from models import denoiser
+from models import denoiser, lora
 from runtime.state import TrainState
 
 _LATENT_STREAM = 0x1A7E  # fold_in tag of the posterior samples' randomness.
@@ -23,11 +23,10 @@ def ema_decay(optim, step):
   return jnp.minimum(d, (1.0 + step) / (10.0 + step)) if optim.ema_warmup else d
 
 
-def text_condition(text_encoder, params, frozen_text_params, inputs):
+def text_condition(text_encoder, text_params, inputs):
   """Text embeddings of a batch: encoded from its tokens, or the precomputed ones."""
   if batch_keys.TOKENS not in inputs:
     return {k: inputs[k] for k in batch_keys.EMBEDDINGS}
-  text_params = params['text'] if text_encoder.trainable else frozen_text_params
   return dict(zip(batch_keys.EMBEDDINGS,
                   text_encoder.encode(text_params, inputs[batch_keys.TOKENS])))
 
@@ -63,12 +62,14 @@ def into_micro_batch(full, part, k, i):
   return jax.lax.dynamic_update_index_in_dim(grouped, part, i, 1).reshape(full.shape)
 
 
-def train_step(state: TrainState, batch, rng, frozen_text_params, vae_params=None, *, unet,
+def train_step(state: TrainState, batch, rng, frozen_weights, vae_params=None, *, unet,
                text_encoder, null_inputs, tx, diffusion, optim, cond_drop_prob,
                autoencoder=None):
   """One optimiser step; returns the new state and this step's scalar metrics.
 
-  `diffusion`: the DiffusionSpec of the loss; `optim`: the OptimSpec (EMA, grad_accum_steps);
+  `frozen_weights`: the frozen parameters ({'text'?: a frozen encoder's, 'unet'?: the base under
+  LoRA adapters}) combined with the trained ones (`lora.combine`); only the trained ones get
+  gradients. `diffusion`: the DiffusionSpec of the loss; `optim`: the OptimSpec (EMA, grad_accum_steps);
   `cond_drop_prob`: text.cond_drop_prob; `autoencoder` (frozen, with `vae_params`): diffuse in
   its latent space. With optim.grad_accum_steps = k > 1 the network runs on k micro-batches in
   turn (a `lax.scan`, so activations of B/k examples are alive at a time) and their gradients are
@@ -87,13 +88,14 @@ def train_step(state: TrainState, batch, rng, frozen_text_params, vae_params=Non
   def loss_fn(params, i=None):
     """Micro-batch i's part of the full batch's mean loss (None: the whole batch, k = 1)."""
     part = (lambda a: a) if i is None else (lambda a: micro_batch(a, k, i))
-    cond = text_condition(text_encoder, params, frozen_text_params, jax.tree.map(part, text))
-    null = text_condition(text_encoder, params, frozen_text_params, null_inputs)
+    weights = lora.combine(params, frozen_weights or {})
+    cond = text_condition(text_encoder, weights.get('text'), jax.tree.map(part, text))
+    null = text_condition(text_encoder, weights.get('text'), null_inputs)
     cond = drop_condition(cond, null, part(keep))
     rngs = {'dropout': rng_dropout if i is None else jax.random.fold_in(rng_dropout, i)}
 
     def pred_fn(x_t, logsnr):  # The loss draws for the full batch; the network sees part of it.
-      out = denoiser.apply_network(unet, params['unet'], part(x_t), part(logsnr), cond, diffusion,
+      out = denoiser.apply_network(unet, weights['unet'], part(x_t), part(logsnr), cond, diffusion,
                                    train=True, rngs=rngs)
       return out if i is None else into_micro_batch(jnp.zeros(x_t.shape, out.dtype), out, k, i)
 

@@ -1,0 +1,119 @@
+"""LoRA fine-tuning of a (tiny, random) Stable Diffusion pipeline, without PyTorch: only the
+adapters train and are saved, an untrained adapter is the base network bit for bit, resume is
+exact and refuses another base, bad settings are refused naming the field."""
+import dataclasses
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import base as base_config
+from configs import specs
+from models import family, lora, sd_loading, sd_unet
+from runtime import checkpoint
+from tests import sd_runs
+from tools import make_sd_pipeline
+from training import loop
+
+TARGETS = ('to_q', 'to_k', 'to_v', 'to_out.0', 'ff.net.0.proj', 'ff.net.2')
+
+
+@pytest.fixture(scope='module')
+def pipeline_and_data(tmp_path_factory):
+  return sd_runs.pipeline_and_images(tmp_path_factory.mktemp('sd_lora'))
+
+
+def _leaf_names(tree):
+  last = lambda k: getattr(k, 'key', getattr(k, 'name', k))
+  return {str(last(path[-1])) for path, _ in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def test_an_untrained_adapter_is_the_base_network_bit_for_bit(pipeline_and_data):
+  folder, _ = pipeline_and_data
+  spec, base = sd_loading.load_sd_unet(os.path.join(folder, 'unet'))
+  adapted = dataclasses.replace(spec, lora=lora.LoRASpec(rank=3, alpha=6.0, targets=TARGETS,
+                                                         dropout=0.0))
+  r = np.random.RandomState(0)
+  x, t = jnp.asarray(r.randn(2, 8, 8, 4), jnp.float32), jnp.array([10.0, 700.0])
+  ctx = jnp.asarray(r.randn(2, 77, spec.cross_attention_dim), jnp.float32)
+  args = (x, t, ctx, jnp.ones((2, 77), bool), jnp.zeros((2, spec.cross_attention_dim)))
+  params = jax.jit(lambda k: sd_unet.SDUNet(adapted).init(k, *args, train=False))(
+      jax.random.key(1))['params']
+  adapters, random_base = lora.split(nn.meta.unbox(params))
+  assert jax.tree.structure(random_base) == jax.tree.structure(base)
+  assert _leaf_names(adapters) == set(lora.ADAPTERS)
+  blocks = adapters['down_blocks_0']['attentions_0']['transformer_blocks_0']
+  assert set(blocks) == {'attn1', 'attn2', 'ff'} and set(blocks['ff']) == {'net_0_proj', 'net_2'}
+  assert blocks['attn1']['to_q']['lora_A'].shape == (32, 3)
+  assert not np.any(blocks['attn1']['to_q']['lora_B'])  # B starts at zero; A does not.
+  assert np.any(blocks['attn1']['to_q']['lora_A'])
+  apply = lambda net: jax.jit(lambda p: net.apply({'params': p}, *args, train=False))
+  plain = apply(sd_unet.SDUNet(spec))(base)
+  with_adapters = apply(sd_unet.SDUNet(adapted))(lora.combine(adapters, base))
+  np.testing.assert_array_equal(plain, with_adapters)
+  # A trained adapter changes the output by (alpha / r) x A B (here 2 x).
+  nudged = jax.tree.map(lambda a: a + 0.01, adapters)
+  changed = apply(sd_unet.SDUNet(adapted))(lora.combine(nudged, base))
+  assert np.abs(changed - plain).max() > 1e-4
+
+
+def test_only_the_adapters_train_and_the_run_resumes_exactly(pipeline_and_data, tmp_path):
+  folder, data = pipeline_and_data
+  config = sd_runs.tiny_config(folder, data, optim__num_steps=2, checkpoint__every_steps=1,
+                               lora__rank=2, lora__dropout=0.1)
+  full = loop.train_and_evaluate(config, str(tmp_path / 'full'), devices=jax.devices()[:1])
+  cut = str(tmp_path / 'cut')
+  first = loop.train_and_evaluate(config, cut, devices=jax.devices()[:1], stop_at=1)
+  second = loop.train_and_evaluate(config, cut, devices=jax.devices()[:1])
+  losses = [loss for _, loss in first.history + second.history]
+  np.testing.assert_allclose(losses, [loss for _, loss in full.history], rtol=1e-6)
+  state = jax.device_get(full.state)
+  # The train state (so the optimiser, the EMA and every checkpoint) holds the adapters alone.
+  for tree in (state.params, state.ema_params, state.opt_state):
+    assert _leaf_names(tree) <= set(lora.ADAPTERS) | {'count'}, _leaf_names(tree)
+  b = state.params['unet']['down_blocks_0']['attentions_0']['transformer_blocks_0']['attn1'][
+      'to_q']['lora_B']
+  assert 0 < np.abs(b).max() <= 3 * config.optim.learning_rate
+  saved = os.path.join(checkpoint.state_dir(cut), '2')
+  size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(saved) for f in fs)
+  unet_bytes = sum(x.nbytes for x in jax.tree.leaves(family.pretrained(
+      specs.build(config).model)()))
+  assert size < unet_bytes, (size, unet_bytes)
+
+  # Resuming the adapters over another base (same shapes, other weights) is refused.
+  other = make_sd_pipeline.write_pipeline(str(tmp_path / 'other'), preset='sd1', seed=7)
+  moved = sd_runs.tiny_config(other, data, optim__num_steps=3, checkpoint__every_steps=1,
+                              lora__rank=2, lora__dropout=0.1)
+  with pytest.raises(checkpoint.IncompatibleCheckpoint, match='U-Net under the LoRA adapters'):
+    loop.train_and_evaluate(moved, cut, devices=jax.devices()[:1])
+
+
+@pytest.mark.parametrize('changes, match', [
+    (dict(lora__rank=-1), r'model\.lora\.rank=-1'),
+    (dict(lora__rank=2, lora__targets=('to_q', 'attn')), r"model\.lora\.targets.*'to_out\.0'"),
+    (dict(lora__rank=2, lora__dropout=1.0), r'model\.lora\.dropout'),
+])
+def test_bad_lora_settings_are_refused_naming_the_field(pipeline_and_data, changes, match):
+  folder, data = pipeline_and_data
+  with pytest.raises(ValueError, match=match):
+    specs.build(sd_runs.tiny_config(folder, data, **changes))
+
+
+def test_a_rank_wider_than_a_layer_is_refused_naming_it(pipeline_and_data):
+  folder, data = pipeline_and_data
+  settings = specs.build(sd_runs.tiny_config(folder, data, lora__rank=64))
+  net = family.build(settings.model, 2)
+  with pytest.raises(ValueError, match=r"model\.lora\.rank=64 is larger than the layer 'to_q'"):
+    jax.eval_shape(lambda k: net.init(k, jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,)),
+                                      jnp.zeros((1, 77, 32)), jnp.ones((1, 77), bool),
+                                      jnp.zeros((1, 32)), train=False), jax.random.key(0))
+
+
+def test_lora_needs_a_pretrained_family():
+  config = base_config.get_config()
+  config.model.lora.rank = 4
+  with pytest.raises(ValueError, match=r"model\.lora\.rank=4 .*model\.family='sd'"):
+    specs.build(config)
