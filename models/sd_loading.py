@@ -12,6 +12,10 @@ shapes and dtypes to `SDUNet(spec).init(...)['params']`:
       {'params': params}, latents, timesteps, text_states, mask, pooled)
 
 Pickled checkpoints (diffusion_pytorch_model.bin, *.ckpt) are refused, never opened.
+
+`save_sd_unet(out, params, source=folder)` writes params (e.g. fine-tuned ones) back in the same
+layout, with `source`'s config.json; `diffusers_unet_tensors` is the conversion it writes, the
+exact inverse of `convert_diffusers_weights` (derived from it: `weights.invert_conversion`).
 """
 from __future__ import annotations
 
@@ -30,7 +34,8 @@ from models.sd_unet import (CROSS_DOWN, CROSS_UP, SDUNet, SDUNetSpec, check_samp
                             spec_from_config)
 
 __all__ = ['LoadedSDUNet', 'abstract_params', 'abstract_variables', 'check_sample_side',
-           'convert_diffusers_weights', 'load_sd_unet']
+           'convert_diffusers_weights', 'diffusers_unet_tensors', 'load_sd_unet', 'read_spec',
+           'save_sd_unet']
 
 WEIGHTS = 'diffusion_pytorch_model.safetensors'
 _LAYOUT = (f'a diffusers UNet2DConditionModel folder needs config.json and {WEIGHTS} (or its '
@@ -53,7 +58,8 @@ class LoadedSDUNet(NamedTuple):
 # ----------------------------------------------------------------------------- locating files
 
 
-def _read_config(folder: str, run_fields: dict[str, Any]) -> SDUNetSpec:
+def read_spec(folder: str, **run_fields: Any) -> SDUNetSpec:
+  """The `SDUNetSpec` of FOLDER/config.json (and `run_fields`, see `load_sd_unet`), checked."""
   path = os.path.join(folder, 'config.json')
   if not os.path.isfile(path):
     hint = ''
@@ -219,7 +225,7 @@ def load_sd_unet(folder: str, **run_fields: Any) -> LoadedSDUNet:
   folder = os.path.abspath(os.path.expanduser(str(folder)))
   if not os.path.isdir(folder):
     raise FileNotFoundError(f'SD U-Net folder {folder} not found (or not a folder): {_LAYOUT}.')
-  spec = _read_config(folder, run_fields)
+  spec = read_spec(folder, **run_fields)
   tensors, source = _read_tensors(folder)
   get = _UsedTensors(tensors, source, spec.weight_dtype)
   params = convert_diffusers_weights(get, spec)
@@ -255,3 +261,35 @@ def abstract_variables(spec: SDUNetSpec) -> Any:
   pooled = jax.ShapeDtypeStruct((1, spec.cross_attention_dim), jnp.float32)
   init = lambda *a: SDUNet(spec).init(jax.random.key(0), *a, train=False)
   return jax.eval_shape(init, x, c_noise, context, mask, pooled)['params']
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def diffusers_unet_tensors(spec: SDUNetSpec, params: Any) -> dict[str, np.ndarray]:
+  """`SDUNet(spec)` params -> {diffusers tensor name: float32 array in PyTorch layout}: the exact
+  inverse of `convert_diffusers_weights`, derived from it (`weights.invert_conversion`)."""
+  return weights.invert_conversion(
+      lambda get: convert_diffusers_weights(get, spec), params,
+      f'the U-Net params are not those of the UNet2DConditionModel that {spec.source} describes '
+      f'(block_out_channels={list(spec.block_out_channels)}, layers_per_block='
+      f'{spec.layers_per_block}); save them with the config.json they were trained from.')
+
+
+def save_sd_unet(folder: str, params: Any, *, source: str) -> str:
+  """Writes `params` as a diffusers UNet2DConditionModel folder that `load_sd_unet` and diffusers
+  read: `source`'s config.json copied byte for byte (fine-tuning changes no architecture) and
+  float32 diffusion_pytorch_model.safetensors (`weights.write_weights`: never half-written).
+
+  Args:
+    folder: destination (created if missing; other files in it are left alone).
+    params: `SDUNet` parameters (plain or boxed, any float dtype) of `source`'s architecture.
+    source: the U-Net folder the params were trained from (e.g. a pipeline's unet/).
+  Returns:
+    The absolute folder.
+  """
+  source = os.path.abspath(os.path.expanduser(str(source)))
+  tensors = diffusers_unet_tensors(read_spec(source), params)
+  with open(os.path.join(source, 'config.json'), 'rb') as f:
+    config = f.read()
+  return weights.write_weights(folder, WEIGHTS, tensors, config)

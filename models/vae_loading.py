@@ -26,7 +26,6 @@ import json
 import os
 from typing import Any
 
-import flax.core
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -278,37 +277,14 @@ def load_vae(path: str, dtype: str | Any = 'float32', *,
 
 
 def diffusers_tensors(config: VAEConfig, params: Any) -> dict[str, np.ndarray]:
-  """`AutoencoderKL` params -> {diffusers tensor name: float32 array in PyTorch layout}.
-
-  The exact inverse of `convert_diffusers_weights`, derived from it rather than restated: the
-  converter is run on tensors holding their own element indices, so each parameter leaf says
-  which checkpoint element every one of its values came from (OIHW <-> HWIO, (out, in) <->
-  (in, out) included) and the values are scattered back there.
-  """
-  layout, count = {}, [0]
-
-  def index_tensor(names, shape):
-    name = names if isinstance(names, str) else names[0]  # The current diffusers name.
-    size = int(np.prod(shape))
-    layout[name] = (count[0], tuple(shape))
-    count[0] += size
-    return np.arange(count[0] - size, count[0], dtype=np.int64).reshape(shape)
-
-  indices = convert_diffusers_weights(index_tensor, config)
-  values = jax.tree.map(np.asarray, nn.meta.unbox(flax.core.unfreeze(params)))
-  got = jax.tree.map(np.shape, values)
-  expected = jax.tree.map(np.shape, indices)
-  if got != expected:
-    raise ValueError(f'save_vae: params do not match the AutoencoderKL of config '
-                     f'(block_out_channels={list(config.block_out_channels)}, layers_per_block='
-                     f'{config.layers_per_block}, latent_channels={config.latent_channels}, '
-                     f'mid_block_add_attention={config.mid_block_add_attention}); pass the '
-                     f'config the params were made with. Shapes: {got} vs {expected}')
-  flat = np.empty(count[0], np.float32)
-  for idx, value in zip(jax.tree.leaves(indices), jax.tree.leaves(values)):
-    flat[idx.ravel()] = np.asarray(value, np.float32).ravel()
-  return {name: flat[start:start + int(np.prod(shape))].reshape(shape)
-          for name, (start, shape) in layout.items()}
+  """`AutoencoderKL` params -> {diffusers tensor name: float32 array in PyTorch layout}: the exact
+  inverse of `convert_diffusers_weights`, derived from it (`weights.invert_conversion`)."""
+  return weights.invert_conversion(
+      lambda get: convert_diffusers_weights(get, config), params,
+      f'save_vae: params do not match the AutoencoderKL of config (block_out_channels='
+      f'{list(config.block_out_channels)}, layers_per_block={config.layers_per_block}, '
+      f'latent_channels={config.latent_channels}, mid_block_add_attention='
+      f'{config.mid_block_add_attention}); pass the config the params were made with.')
 
 
 def diffusers_config(config: VAEConfig) -> dict[str, Any]:
@@ -343,8 +319,8 @@ def save_vae(folder: str, config: VAEConfig, params: Any, *,
   """Writes `params` as a diffusers AutoencoderKL folder that `load_vae` (and diffusers) read.
 
   Writes config.json and diffusion_pytorch_model.safetensors (float32, diffusers names, PyTorch
-  layouts) to temporary files in `folder` and moves each into place with os.replace, weights
-  first, so neither file is ever half-written; other files in `folder` are left alone.
+  layouts) with `weights.write_weights`: neither file is ever half-written, and other files in
+  `folder` are left alone.
 
   Args:
     folder: destination (created if missing).
@@ -354,26 +330,11 @@ def save_vae(folder: str, config: VAEConfig, params: Any, *,
   Returns:
     The absolute folder.
   """
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   if scaling_factor is not None:
     if not np.isfinite(scaling_factor) or scaling_factor <= 0:
       raise ValueError(f'save_vae: scaling_factor={scaling_factor!r} must be positive and '
                        'finite (1 / std of the latents).')
     config = dataclasses.replace(config, scaling_factor=float(scaling_factor))
   tensors = diffusers_tensors(config, params)
-  folder = os.path.abspath(os.path.expanduser(str(folder)))
-  os.makedirs(folder, exist_ok=True)
-  tmp = f'.tmp-{os.getpid()}'
-  weights_path, config_path = os.path.join(folder, WEIGHTS), os.path.join(folder, 'config.json')
-  try:
-    save_file(tensors, weights_path + tmp, metadata={'format': 'pt'})
-    with open(config_path + tmp, 'w') as f:
-      json.dump(diffusers_config(config), f, indent=2)
-      f.write('\n')
-    os.replace(weights_path + tmp, weights_path)
-    os.replace(config_path + tmp, config_path)
-  finally:
-    for path in (weights_path + tmp, config_path + tmp):
-      if os.path.exists(path):
-        os.remove(path)
-  return folder
+  text = json.dumps(diffusers_config(config), indent=2) + '\n'
+  return weights.write_weights(folder, WEIGHTS, tensors, text.encode())

@@ -1,5 +1,5 @@
 """Sampling from a workdir: load its saved settings and a checkpoint, write PNGs, a grid and a
-manifest.
+manifest. `restore` (the parameters only) is also what export/diffusers.py writes out.
 
 The parameters are restored onto whatever devices are present (a data-parallel mesh
 over all of them), whatever mesh trained them. The saved config becomes settings through the
@@ -34,21 +34,32 @@ class Loaded(NamedTuple):
   pretrained: str = ''  # The diffusers folder sampled as it is (sample.py --pretrained), or ''.
 
 
-def load(workdir: str, step: int | None = None, *, settings_of: Callable[[dict], Any],
-         use_ema: bool = True, sampling_grid: str | None = None, image_size: int | None = None,
-         allow_other_resolution: bool | None = None) -> Loaded:
-  """Reads the saved settings and only the (EMA) parameters of a checkpoint, over all devices.
+class Restored(NamedTuple):
+  """A checkpoint's parameters and what they were trained with (`restore`)."""
+  settings: Any  # The run's saved settings (fields added since: configs/base.py's defaults).
+  saved_config: dict  # The config the checkpoint saved, as written (`Checkpointer.saved_config`).
+  autoencoder: Any  # The frozen VAE (models.vae_loading.PretrainedVAE), or None.
+  unet: Any  # The denoiser module.
+  text_encoder: Any  # text.encoders.TextEncoder.
+  params: Any  # {'unet': ..., 'text': ... if the encoder trained}: the EMA (or raw) parameters.
+  step: int  # The checkpoint's training step.
 
-  `settings_of`: the saved config (a plain dict) -> the run's settings. `sampling_grid` (e.g.
-  'karras') samples on another grid than the run's diffusion.sampling_grid. `image_size`
-  (default: the trained data.image_size) samples at another size; that is refused unless
-  `allow_other_resolution` (default: the run's data.allow_other_sample_size).
+
+def restore(workdir: str, step: int | None = None, *, settings_of: Callable[[dict], Any],
+            use_ema: bool = True, image_size: int | None = None,
+            allow_other_resolution: bool | None = None, mesh=None) -> Restored:
+  """Reads the saved settings and only the (EMA) parameters of a checkpoint (default: the newest
+  that restores) onto `mesh` (default: data-parallel over all devices).
+
+  `settings_of`: the saved config (a plain dict) -> the run's settings. `image_size` (checked
+  against the run's, see `check_resolution`) refuses an incompatible size before reading weights.
   """
   ckpt = checkpoint.Checkpointer(workdir, read_only=True)
-  mesh = sharding.make_mesh(MeshSpec.data_parallel())  # Data-parallel over all devices.
+  mesh = mesh or sharding.make_mesh(MeshSpec.data_parallel())
 
-  def restore(at):
-    settings = settings_of(ckpt.saved_config(at))
+  def restore_at(at):
+    saved = ckpt.saved_config(at)
+    settings = settings_of(saved)
     autoencoder = state.build_autoencoder(settings.autoencoder)
     if image_size is not None:  # (A user error: raised, not taken for a damaged checkpoint.)
       try:
@@ -60,18 +71,18 @@ def load(workdir: str, step: int | None = None, *, settings_of: Callable[[dict],
         mesh, settings.mesh.logical_axis_rules, unet=unet, text_encoder=text_encoder,
         input_shape=state.diffusion_shape(settings.data.image_size, autoencoder))
     params, _ = ckpt.restore_params(abstract, at, use_ema=use_ema)
-    return settings, autoencoder, unet, text_encoder, params
+    return Restored(settings, saved, autoencoder, unet, text_encoder, params, at)
 
   if step is None:  # The newest that restores; a damaged newer one is reported and skipped.
-    restored = ckpt.restore_latest_intact(restore)
+    restored = ckpt.restore_latest_intact(restore_at)
     if restored is None:
       raise FileNotFoundError(f'No checkpoint found in {ckpt.directory}: train first.')
-    (settings, autoencoder, unet, text_encoder, params), ckpt_step = restored
+    restored = restored[0]
   else:
-    ckpt_step = ckpt.resolve(step)
+    ckpt.resolve(step)  # FileNotFoundError listing the steps there are.
     console.quiet_closed_loop_errors()  # A failed restore's pending reads: no traceback each.
     try:
-      settings, autoencoder, unet, text_encoder, params = restore(step)
+      restored = restore_at(step)
     except checkpoint.IncompatibleCheckpoint:
       raise
     except Exception as e:  # pylint: disable=broad-except
@@ -80,14 +91,30 @@ def load(workdir: str, step: int | None = None, *, settings_of: Callable[[dict],
           f'restored ({checkpoint.describe_error(e)}); leave out --step to use the newest intact '
           f'one (steps: {ckpt.all_steps()}).') from None
   ckpt.close()
-  text_params = params['text'] if text_encoder.trainable else text_encoder.init(None)
-  spec = settings.diffusion
+  return restored
+
+
+def load(workdir: str, step: int | None = None, *, settings_of: Callable[[dict], Any],
+         use_ema: bool = True, sampling_grid: str | None = None, image_size: int | None = None,
+         allow_other_resolution: bool | None = None) -> Loaded:
+  """`restore`, then the generator that samples with those parameters, over all devices.
+
+  `sampling_grid` (e.g. 'karras') samples on another grid than the run's
+  diffusion.sampling_grid. `image_size` (default: the trained data.image_size) samples at
+  another size; that is refused unless `allow_other_resolution` (default: the run's
+  data.allow_other_sample_size).
+  """
+  mesh = sharding.make_mesh(MeshSpec.data_parallel())  # Data-parallel over all devices.
+  r = restore(workdir, step, settings_of=settings_of, use_ema=use_ema, image_size=image_size,
+              allow_other_resolution=allow_other_resolution, mesh=mesh)
+  text_params = r.params['text'] if r.text_encoder.trainable else r.text_encoder.init(None)
+  spec = r.settings.diffusion
   if sampling_grid:
     spec = spec.replace(sampling_grid=sampling_grid)
-  gen = generate.Generator(unet, text_encoder, spec, image_size or settings.data.image_size, mesh,
-                           autoencoder=autoencoder,
-                           decode_chunk=settings.autoencoder.decode_chunk)
-  return Loaded(settings, gen, params['unet'], text_params, ckpt_step)
+  gen = generate.Generator(r.unet, r.text_encoder, spec, image_size or r.settings.data.image_size,
+                           mesh, autoencoder=r.autoencoder,
+                           decode_chunk=r.settings.autoencoder.decode_chunk)
+  return Loaded(r.settings, gen, r.params['unet'], text_params, r.step)
 
 
 def check_resolution(settings, image_size: int, allow: bool | None = None,

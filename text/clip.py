@@ -13,6 +13,9 @@ is transformers' pooler_output: the final layer's normed state at the end token.
 
   enc = load_clip('sd-pipeline/text_encoder')          # tokenizer from ../tokenizer
   emb, mask, pooled = jax.jit(enc.encode)(enc.params, enc.tokenize(['a red circle']))
+
+`save_clip(out, params, source=folder)` writes params (e.g. fine-tuned ones) back in the same
+layout; `hf_tensors` is the exact inverse of `convert_hf_weights` (`weights.invert_conversion`).
 """
 from __future__ import annotations
 
@@ -34,6 +37,8 @@ from text.bert import dense, layer_norm  # The same BERT-style layers, shared.
 from text.pretrained import PretrainedEncoder
 
 Dtype = Any
+WEIGHTS = 'model.safetensors'
+PREFIX = 'text_model.'  # transformers' CLIPTextModel names its tensors text_model.*.
 Getter = Callable[[str | tuple[str, ...], tuple[int, ...]], np.ndarray]
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -154,7 +159,7 @@ class CLIPTextTransformer(nn.Module):
 def convert_hf_weights(get: Getter, config: CLIPTextConfig) -> dict[str, Any]:
   """transformers CLIPTextModel tensors (PyTorch (out, in) layout) -> `CLIPTextTransformer` params.
 
-  `get(names, shape)` is a `weights.TensorGetter` over the prefixes 'text_model.' and ''.
+  `get(names, shape)` is a `weights.TensorGetter` over the prefixes PREFIX and ''.
   """
   c = config
   d, heads, dh, f = c.hidden_size, c.num_attention_heads, c.head_dim, c.intermediate_size
@@ -208,7 +213,7 @@ class ClipEncoder(PretrainedEncoder):
 
 
 def _read_tensors(folder: str) -> tuple[dict[str, np.ndarray], str]:
-  found = weights.read_safetensors(folder, 'model.safetensors')
+  found = weights.read_safetensors(folder, WEIGHTS)
   if found is not None:
     return found
   others = sorted(os.path.basename(p) for ext in ('bin', 'ckpt', 'pt', 'pth', 'safetensors')
@@ -238,6 +243,22 @@ def _tokenizer_folder(folder: str, tokenizer_folder: str | None) -> str:
       'tokenizer_folder= otherwise.')
 
 
+def read_config(folder: str) -> CLIPTextConfig:
+  """FOLDER/config.json (transformers' CLIPTextConfig) -> a checked `CLIPTextConfig`."""
+  config_path = os.path.join(folder, 'config.json')
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f'{config_path} not found: a diffusers text_encoder/ folder holds '
+                            f'config.json and {WEIGHTS}.')
+  with open(config_path) as f:
+    cfg = json.load(f)
+  if cfg.get('model_type') != 'clip_text_model':
+    raise ValueError(f"{config_path}: model_type={cfg.get('model_type')!r}, expected "
+                     "'clip_text_model' (a pipeline's text_encoder/, transformers' CLIPTextModel).")
+  config = CLIPTextConfig(**weights.dataclass_fields(CLIPTextConfig, cfg, config_path))
+  config.validate(config_path)
+  return config
+
+
 def load_clip(text_encoder_folder: str, *, tokenizer_folder: str | None = None,
               max_len: int = 77, clip_skip: int = 0, dtype: str | Any = 'float32',
               param_dtype: Any = jnp.float32) -> ClipEncoder:
@@ -256,16 +277,7 @@ def load_clip(text_encoder_folder: str, *, tokenizer_folder: str | None = None,
   """
   folder = os.path.abspath(os.path.expanduser(text_encoder_folder))
   config_path = os.path.join(folder, 'config.json')
-  if not os.path.isfile(config_path):
-    raise FileNotFoundError(f'{config_path} not found: a diffusers text_encoder/ folder holds '
-                            'config.json and model.safetensors.')
-  with open(config_path) as f:
-    cfg = json.load(f)
-  if cfg.get('model_type') != 'clip_text_model':
-    raise ValueError(f"{config_path}: model_type={cfg.get('model_type')!r}, expected "
-                     "'clip_text_model' (a pipeline's text_encoder/, transformers' CLIPTextModel).")
-  config = CLIPTextConfig(**weights.dataclass_fields(CLIPTextConfig, cfg, config_path))
-  config.validate(config_path)
+  config = read_config(folder)
   compute_dtype = layers.resolve_dtype(dtype, 'text.dtype') if isinstance(dtype, str) else dtype
   if compute_dtype not in layers.DTYPES.values():
     raise ValueError(f'text.dtype={dtype!r} is not supported; use one of {sorted(layers.DTYPES)}.')
@@ -283,7 +295,7 @@ def load_clip(text_encoder_folder: str, *, tokenizer_folder: str | None = None,
     raise ValueError(f'the tokenizer has {tokenizer.vocab_size} tokens but {config_path} says '
                      f'vocab_size={config.vocab_size}: the tokenizer belongs to another model.')
   tensors, source = _read_tensors(folder)
-  getter = weights.TensorGetter(tensors, source, ('text_model.', ''), param_dtype)
+  getter = weights.TensorGetter(tensors, source, (PREFIX, ''), param_dtype)
   params = convert_hf_weights(getter, config)
   module = CLIPTextTransformer(config, int(clip_skip), compute_dtype, param_dtype)
   ids = jax.ShapeDtypeStruct((1, int(max_len)), jnp.int32)
@@ -300,3 +312,37 @@ def load_clip(text_encoder_folder: str, *, tokenizer_folder: str | None = None,
       arch='clip', path=folder, module=module, params=jax.tree.map(jnp.asarray, params),
       tokenizer=tokenizer, max_len=int(max_len), dim=config.hidden_size,
       pad_id=tokenizer.pad_id, fingerprint=fingerprint, clip_skip=int(clip_skip))
+
+
+def hf_tensors(config: CLIPTextConfig, params: Any) -> dict[str, np.ndarray]:
+  """`CLIPTextTransformer` params -> {transformers CLIPTextModel tensor name (text_model.*):
+  float32 array in PyTorch layout}: the exact inverse of `convert_hf_weights`."""
+  tensors = weights.invert_conversion(
+      lambda get: convert_hf_weights(get, config), params,
+      f'the CLIP params are not those of a CLIPTextModel with hidden_size={config.hidden_size}, '
+      f'num_hidden_layers={config.num_hidden_layers}, vocab_size={config.vocab_size}; save them '
+      'with the config.json they were trained from.')
+  return {PREFIX + name: value for name, value in tensors.items()}
+
+
+def save_clip(folder: str, params: Any, *, source: str) -> str:
+  """Writes `params` as a transformers CLIPTextModel folder (a pipeline's text_encoder/) that
+  `load_clip` and transformers read: `source`'s config.json copied byte for byte, and model.
+  safetensors (float32) holding `hf_tensors` plus the tensors of `source` the converter does not
+  read (the position_ids buffer older transformers saved) as they were.
+
+  Args:
+    folder: destination (created if missing; other files in it are left alone).
+    params: `CLIPTextTransformer` parameters (plain or boxed) of `source`'s architecture.
+    source: the text_encoder/ folder the params were trained from.
+  Returns:
+    The absolute folder.
+  """
+  source = os.path.abspath(os.path.expanduser(source))
+  tensors = hf_tensors(read_config(source), params)
+  unread = lambda name: PREFIX + name.removeprefix(PREFIX) not in tensors
+  found = weights.read_safetensors(source, WEIGHTS, keep=unread)
+  kept = found[0] if found is not None else {}
+  with open(os.path.join(source, 'config.json'), 'rb') as f:
+    config = f.read()
+  return weights.write_weights(folder, WEIGHTS, {**kept, **tensors}, config)

@@ -1,0 +1,1 @@
+"""Writing what a run trained in other tools' formats (diffusers.py: a diffusers pipeline)."""
