@@ -63,6 +63,8 @@ _SNOISE = flags.DEFINE_float('s_noise', None, 'Scale of the added noise (euler/h
 _SEED = flags.DEFINE_integer('seed', 0, 'Base seed; sample k of the run gets seed + k.')
 _NUM = flags.DEFINE_integer('num', 1, 'Samples per prompt.')
 _BATCH = flags.DEFINE_integer('batch_size', 64, 'Images per device program.')
+_LORA_SCALE = flags.DEFINE_float('lora_scale', 1.0, 'A LoRA run: scale of the adapters\' update '
+                                 '(0: the base model alone; as diffusers\' LoRA scale).')
 _EMA = flags.DEFINE_bool('ema', True, 'Sample with the EMA parameters (--noema: the raw ones).')
 _SIZE = flags.DEFINE_integer('image_size', None, 'Side of the images in pixels (default: the '
                              'trained data.image_size; another needs --allow_other_resolution).')
@@ -122,7 +124,8 @@ def _source_problems() -> list[str]:
   from configs import pipeline  # (No jax: the folder's layout.)
   workdir_only = ((_STEP, 'a pipeline folder has no checkpoints'),
                   (_EMA, 'a pipeline folder has no EMA parameters'),
-                  (_ALLOW_SIZE, 'a pipeline folder samples at any --image_size'))
+                  (_ALLOW_SIZE, 'a pipeline folder samples at any --image_size'),
+                  (_LORA_SCALE, 'a pipeline folder has no LoRA adapters'))
   problems = [f'--{flag.name} needs --workdir ({why})' for flag, why in workdir_only
               if flags.FLAGS[flag.name].present]
   if not _OUT.value:
@@ -146,7 +149,8 @@ def _load():
   if _WORKDIR.value:
     return from_checkpoint.load(_WORKDIR.value, _STEP.value, settings_of=specs.from_saved,
                                 use_ema=_EMA.value, sampling_grid=_GRID.value,
-                                image_size=_SIZE.value, allow_other_resolution=_ALLOW_SIZE.value)
+                                image_size=_SIZE.value, allow_other_resolution=_ALLOW_SIZE.value,
+                                lora_scale=_LORA_SCALE.value)
   from configs import sd
   from sampling import from_pipeline
   config = sd.get_config('sample')

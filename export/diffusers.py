@@ -110,8 +110,8 @@ def _check_frozen(restored: from_checkpoint.Restored) -> None:
   """Refuses to copy a frozen component whose weights are no longer those the run trained with
   (the weight digests training/builder.py records with each checkpoint)."""
   frozen = restored.saved_config.get(checkpoint.FROZEN_KEY) or {}  # Older runs: none recorded.
-  now = {'autoencoder': lambda: restored.autoencoder.params,
-         'text encoder': lambda: restored.text_encoder.init(None)}
+  now = {checkpoint.FROZEN_AUTOENCODER: lambda: restored.autoencoder.params,
+         checkpoint.FROZEN_TEXT: lambda: restored.text_encoder.init(None)}
   for name, (recorded, path) in sorted(frozen.items()):
     digest = weights.digest(now[name]()) if name in now else recorded
     if digest != recorded:

@@ -130,8 +130,13 @@ def split(params: Mapping[str, Any]) -> tuple[dict, dict]:
   return adapters, base
 
 
-def has_adapters(params: Mapping[str, Any]) -> bool:
-  return bool(split(params)[0])
+def scaled(params: Mapping[str, Any], scale: float) -> dict:
+  """`params` with every adapter's update scaled by `scale` (its lora_B times scale), as
+  diffusers' LoRA scale does at inference."""
+  if scale == 1.0:
+    return dict(params)
+  return {name: scaled(value, scale) if isinstance(value, Mapping)
+          else value * scale if name == ADAPTERS[1] else value for name, value in params.items()}
 
 
 def combine(params: Mapping[str, Any], frozen: Mapping[str, Any]) -> dict:

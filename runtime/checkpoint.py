@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from models import weights
 from runtime import console
 from runtime import workdir as paths
 
@@ -43,6 +44,9 @@ _ARCH_FIELDS = {
 _ITEMS = ('state', 'config', 'data')
 # Key of the saved config item holding the frozen components' {name: [weight digest, folder]}.
 FROZEN_KEY = '_frozen'
+# Their names (in errors too).
+FROZEN_AUTOENCODER, FROZEN_TEXT, FROZEN_BASE = ('autoencoder', 'text encoder',
+                                                'U-Net under the LoRA adapters')
 
 
 class CheckpointError(ValueError):
@@ -319,12 +323,24 @@ def check_compatible(saved: dict, current: dict, directory: str):
         'checkpoint values.')
   was, now = saved.get(FROZEN_KEY) or {}, current.get(FROZEN_KEY) or {}
   for name in sorted(set(was) & set(now)):  # Runs saved before digests were kept: nothing to check.
-    if was[name][0] != now[name][0]:
-      raise IncompatibleCheckpoint(
-          f'The {name} differs from the one the checkpoint in {directory} was trained with: '
-          f'weight digest {now[name][0]} ({now[name][1]}) vs {was[name][0]} ({was[name][1]}). '
-          'A frozen component must not change under a run: point the config back at the '
-          'original weights, or start a fresh --workdir.')
+    _refuse_other_frozen(name, was[name], now[name], directory)
+
+
+def check_frozen(saved: dict, name: str, params: Any, folder: str, directory: str) -> None:
+  """Raises IncompatibleCheckpoint if frozen component `name`'s weights `params` (from `folder`)
+  are not those the checkpoint's saved config `saved` recorded (nothing recorded: passes)."""
+  recorded = (saved.get(FROZEN_KEY) or {}).get(name)
+  if recorded is not None:
+    _refuse_other_frozen(name, recorded, [weights.digest(params), folder], directory)
+
+
+def _refuse_other_frozen(name, was, now, directory):
+  if was[0] != now[0]:
+    raise IncompatibleCheckpoint(
+        f'The {name} differs from the one the checkpoint in {directory} was trained with: '
+        f'weight digest {now[0]} ({now[1]}) vs {was[0]} ({was[1]}). '
+        'A frozen component must not change under a run: point the config back at the '
+        'original weights, or start a fresh --workdir.')
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:

@@ -18,7 +18,7 @@ from absl import logging
 
 from diffusion import schedules
 from diffusion.spec import SamplerSettings
-from models import family
+from models import family, lora
 from runtime import checkpoint, console, sharding, state
 from runtime.settings import MeshSpec
 from sampling import generate, images
@@ -41,8 +41,17 @@ class Restored(NamedTuple):
   autoencoder: Any  # The frozen VAE (models.vae_loading.PretrainedVAE), or None.
   unet: Any  # The denoiser module.
   text_encoder: Any  # text.encoders.TextEncoder.
-  params: Any  # {'unet': ..., 'text': ... if the encoder trained}: the EMA (or raw) parameters.
+  params: Any  # {'unet': ..., 'text': ... if the encoder trained}: the EMA (or raw) parameters
+  # (with LoRA, 'unet' holds the adapters alone).
   step: int  # The checkpoint's training step.
+  frozen: Any = None  # LoRA: {'unet': the base weights under the adapters (plain arrays)}.
+
+  def weights(self, lora_scale: float = 1.0) -> dict:
+    """{'unet': the whole network's parameters, 'text'?: the trained encoder's}: with LoRA, the
+    adapters (their update scaled by `lora_scale`) over the frozen base."""
+    if not self.frozen:
+      return self.params
+    return lora.combine(lora.scaled(self.params, lora_scale), self.frozen)
 
 
 def restore(workdir: str, step: int | None = None, *, settings_of: Callable[[dict], Any],
@@ -71,7 +80,13 @@ def restore(workdir: str, step: int | None = None, *, settings_of: Callable[[dic
         mesh, settings.mesh.logical_axis_rules, unet=unet, text_encoder=text_encoder,
         input_shape=state.diffusion_shape(settings.data.image_size, autoencoder))
     params, _ = ckpt.restore_params(abstract, at, use_ema=use_ema)
-    return Restored(settings, saved, autoencoder, unet, text_encoder, params, at)
+    frozen = None
+    if family.lora(settings.model):  # The adapters apply to the base they were trained on.
+      base = family.pretrained(settings.model)()
+      checkpoint.check_frozen(saved, checkpoint.FROZEN_BASE, base, settings.model.unet_folder,
+                              ckpt.directory)
+      frozen = {'unet': base}
+    return Restored(settings, saved, autoencoder, unet, text_encoder, params, at, frozen)
 
   if step is None:  # The newest that restores; a damaged newer one is reported and skipped.
     restored = ckpt.restore_latest_intact(restore_at)
@@ -96,25 +111,29 @@ def restore(workdir: str, step: int | None = None, *, settings_of: Callable[[dic
 
 def load(workdir: str, step: int | None = None, *, settings_of: Callable[[dict], Any],
          use_ema: bool = True, sampling_grid: str | None = None, image_size: int | None = None,
-         allow_other_resolution: bool | None = None) -> Loaded:
+         allow_other_resolution: bool | None = None, lora_scale: float = 1.0) -> Loaded:
   """`restore`, then the generator that samples with those parameters, over all devices.
 
   `sampling_grid` (e.g. 'karras') samples on another grid than the run's
   diffusion.sampling_grid. `image_size` (default: the trained data.image_size) samples at
   another size; that is refused unless `allow_other_resolution` (default: the run's
-  data.allow_other_sample_size).
+  data.allow_other_sample_size). `lora_scale` scales a LoRA run's adapters (0: the base alone).
   """
   mesh = sharding.make_mesh(MeshSpec.data_parallel())  # Data-parallel over all devices.
   r = restore(workdir, step, settings_of=settings_of, use_ema=use_ema, image_size=image_size,
               allow_other_resolution=allow_other_resolution, mesh=mesh)
-  text_params = r.params['text'] if r.text_encoder.trainable else r.text_encoder.init(None)
+  if lora_scale != 1.0 and not r.frozen:
+    raise ValueError(f'--lora_scale={lora_scale}: {workdir} is not a LoRA run (model.lora.rank '
+                     'is 0); leave the flag out.')
+  weights = r.weights(lora_scale)
+  text_params = weights['text'] if r.text_encoder.trainable else r.text_encoder.init(None)
   spec = r.settings.diffusion
   if sampling_grid:
     spec = spec.replace(sampling_grid=sampling_grid)
   gen = generate.Generator(r.unet, r.text_encoder, spec, image_size or r.settings.data.image_size,
                            mesh, autoencoder=r.autoencoder,
                            decode_chunk=r.settings.autoencoder.decode_chunk)
-  return Loaded(r.settings, gen, r.params['unet'], text_params, r.step)
+  return Loaded(r.settings, gen, weights['unet'], text_params, r.step)
 
 
 def check_resolution(settings, image_size: int, allow: bool | None = None,

@@ -14,6 +14,7 @@ from configs import base as base_config
 from configs import specs
 from models import family, lora, sd_loading, sd_unet
 from runtime import checkpoint
+from sampling import from_checkpoint
 from tests import sd_runs
 from tools import make_sd_pipeline
 from training import loop
@@ -82,6 +83,16 @@ def test_only_the_adapters_train_and_the_run_resumes_exactly(pipeline_and_data, 
   unet_bytes = sum(x.nbytes for x in jax.tree.leaves(family.pretrained(
       specs.build(config).model)()))
   assert size < unet_bytes, (size, unet_bytes)
+
+  # Sampling: the adapters over the folder's base; --lora_scale=0 is the base network exactly.
+  base = family.pretrained(specs.build(config).model)()
+  loaded = from_checkpoint.load(cut, settings_of=specs.from_saved, use_ema=False)
+  want = lora.combine(state.params, {'unet': base})['unet']
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded.unet_params), want)
+  off = from_checkpoint.load(cut, settings_of=specs.from_saved, use_ema=False, lora_scale=0.0)
+  off_adapters, off_base = lora.split(jax.device_get(off.unet_params))
+  jax.tree.map(np.testing.assert_array_equal, off_base, base)
+  assert not any(np.any(b) for b in jax.tree.leaves(off_adapters['mid_block'])[1::2])  # lora_B
 
   # Resuming the adapters over another base (same shapes, other weights) is refused.
   other = make_sd_pipeline.write_pipeline(str(tmp_path / 'other'), preset='sd1', seed=7)

@@ -20,7 +20,7 @@ from data import batch as batch_keys
 from data import records
 from data.sources import DataError
 from models import family, weights
-from runtime import sharding, state as state_lib, trace_cache
+from runtime import checkpoint, sharding, state as state_lib, trace_cache
 from text import encoders
 from training import step as step_lib
 from training import text_inputs as text_inputs_lib
@@ -97,12 +97,12 @@ def build_trainer(settings, mesh, *, source=None, workdir=None) -> Trainer:
                         state_shardings=shardings, batch_shardings=batch_shardings)
   frozen = {}  # By weight digest, not path: a moved folder with the same weights still resumes.
   if autoencoder is not None:
-    frozen['autoencoder'] = [weights.digest(autoencoder.params), settings.autoencoder.path]
+    frozen[checkpoint.FROZEN_AUTOENCODER] = [weights.digest(autoencoder.params), settings.autoencoder.path]
   if not text_encoder.trainable:
-    frozen['text encoder'] = [weights.digest(text_encoder.init(None)),
+    frozen[checkpoint.FROZEN_TEXT] = [weights.digest(text_encoder.init(None)),
                               settings.text.pretrained_path or 'the packaged MiniLM']
   if 'unet' in frozen_weights:  # LoRA: the adapters apply to this base alone.
-    frozen['U-Net under the LoRA adapters'] = [weights.digest(base), settings.model.unet_folder]
+    frozen[checkpoint.FROZEN_BASE] = [weights.digest(base), settings.model.unet_folder]
   return Trainer(unet, text_encoder, autoencoder, tx, lr_schedule, abstract, shardings, init,
                  frozen_weights, vae_params, text_inputs, image_keys, step, frozen)
 
