@@ -5,6 +5,8 @@
   # Each cell is one compile: 2-8 minutes on a 2-core CPU (longer at higher fsdp).
   python -m benchmarks.sd_memory --fsdp=1,4,8 --remat=none,dots --batch=1,4,8
   python -m benchmarks.sd_memory --fsdp=8 --remat=full --batch=8 --out=/tmp/sd_memory.json
+  # LoRA (the default attention targets) at ranks 4, 16 and 64: only the adapters train.
+  python -m benchmarks.sd_memory --fsdp=1 --remat=none --batch=1,4,8 --lora_rank=4,16,64
   # The CPU's own attention program (chunked; see below), e.g. to check a fix of its sharding:
   python -m benchmarks.sd_memory --fsdp=8 --remat=none --batch=1 --cpu_attention
 
@@ -85,9 +87,11 @@ def write_config_folder(folder: str) -> str:
 
 
 def finetune_config(folder: str, *, image_size: int = 512, dtype: str = 'bfloat16',
-                    remat: str = 'dots', fsdp: int = 1, batch_per_device: int = 1):
+                    remat: str = 'dots', fsdp: int = 1, batch_per_device: int = 1,
+                    lora_rank: int = 0):
   """`configs/sd.py:finetune` on the folder (mesh data=1, fsdp=F, global batch =
-  batch_per_device x F), filled from the folder as train.py fills it."""
+  batch_per_device x F; `lora_rank` > 0: LoRA on the default targets), filled from the folder as
+  train.py fills it."""
   from configs import pipeline, sd  # pylint: disable=import-outside-toplevel
   config = sd.get_config('finetune')
   config.model.pretrained = folder
@@ -96,6 +100,7 @@ def finetune_config(folder: str, *, image_size: int = 512, dtype: str = 'bfloat1
   config.data.global_batch_size = batch_per_device * fsdp
   config.model.dtype, config.model.remat = dtype, remat
   config.mesh.data, config.mesh.fsdp = 1, fsdp
+  config.model.lora.rank = lora_rank
   return pipeline.fill(config)
 
 
@@ -117,6 +122,7 @@ class SDStep(NamedTuple):
   abstract: Any  # The TrainState's ShapeDtypeStructs, with the run's shardings.
   init: Any  # rng -> the sharded random initial state (jitted).
   batch_shapes: dict[str, tuple[tuple[int, ...], Any]]  # Batch key -> (global shape, dtype).
+  frozen: dict  # The step's frozen_weights as ShapeDtypeStructs (LoRA: the base U-Net's).
 
   def abstract_args(self) -> tuple:
     """(state, batch, rng, frozen_weights, vae_params) as ShapeDtypeStructs, nothing allocated."""
@@ -124,7 +130,7 @@ class SDStep(NamedTuple):
     from runtime import sharding  # pylint: disable=import-outside-toplevel
     batch = {k: jax.ShapeDtypeStruct(s, d, sharding=sharding.batch_sharding(self.mesh, len(s)))
              for k, (s, d) in self.batch_shapes.items()}
-    return self.abstract, batch, jax.ShapeDtypeStruct((2,), 'uint32'), None, None
+    return self.abstract, batch, jax.ShapeDtypeStruct((2,), 'uint32'), self.frozen, None
 
   def contexts(self):
     """The mesh and logical-axis rules the step is traced and run under (as training/loop.py)."""
@@ -192,12 +198,24 @@ def build_step(settings, devices=None) -> SDStep:
                        batch_shapes.items()})
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
-  return SDStep(settings, mesh, unet, text, autoencoder, null, step, abstract, init, batch_shapes)
+  frozen = {}
+  if family.lora(settings.model):  # The base under the adapters: an argument, as in training.
+    frozen['unet'] = state_lib.frozen_base(mesh, settings.mesh.logical_axis_rules, unet=unet,
+                                           text_encoder=text, input_shape=shape)
+  return SDStep(settings, mesh, unet, text, autoencoder, null, step, abstract, init, batch_shapes,
+                frozen)
 
 
 def unet_param_count(sd_step: SDStep) -> int:
+  """The U-Net's parameters, without LoRA adapters (the base's, frozen or trained)."""
   import jax  # pylint: disable=import-outside-toplevel
-  return sum(x.size for x in jax.tree.leaves(sd_step.abstract.params['unet']))
+  tree = sd_step.frozen.get('unet', sd_step.abstract.params['unet'])
+  return sum(x.size for x in jax.tree.leaves(tree))
+
+
+def _gib(tree) -> float:
+  import jax  # pylint: disable=import-outside-toplevel
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)) * 2.0 ** -30
 
 
 def diffusers_param_count() -> int:
@@ -211,6 +229,7 @@ def diffusers_param_count() -> int:
 
 def memory_row(sd_step: SDStep) -> dict:
   """Lowers and compiles the step on abstract arguments; XLA's per-device memory and seconds."""
+  import jax  # pylint: disable=import-outside-toplevel
   from runtime import compile_cache  # pylint: disable=import-outside-toplevel
   args = sd_step.abstract_args()
   t0 = time.perf_counter()
@@ -226,6 +245,9 @@ def memory_row(sd_step: SDStep) -> dict:
   gib = 2.0 ** -30
   return {
       'fsdp': s.mesh.fsdp, 'remat': s.model.network.remat, 'dtype': s.model.network.dtype,
+      'lora_rank': s.model.network.lora.rank if s.model.network.lora else 0,
+      'trained_params': sum(x.size for x in jax.tree.leaves(sd_step.abstract.params)),
+      'state_gib': _gib(sd_step.abstract),  # What a checkpoint holds (all processes together).
       'batch_per_device': s.data.global_batch_size // s.mesh.fsdp,
       'global_batch': s.data.global_batch_size, 'image_size': s.data.image_size,
       'argument_gib': m.argument_size_in_bytes * gib, 'output_gib': m.output_size_in_bytes * gib,
@@ -238,10 +260,13 @@ def memory_row(sd_step: SDStep) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-  out = ['| fsdp | remat | batch / device (global) | arguments GiB | outputs GiB | temporaries GiB '
-         '| total GiB | trace s | XLA compile s |', '|' + '---|' * 9]
+  out = ['| LoRA rank | fsdp | remat | batch / device (global) | trained parameters | state GiB '
+         '| arguments GiB | outputs GiB | temporaries GiB | total GiB | trace s | XLA compile s |',
+         '|' + '---|' * 12]
   for r in rows:
-    out.append(f"| {r['fsdp']} | {r['remat']} | {r['batch_per_device']} ({r['global_batch']}) | "
+    out.append(f"| {r.get('lora_rank') or '-'} | {r['fsdp']} | {r['remat']} | "
+               f"{r['batch_per_device']} ({r['global_batch']}) | {r.get('trained_params', 0):,} | "
+               f"{r.get('state_gib', 0):.3f} | "
                f"{r['argument_gib']:.2f} | {r['output_gib']:.2f} | {r['temp_gib']:.2f} | "
                f"**{r['total_gib']:.2f}** | {r['trace_s']:.1f} | {r['xla_compile_s']:.1f} |")
   return '\n'.join(out)
@@ -266,6 +291,7 @@ def main(argv=None):
   p.add_argument('--batch', default='1,4,8', help='Comma-separated batch sizes PER DEVICE.')
   p.add_argument('--image_size', type=int, default=512, help='Pixels (latents are 1/8 of it).')
   p.add_argument('--dtype', default='bfloat16', help='Compute dtype (weights stay float32).')
+  p.add_argument('--lora_rank', default='0', help='Comma-separated LoRA ranks (0: full fine-tune).')
   p.add_argument('--cpu_attention', action='store_true',
                  help="Compile the CPU's chunked attention, not the accelerator's (see above).")
   p.add_argument('--out', default='', help='Write the rows here as JSON.')
@@ -286,9 +312,9 @@ def main(argv=None):
     folder = write_config_folder(os.path.join(tmp, 'sd15'))
     for fsdp in fsdps:
       for remat in args.remat.split(','):
-        for b in _ints(args.batch):
+        for b, rank in [(b, r) for r in _ints(args.lora_rank) for b in _ints(args.batch)]:
           settings = finetune_settings(folder, image_size=args.image_size, dtype=args.dtype,
-                                       remat=remat, fsdp=fsdp, batch_per_device=b)
+                                       remat=remat, fsdp=fsdp, batch_per_device=b, lora_rank=rank)
           sd_step = build_step(settings)
           if not rows:
             ours, theirs = unet_param_count(sd_step), diffusers_param_count()
@@ -299,7 +325,7 @@ def main(argv=None):
                                f'{SD15_UNET_PARAMS:,}.')
           row = memory_row(sd_step)
           rows.append(row)
-          print(f"fsdp {fsdp}, remat {remat}, batch {b}/device: total {row['total_gib']:.2f} "
+          print(f"LoRA rank {rank}, fsdp {fsdp}, remat {remat}, batch {b}/device: total {row['total_gib']:.2f} "
                 f"GiB (arguments {row['argument_gib']:.2f}, temporaries {row['temp_gib']:.2f}); "
                 f"trace {row['trace_s']:.1f} s, XLA {row['xla_compile_s']:.1f} s", flush=True)
   print(table(rows))

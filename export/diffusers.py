@@ -3,6 +3,8 @@
   python -m export.diffusers --workdir=runs/sd15_mine --out=/models/sd15_mine
   python -m export.diffusers --workdir=runs/sd15_mine --out=/models/sd15_mine --step=4000 \
       --noema --overwrite
+  python -m export.diffusers --workdir=runs/sd15_lora --out=/models/sd15_lora   # a LoRA file
+  python -m export.diffusers --workdir=runs/sd15_lora --out=/models/sd15_merged --merge
 
 The folder is what `StableDiffusionPipeline.from_pretrained` reads (and `sample.py --pretrained`,
 and `model.pretrained` of the next run). It is the pipeline folder the run started from
@@ -22,9 +24,16 @@ The weights are the EMA parameters unless --noema, as sample.py samples (with op
 configs/sd.py's default, both are the same). The folder is written beside --out under a
 temporary name and renamed at the end, so an interrupted export leaves nothing half-written.
 Only the 'sd' family exports: jaxdiff's own U-Net has no diffusers pipeline.
+
+A LoRA run (model.lora.rank > 0) exports its adapters alone: --out gets
+pytorch_lora_weights.safetensors (models/lora_loading.py), which diffusers'
+`pipe.load_lora_weights(OUT)` loads over the source pipeline, and RUN_RECORD. --merge instead
+writes the whole pipeline folder, the adapters (their update times --lora_scale) folded into the
+U-Net's kernels (`models.lora.merged`).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -36,7 +45,7 @@ from typing import Any
 from absl import app, flags
 
 from configs import pipeline, specs
-from models import sd_family, sd_loading, weights
+from models import family, lora, lora_loading, sd_family, sd_loading, weights
 from runtime import checkpoint, console
 from sampling import from_checkpoint
 from text import clip
@@ -75,10 +84,10 @@ def check_out(out: str, *, overwrite: bool, keep: dict[str, str]) -> str:
   return out
 
 
-def _sd_settings(saved: dict, workdir: str) -> Any:
+def _sd_settings(saved: dict, workdir: str, merge: bool = False) -> Any:
   """`settings_of` for `from_checkpoint.restore`: the run's settings, refusing before any weight
-  is read a run that cannot export (IncompatibleCheckpoint: the same for every step, so the
-  restore stops at once rather than trying older checkpoints)."""
+  is read a run that cannot export (or --merge, not a LoRA run) (IncompatibleCheckpoint: the same
+  for every step, so the restore stops at once rather than trying older checkpoints)."""
   try:
     settings = specs.from_saved(saved)
   except pipeline.PipelineError as e:  # E.g. model.pretrained's folder is gone.
@@ -103,6 +112,10 @@ def _sd_settings(saved: dict, workdir: str) -> Any:
           f'{workdir}: {field}={path!r} is not a component of model.pretrained={folder!r} '
           "(model.pretrained_changes): the export copies the pipeline folder's own components, "
           'which are not what this run used.')
+  if merge and not family.lora(settings.model):
+    raise checkpoint.IncompatibleCheckpoint(
+        f'--merge: {workdir} is not a LoRA run (model.lora.rank=0), so there are no adapters to '
+        'merge: leave out --merge (its export is the whole fine-tuned pipeline).')
   return settings
 
 
@@ -141,6 +154,34 @@ def _move_into_place(tmp: str, out: str) -> None:
   shutil.rmtree(old)
 
 
+@contextlib.contextmanager
+def _staged(out: str):
+  """A new folder beside `out` (hidden, temporary) to write into: renamed to `out` when the block
+  completes, removed if it fails."""
+  tmp = os.path.join(os.path.dirname(out), f'.{os.path.basename(out)}.export-{os.getpid()}')
+  if os.path.exists(tmp):  # Left by a killed export of an earlier process with this id.
+    shutil.rmtree(tmp)
+  os.makedirs(tmp)  # (Not mkdtemp: the folder gets the usual permissions, not 0700.)
+  try:
+    yield tmp
+    _move_into_place(tmp, out)
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp)
+
+
+def write_lora(out: str, unet: Any, adapters: dict[str, Any], spec: lora.LoRASpec,
+               record: dict[str, Any]) -> str:
+  """Writes LoRA `adapters` (of `SDUNet(unet)`, rank and scale `spec`) as the folder `out`:
+  lora_loading.FILE and RUN_RECORD (`out` replaced if it exists: check it first with
+  `check_out`). Returns the absolute `out`."""
+  out = os.path.abspath(out)
+  with _staged(out) as tmp:
+    lora_loading.save(tmp, unet, adapters, spec)
+    _write_json(os.path.join(tmp, RUN_RECORD), record)
+  return out
+
+
 def write_pipeline(source: str, out: str, params: dict[str, Any], record: dict[str, Any], *,
                    unet: str, text_encoder: str, progress: bool = False) -> str:
   """Writes pipeline folder `source` with trained `params` as `out` (see the module docstring).
@@ -161,31 +202,23 @@ def write_pipeline(source: str, out: str, params: dict[str, Any], record: dict[s
   if missing:
     raise ExportError(f'{source} has no {" or ".join(missing)}: not a Stable Diffusion pipeline '
                       'folder.')
-  tmp = os.path.join(os.path.dirname(out), f'.{os.path.basename(out)}.export-{os.getpid()}')
-  if os.path.exists(tmp):  # Left by a killed export of an earlier process with this id.
-    shutil.rmtree(tmp)
-  os.makedirs(tmp)  # (Not mkdtemp: the folder gets the usual permissions, not 0700.)
-  try:
-    with console.progress(len(entries) + 1, 'export', 'part', disable=not progress) as bar:
-      for name in entries:
-        bar.set_postfix_str(name)
-        src, dst = os.path.join(source, name), os.path.join(tmp, name)
-        if name == unet:
-          sd_loading.save_sd_unet(dst, params['unet'], source=src)
-        elif name == text_encoder and 'text' in params:
-          clip.save_clip(dst, params['text'], source=src)
-        elif os.path.isdir(src):
-          shutil.copytree(src, dst)  # Links (a hub cache's) are copied as the files they name.
-        else:
-          shutil.copy2(src, dst)
-        bar.update()
-      bar.set_postfix_str(RUN_RECORD)
-      _write_json(os.path.join(tmp, RUN_RECORD), record)
+  with _staged(out) as tmp, console.progress(len(entries) + 1, 'export', 'part',
+                                             disable=not progress) as bar:
+    for name in entries:
+      bar.set_postfix_str(name)
+      src, dst = os.path.join(source, name), os.path.join(tmp, name)
+      if name == unet:
+        sd_loading.save_sd_unet(dst, params['unet'], source=src)
+      elif name == text_encoder and 'text' in params:
+        clip.save_clip(dst, params['text'], source=src)
+      elif os.path.isdir(src):
+        shutil.copytree(src, dst)  # Links (a hub cache's) are copied as the files they name.
+      else:
+        shutil.copy2(src, dst)
       bar.update()
-    _move_into_place(tmp, out)
-  finally:
-    if os.path.exists(tmp):
-      shutil.rmtree(tmp)
+    bar.set_postfix_str(RUN_RECORD)
+    _write_json(os.path.join(tmp, RUN_RECORD), record)
+    bar.update()
   return out
 
 
@@ -196,26 +229,49 @@ def config_digest(saved: dict) -> str:
 
 
 def export_workdir(workdir: str, out: str, *, step: int | None = None, use_ema: bool = True,
-                   overwrite: bool = False, progress: bool = False) -> dict[str, Any]:
+                   overwrite: bool = False, merge: bool = False, lora_scale: float = 1.0,
+                   progress: bool = False) -> dict[str, Any]:
   """Exports checkpoint `step` (default: the newest intact one) of an 'sd' family workdir as a
-  diffusers pipeline folder `out`; returns what RUN_RECORD holds (and the folder, 'out')."""
+  diffusers pipeline folder `out` (a LoRA run: its LoRA file, or with `merge` the pipeline with
+  the adapters, scaled by `lora_scale`, merged); returns what RUN_RECORD holds (and 'out')."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f'--workdir={workdir}: no such folder (a training run\'s workdir).')
+  if lora_scale != 1.0 and not merge:
+    raise ExportError(f'--lora_scale={lora_scale} scales the adapters that --merge folds into the '
+                      'U-Net; a LoRA file is scaled where it is loaded (diffusers: pipe.'
+                      'set_adapters or cross_attention_kwargs={"scale": ...}): pass --merge too, '
+                      'or leave the flag out.')
   out = check_out(out, overwrite=overwrite, keep={'workdir': workdir})  # Before restoring.
   restored = from_checkpoint.restore(workdir, step, use_ema=use_ema,
-                                     settings_of=lambda saved: _sd_settings(saved, workdir))
+                                     settings_of=lambda saved: _sd_settings(saved, workdir, merge))
   model = restored.settings.model
   check_out(out, overwrite=overwrite, keep={'workdir': workdir, 'source folder': model.folder})
   _check_frozen(restored)
-  trained_text = 'text' in restored.params
+  trained_text, adapters = 'text' in restored.params, family.lora(model)
   record = {
       'workdir': workdir, 'step': restored.step, 'ema': use_ema,
       'config_digest': config_digest(restored.saved_config), 'source': model.folder,
       'text_encoder': 'trained' if trained_text else 'copied',
       'exported_at': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
   }
-  write_pipeline(model.folder, out, restored.params, record,
+  params = restored.params
+  if adapters:
+    record['lora'] = {'rank': adapters.rank, 'alpha': adapters.effective_alpha,
+                      'targets': list(adapters.targets), 'merged': merge}
+    if not merge:
+      if trained_text:
+        raise ExportError(f'{workdir} trained its text encoder (text.finetune) beside the LoRA '
+                          'adapters, and a LoRA file holds the U-Net\'s adapters alone: pass '
+                          '--merge to export the whole pipeline.')
+      del record['text_encoder']
+      record['lora']['file'] = lora_loading.FILE
+      write_lora(out, model.network, params['unet'], adapters, record)
+      return dict(record, out=out)
+    record['lora']['scale'] = lora_scale
+    params = restored.weights(lora_scale)
+    params = dict(params, unet=lora.merged(params['unet'], adapters))
+  write_pipeline(model.folder, out, params, record,
                  unet=os.path.basename(model.unet_folder),
                  text_encoder=os.path.basename(restored.settings.text.pretrained_path),
                  progress=progress)
@@ -237,10 +293,18 @@ def main(argv):
     console.quiet_info()
   record = console.run_or_exit(lambda: export_workdir(
       flag.workdir, flag.out, step=flag.step, use_ema=flag.ema, overwrite=flag.overwrite,
-      progress=True), verbose=flag.verbose)
+      merge=flag.merge, lora_scale=flag.lora_scale, progress=True), verbose=flag.verbose)
   weights_kind = 'EMA' if record['ema'] else 'raw'
-  print(f"Exported step {record['step']} ({weights_kind} weights; text encoder "
-        f"{record['text_encoder']}) to {record['out']}.", file=sys.stderr)
+  adapters = record.get('lora')
+  if adapters and not adapters['merged']:
+    print(f"Exported step {record['step']} ({weights_kind} LoRA adapters, rank {adapters['rank']}, "
+          f"alpha {adapters['alpha']:g}) to {os.path.join(record['out'], adapters['file'])}: "
+          f"pipe.load_lora_weights({record['out']!r}) applies them to a pipeline of "
+          f"{record['source']}.", file=sys.stderr)
+  else:
+    merged = f"; LoRA merged at scale {adapters['scale']:g}" if adapters else ''
+    print(f"Exported step {record['step']} ({weights_kind} weights; text encoder "
+          f"{record['text_encoder']}{merged}) to {record['out']}.", file=sys.stderr)
   print(json.dumps(record))
 
 
@@ -250,6 +314,9 @@ def _define_flags():
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: the newest intact one).')
   flags.DEFINE_bool('ema', True, 'Export the EMA parameters (--noema: the raw ones).')
   flags.DEFINE_bool('overwrite', False, 'Replace --out if it exists and is not empty.')
+  flags.DEFINE_bool('merge', False, 'A LoRA run: write the whole pipeline with the adapters merged '
+                    'into the U-Net (default: the adapters alone, as a diffusers LoRA file).')
+  flags.DEFINE_float('lora_scale', 1.0, 'With --merge: scale the adapters\' update (0: the base).')
   flags.DEFINE_bool('verbose', False, 'On an error, print the whole traceback.')
 
 

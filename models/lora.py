@@ -12,8 +12,9 @@ adds the adapter where `current()` names its layer: no module between them knows
 
 The adapters are the only parameters that train: `split` takes them out of a parameter tree (the
 optimiser state, the EMA and the checkpoints hold them alone) and `combine` puts them back over the
-frozen base. Targets are named as diffusers and peft name them ('to_q', 'to_out.0',
-'ff.net.0.proj'); `TARGETS` maps them to the modules' names here.
+frozen base; `merged` folds them into the base's kernels. Targets are named as diffusers and peft
+name them ('to_q', 'to_out.0', 'ff.net.0.proj'); `TARGETS` maps them to the modules' names here.
+models/lora_loading.py reads and writes the adapters as diffusers' LoRA files.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from typing import Any, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 ADAPTERS = ('lora_A', 'lora_B')  # The parameter names of an adapter, beside a layer's kernel.
 # diffusers' / peft's module name -> the module name in models/sd_blocks.py.
@@ -58,8 +60,13 @@ class LoRASpec:
     return self.rank > 0
 
   @property
+  def effective_alpha(self) -> float:
+    """alpha, 0 read as alpha = rank (peft's lora_alpha)."""
+    return self.alpha or self.rank
+
+  @property
   def scale(self) -> float:
-    return (self.alpha or self.rank) / self.rank
+    return self.effective_alpha / self.rank
 
   @property
   def module_names(self) -> frozenset[str]:
@@ -148,4 +155,21 @@ def combine(params: Mapping[str, Any], frozen: Mapping[str, Any]) -> dict:
       out[name] = combine(value, frozen[name])
     else:
       out[name] = value
+  return out
+
+
+def merged(params: Mapping[str, Any], spec: LoRASpec) -> dict:
+  """`params` (adapters over their base, e.g. `combine`'s) with each adapter folded into its
+  layer's kernel, W + (alpha / r) A B, and no adapter left: the parameters of the same network
+  without LoRA. A [*in, r] and B [r, *out] are flattened to matrices as `adapter` contracts them;
+  float32 arithmetic, back in the kernel's dtype."""
+  if ADAPTERS[0] not in params:
+    return {name: merged(value, spec) if isinstance(value, Mapping) else value
+            for name, value in params.items()}
+  a, b = (np.asarray(params[name], np.float32) for name in ADAPTERS)
+  kernel = np.asarray(params['kernel'])
+  rank = a.shape[-1]
+  delta = spec.scale * (a.reshape(-1, rank) @ b.reshape(rank, -1))
+  out = {name: value for name, value in params.items() if name not in ADAPTERS}
+  out['kernel'] = (kernel.astype(np.float32) + delta.reshape(kernel.shape)).astype(kernel.dtype)
   return out

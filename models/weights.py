@@ -95,25 +95,28 @@ def dataclass_fields(cls, cfg: Mapping[str, Any], source: str) -> dict[str, Any]
 
 
 def write_weights(folder: str, filename: str, tensors: Mapping[str, np.ndarray],
-                  config: bytes) -> str:
+                  config: bytes | None, *, metadata: Mapping[str, str] | None = None) -> str:
   """Writes `tensors` to folder/filename (safetensors with metadata format 'pt', as diffusers and
-  transformers write) and `config` to folder/config.json, each to a temporary file in `folder`
-  moved into place with os.replace, weights first, so neither is ever half-written; other files
-  in `folder` are left alone. Returns the absolute folder (created if missing)."""
+  transformers write, and `metadata`) and `config` (None: none) to folder/config.json, each to a
+  temporary file in `folder` moved into place with os.replace, weights first, so neither is ever
+  half-written; other files in `folder` are left alone. Returns the absolute folder (created if
+  missing)."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   folder = os.path.abspath(os.path.expanduser(str(folder)))
   os.makedirs(folder, exist_ok=True)
   tmp = f'.tmp-{os.getpid()}'
   weights_path, config_path = os.path.join(folder, filename), os.path.join(folder, 'config.json')
   try:
-    save_file(dict(tensors), weights_path + tmp, metadata={'format': 'pt'})
+    save_file(dict(tensors), weights_path + tmp, metadata={'format': 'pt', **(metadata or {})})
     mask = os.umask(0o022)  # (Read back at once: os.umask only reads by setting.)
     os.umask(mask)
     os.chmod(weights_path + tmp, 0o666 & ~mask)  # What open() gives; safetensors makes it 0600.
-    with open(config_path + tmp, 'wb') as f:
-      f.write(config)
+    if config is not None:
+      with open(config_path + tmp, 'wb') as f:
+        f.write(config)
     os.replace(weights_path + tmp, weights_path)
-    os.replace(config_path + tmp, config_path)
+    if config is not None:
+      os.replace(config_path + tmp, config_path)
   finally:
     for path in (weights_path + tmp, config_path + tmp):
       if os.path.exists(path):
@@ -131,6 +134,19 @@ class _Traced:
 
   def __init__(self, name: str, shape: Sequence[int], steps: tuple = ()):
     self.name, self.shape, self._steps = name, tuple(int(d) for d in shape), steps
+
+  @property
+  def steps(self) -> tuple:
+    """('reshape', the shape before) and ('transpose', axes), in the order they were applied."""
+    return self._steps
+
+  @property
+  def source_shape(self) -> tuple[int, ...]:
+    """The checkpoint tensor's shape."""
+    shape = self.shape
+    for kind, arg in reversed(self._steps):
+      shape = arg if kind == 'reshape' else tuple(shape[a] for a in np.argsort(arg))
+    return tuple(shape)
 
   @property
   def ndim(self) -> int:
@@ -189,6 +205,30 @@ def _difference(got: dict[str, tuple], want: dict[str, tuple]) -> str:
   return '; '.join(parts)
 
 
+def _trace(convert: Callable[[Callable[..., Any]], Any]) -> tuple[dict[tuple, _Traced], set[str]]:
+  """({leaf path: its stand-in}, the tensor names read) of `convert(get)` run on stand-ins."""
+  read: set[str] = set()
+
+  def get(names: str | tuple[str, ...], shape: tuple[int, ...]) -> _Traced:
+    name = names if isinstance(names, str) else names[0]
+    if name in read:  # A bug in the converter, not a user error.
+      raise AssertionError(f'the converter reads {name!r} twice: it cannot be inverted.')
+    read.add(name)
+    return _Traced(name, shape)
+
+  return dict(jax.tree_util.tree_flatten_with_path(convert(get))[0]), read
+
+
+def conversion_sources(convert: Callable[[Callable[..., Any]], Any]
+                       ) -> dict[tuple[str, ...], tuple[str, tuple[int, ...], tuple]]:
+  """{parameter leaf path (its keys): (checkpoint tensor name, that tensor's shape, the steps
+  that made the leaf, see `_Traced.steps`)} of a loader's converter `convert(get)`, traced as
+  `invert_conversion` traces it, without reading a tensor."""
+  traced, _ = _trace(convert)
+  return {tuple(str(getattr(k, 'key', k)) for k in path): (t.name, t.source_shape, t.steps)
+          for path, t in traced.items()}
+
+
 def invert_conversion(convert: Callable[[Callable[..., Any]], Any], params: Any, mismatch: str
                       ) -> dict[str, np.ndarray]:
   """The checkpoint tensors that `convert(get)` turns into `params`: {name: float32 array in the
@@ -204,16 +244,8 @@ def invert_conversion(convert: Callable[[Callable[..., Any]], Any], params: Any,
   Raises ValueError starting with `mismatch` (what the params were supposed to be) when `params`
   (plain or boxed) are not the tree of shapes the converter makes.
   """
-  read: set[str] = set()
-
-  def get(names: str | tuple[str, ...], shape: tuple[int, ...]) -> _Traced:
-    name = names if isinstance(names, str) else names[0]
-    if name in read:  # A bug in the converter, not a user error.
-      raise AssertionError(f'the converter reads {name!r} twice: it cannot be inverted.')
-    read.add(name)
-    return _Traced(name, shape)
-
-  traced = _flat(convert(get))
+  traced, read = _trace(convert)
+  traced = {jax.tree_util.keystr(path): t for path, t in traced.items()}
   values = _flat(nn.meta.unbox(flax.core.unfreeze(params)))
   got = {path: tuple(np.shape(v)) for path, v in values.items()}
   want = {path: t.shape for path, t in traced.items()}
