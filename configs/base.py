@@ -207,6 +207,10 @@ def get_config(arg=None):
   log.eval_prompt_list = ()  # Prompts for the grid, e.g. ('a cat', 'a dog'); overrides eval_prompts.
   log.eval_samples_per_prompt = 1  # Samples per prompt in the eval grid.
   log.eval_max_prompts = 63  # Cap on prompts sampled at each eval.
+  log.val_examples = 0  # Validation loss at each eval on this many held-out examples (0 = none):
+  # the validation split (data.eval_path / eval_split), else the first ones of the training data;
+  # fixed noise at val_bins fixed noise levels, EMA weights (training/validation.py).
+  log.val_bins = 8  # Noise levels of the validation loss (quantiles of training's).
   log.profile_steps = 0  # Profile this many steps after step 10 (process 0, TensorBoard); 0 = off.
   return config
 

@@ -36,6 +36,7 @@ def get_config(arg='gpu'):
   config.logging.eval_prompts = 'data'  # Captions of the validation split (or the first train ones).
   config.logging.eval_max_prompts = 16
   config.logging.eval_samples_per_prompt = 2
+  config.logging.val_examples = 64  # Validation loss at each evaluation (training/validation.py).
 
   if arg == 'cpu':
     config.data.global_batch_size = 16
@@ -75,4 +76,5 @@ def get_config(arg='gpu'):
     config.text.vocab_size = 300
     config.text.max_len = 16
     config.logging.eval_samples_per_prompt = 1
+    config.logging.val_examples = 0  # (The tests that want it set it.)
   return config

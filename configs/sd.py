@@ -55,6 +55,7 @@ def get_config(arg='finetune'):
   config.sampler.use_ema = False
   config.logging.eval_prompts = 'data'
   config.logging.eval_max_prompts = 8
+  config.logging.val_examples = 64  # Validation loss at each evaluation (training/validation.py).
 
   if arg == 'finetune':
     config.data.image_size = 512
@@ -81,6 +82,7 @@ def get_config(arg='finetune'):
     config.logging.eval_max_prompts = 2
     config.logging.eval_samples_per_prompt = 1
     config.sampler.num_steps = 4
+    config.logging.val_examples = 4
   elif arg == 'sample':  # sample.py --pretrained: the folder as it is, in float32 (base.py's
     pass  # dtypes, as diffusers' from_pretrained loads it); the image size is the folder's.
   return config

@@ -51,7 +51,6 @@ def diffusion_loss(pred_fn, x0, rng, spec):
   `spec` is a `diffusion.spec.DiffusionSpec`.
   Returns (loss[B], aux) with aux = {'logsnr', 'weight', 'mse'} per example.
   """
-  prediction, kind, weighting = loss_options(spec)
   rng_logsnr, rng_eps = jax.random.split(rng)
   logsnr = schedules.sample_train_logsnr(rng_logsnr, x0.shape[:1], spec)
   eps = jax.random.normal(rng_eps, x0.shape, x0.dtype)
@@ -59,6 +58,12 @@ def diffusion_loss(pred_fn, x0, rng, spec):
     shape = x0.shape[:1] + (1,) * (x0.ndim - 2) + x0.shape[-1:]
     eps = eps + spec.noise_offset * jax.random.normal(jax.random.fold_in(rng_eps, 1), shape,
                                                       x0.dtype)
+  return loss_at(pred_fn, x0, logsnr, eps, spec)
+
+
+def loss_at(pred_fn, x0, logsnr, eps, spec):
+  """`diffusion_loss` at given noise levels logsnr [B] and noise eps (x0's shape): (loss[B], aux)."""
+  prediction, kind, weighting = loss_options(spec)
   alpha, sigma = param.per_example(logsnr, x0)
   x_t = alpha * x0 + sigma * eps
   out = jnp.asarray(pred_fn(x_t, logsnr), x0.dtype)

@@ -302,3 +302,18 @@ def sample_train_logsnr(rng: jax.Array, shape, spec) -> jax.Array:
   table = jnp.asarray(discrete_logsnrs(spec), dtype)
   k = jax.random.randint(rng, shape, 1, table.shape[0])
   return table[k] + shift
+
+
+def train_logsnr_quantiles(spec, bins: int) -> np.ndarray:
+  """The log-SNRs at the midpoints of `bins` equal-probability bins of `sample_train_logsnr`'s
+  distribution, lowest noise first: a fixed grid of noise levels that covers training's (for a
+  validation loss comparable across runs)."""
+  u = (np.arange(bins) + 0.5) / bins  # Quantile midpoints.
+  shift = float(spec.logsnr_shift)
+  if spec.schedule == 'edm' or spec.noise_sampling == 'lognormal':
+    from scipy.special import ndtri  # pylint: disable=g-import-not-at-top
+    ln_sigma = float(spec.p_mean) + float(spec.p_std) * ndtri(u)
+    return -2.0 * ln_sigma + shift
+  table = np.asarray(discrete_logsnrs(spec), np.float64)
+  k = 1 + np.floor(u * (table.shape[0] - 1)).astype(int)  # Uniform over k in {1..T-1}, as training.
+  return table[k] + shift

@@ -243,14 +243,19 @@ def fmt(metric: str, value) -> str:
   return f'{value:.4f}' if 1e-3 <= abs(value) < 1e4 else f'{value:.3g}'
 
 
+DEFAULT_METRICS = ('eval/all.full', 'eval/val_loss')  # The Shapes score, the validation loss.
+
+
 def default_metric(members: list) -> str:
-  """eval/all.full when every done member has it and it tells them apart (with none done: every
-  member with a loss), else the final train loss."""
+  """The first of DEFAULT_METRICS that every done member has and that tells them apart (with none
+  done: every member with a loss), else the final train loss."""
   pool = ([m for m in members if m.status == 'done']
           or [m for m in members if m.final_loss is not None])
-  scores = [m.value('eval/all.full') for m in pool]
-  return ('eval/all.full' if pool and None not in scores and len(set(scores)) > 1
-          else 'final_loss')
+  for metric in DEFAULT_METRICS:
+    scores = [m.value(metric) for m in pool]
+    if pool and None not in scores and len(set(scores)) > 1:
+      return metric
+  return 'final_loss'
 
 
 def best(members: list, metric: str) -> tuple:
@@ -335,7 +340,8 @@ def main(argv=None, prog: str = 'python -m launch.sweep report') -> int:
   parser.add_argument('sweep_dir', help="the sweep's --root: sweep.json and the members' workdirs")
   parser.add_argument('--metric', default='', help='ranks the members and is plotted against each '
                       'field: final_loss, best_loss, steps_per_sec or eval/<name> (default: '
-                      'eval/all.full when every done member has it, else final_loss)')
+                      f'the first of {", ".join(DEFAULT_METRICS)} that every done member has, '
+                      'else final_loss)')
   parser.add_argument('--out', default='', help='folder of the report files (default: SWEEP_DIR)')
   args = parser.parse_args(argv)
   if not os.path.isdir(args.sweep_dir):
@@ -353,8 +359,8 @@ def main(argv=None, prog: str = 'python -m launch.sweep report') -> int:
     print(f'warning: no member has {metric} yet (the members have {known}).', file=sys.stderr)
   pick, criterion = best(sweep.members, metric)
   if not args.metric and metric == 'final_loss' and any(m.evals for m in sweep.members):
-    criterion += (' (eval/all.full is missing for some done members or the same for all; '
-                  '--metric chooses)')
+    criterion += (f' ({" and ".join(DEFAULT_METRICS)} are missing for some done members or the '
+                  'same for all; --metric chooses)')
   best_line = (f'Best member, {criterion}: {pick.name} ({fmt(metric, pick.value(metric))})'
                if pick else f'No best member yet ({criterion}).')
   out = args.out or args.sweep_dir

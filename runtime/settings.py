@@ -118,9 +118,14 @@ class LoggingSpec:
   eval_samples_per_prompt: int
   eval_max_prompts: int
   profile_steps: int
+  val_examples: int  # Held-out examples of the validation loss (0: none).
+  val_bins: int  # Its fixed noise levels.
 
   def __post_init__(self):
     check_positive_int('logging', 'every_steps', self.every_steps)
+    check_range('logging', 'val_examples', self.val_examples, 0,
+                what='must be >= 0 (0 = no validation loss)')
+    check_positive_int('logging', 'val_bins', self.val_bins)
     check_range('logging', 'eval_every_steps', self.eval_every_steps, 0,
                 what='must be >= 0 (0 = never during training)')
     check_positive_int('logging', 'eval_samples_per_prompt', self.eval_samples_per_prompt)

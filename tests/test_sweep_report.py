@@ -124,8 +124,9 @@ def test_report_files_table_and_best_member(sweep_dir, capsys):
              | {lines[0].index('status')}) == 1
   # One done member has no eval score: the best is by final loss, and the line says why.
   best = next(l for l in lines if l.startswith('Best member'))
-  assert best == ('Best member, by final train loss, lowest of 2 done members (eval/all.full is '
-                  'missing for some done members or the same for all; --metric chooses): '
+  assert best == ('Best member, by final train loss, lowest of 2 done members (eval/all.full and '
+                  'eval/val_loss are missing for some done members or the same for all; '
+                  '--metric chooses): '
                   'learning_rate=0.001_cond_drop_prob=0.2 (0.3500)')
 
   with open(sweep_dir / 'report.csv', newline='') as f:
@@ -314,3 +315,14 @@ def test_a_member_folder_named_before_values_were_escaped_is_resumed(tmp_path):
   (tmp_path / 'remat=dots_saveable').mkdir()  # Written by an earlier version of the sweep.
   assert member.folder(str(tmp_path), point) == str(tmp_path / 'remat=dots_saveable')
   assert member.parse_name('remat=dots_saveable') == {'remat': 'dots_saveable'}
+
+
+def test_without_shapes_scores_the_validation_loss_picks_the_best():
+  """Own-images runs have no eval/all.full: the lowest eval/val_loss wins, not the train loss."""
+  members = [sweep_report.Member(name=n, workdir='', overrides={}, status='done', step=4,
+                                 num_steps=4, final_loss=loss, best_loss=loss,
+                                 last_eval={'eval/val_loss': val})
+             for n, loss, val in (('a', 0.2, 0.9), ('b', 0.5, 0.4))]
+  metric = sweep_report.default_metric(members)
+  assert metric == 'eval/val_loss'
+  assert sweep_report.best(members, metric)[0].name == 'b'

@@ -25,8 +25,9 @@ from data import batch as batch_keys
 from data import pipeline, sources
 from models import lora
 from runtime import checkpoint, compile_cache, console, sharding
-from runtime.summaries import Evaluator
+from runtime.summaries import EvalResult, Evaluator
 from training import builder, metrics
+from training import validation as validation_lib
 
 
 class TrainResult(NamedTuple):
@@ -51,8 +52,8 @@ def train(settings, workdir: str, *, evaluator: Evaluator | None = None, devices
   """Trains per `settings` (`configs.specs.Settings`), writing checkpoints, metrics and
   evaluations to `workdir`.
 
-  `evaluator` runs at `logging.eval_every_steps` and at the end (`logging.eval_at_end`); None:
-  no evaluation. `devices` restricts the mesh to some devices (tests); `stop_at` ends the run
+  `evaluator` runs at `logging.eval_every_steps` and at the end (`logging.eval_at_end`), with
+  the validation loss (`logging.val_examples`); None: the validation loss alone, if any. `devices` restricts the mesh to some devices (tests); `stop_at` ends the run
   early at that step, as a pre-emption would (the schedule still targets `optim.num_steps`).
   """
   distributed.initialize(settings.distributed)
@@ -87,11 +88,18 @@ def train(settings, workdir: str, *, evaluator: Evaluator | None = None, devices
   writer.start(state, start_step)
   rng = jax.random.PRNGKey(settings.seed)
 
+  val_loss = validation_lib.make(settings, trainer, mesh, source)
+  evaluates = evaluator is not None or val_loss is not None
+
   def evaluate(step, state):
     weights = lora.combine(state.ema_params if settings.sampler.use_ema else state.params,
                            trainer.frozen_weights)
-    return evaluator(step, trainer.unet, trainer.text_encoder, weights['unet'],
-                     weights.get('text'), mesh, trainer.autoencoder)
+    result = (EvalResult({}, {}) if evaluator is None else
+              evaluator(step, trainer.unet, trainer.text_encoder, weights['unet'],
+                        weights.get('text'), mesh, trainer.autoencoder))
+    if val_loss is not None:  # The EMA weights, whatever the grid samples with.
+      result.scalars.update(val_loss(lora.combine(state.ema_params, trainer.frozen_weights)))
+    return result
 
   def save(step, state, force=False):
     ckpt.save(step, state, record, {'step': step, 'seed': settings.data.seed}, force=force)
@@ -136,7 +144,7 @@ def train(settings, workdir: str, *, evaluator: Evaluator | None = None, devices
         pending = None
         if _may_save(guard, done, ckpt):
           save(done, state)
-      if (evaluator is not None and settings.logging.eval_every_steps
+      if (evaluates and settings.logging.eval_every_steps
           and done % settings.logging.eval_every_steps == 0):
         writer.write_eval(done, evaluate(done, state))
     if pending is not None:
@@ -144,7 +152,7 @@ def train(settings, workdir: str, *, evaluator: Evaluator | None = None, devices
     logging.info('Divergence guard: the largest loss, gradient norm and parameter norm seen were '
                  '%.3g, %.3g and %.3g x their trailing medians.', *guard.max_ratios)
     final_step = int(jax.device_get(state.step))
-    if (evaluator is not None and settings.logging.eval_at_end and final_step == num_steps
+    if (evaluates and settings.logging.eval_at_end and final_step == num_steps
         and final_step not in (writer.last_eval_step, start_step)):
       writer.write_eval(final_step, evaluate(final_step, state))
   finally:

@@ -1,0 +1,110 @@
+"""The validation loss: fixed examples, noise and noise levels, so the same weights give the same
+numbers bit for bit, on 1 or 8 devices; and a run reports it with its evaluations."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import images, specs
+from data import sources
+from diffusion import schedules
+from models import lora
+from runtime import sharding
+from tests import image_folders
+from training import builder, loop, validation
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def folder(tmp_path_factory):
+  root = tmp_path_factory.mktemp('val')
+  image_folders.make_folder(root / 'images', broken=False)
+  return str(root / 'images')
+
+
+def tiny_config(path, **logging):
+  config = images.get_config('tiny')
+  config.data.path = path
+  config.text.vocab = 'shapes'  # (No tokenizer to train.)
+  config.logging.val_examples = 8
+  config.logging.update(logging)
+  return config
+
+
+def _validation(config, devices, workdir):
+  settings = specs.build(config)
+  mesh = sharding.make_mesh(settings.mesh, devices)
+  source = sources.make(settings.data, 'train')
+  trainer = builder.build_trainer(settings, mesh, source=source, workdir=workdir)
+  state = trainer.init(jax.random.PRNGKey(0))
+  weights = lora.combine(state.ema_params, trainer.frozen_weights)
+  return validation.ValidationLoss(settings, trainer, mesh, source), weights
+
+
+def one_and_eight(path, workdir):
+  """The validation loss of the same initial weights on 1 device, twice, and on 8."""
+  config = tiny_config(path)
+  one, weights_one = _validation(config, jax.devices()[:1], workdir)
+  eight, weights_eight = _validation(config, jax.devices()[:8], workdir)
+  assert one.n == 8 and eight.n == 8
+  return one(weights_one), one(weights_one), eight(weights_eight)
+
+
+def test_the_same_weights_give_the_same_numbers_twice_and_on_8_devices(folder, tmp_path):
+  # Under the suite's fast-compile preset (tests/conftest.py) XLA fuses the 1- and 8-device
+  # programs differently: equal to float32 rounding here, bit for bit with XLA's own settings
+  # (the full-tier test below).
+  first, again, eight = one_and_eight(folder, str(tmp_path))
+  assert first == again  # Bit for bit.
+  assert eight.keys() == first.keys()
+  for key, value in first.items():
+    assert eight[key] == pytest.approx(value, rel=1e-6, abs=0), key
+  bins = [first[f'val_loss/bin{k}'] for k in range(8)]
+  assert len(set(bins)) == 8 and all(np.isfinite(bins))
+  assert first['val_loss'] == pytest.approx(np.mean(bins), rel=1e-12)
+
+
+@pytest.mark.full  # XLA's default CPU compile of the two programs: ~2 min.
+def test_1_and_8_devices_agree_bit_for_bit_with_xla_defaults(folder, tmp_path):
+  script = ('import json, sys; from tests import test_validation_loss as t; '
+            'print(json.dumps(t.one_and_eight(sys.argv[1], sys.argv[2])))')
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  out = subprocess.run([sys.executable, '-c', script, folder, str(tmp_path)], env=env,
+                       capture_output=True, text=True, check=True, cwd=ROOT)
+  first, again, eight = json.loads(out.stdout.strip().splitlines()[-1])
+  assert first == again
+  assert eight == first  # Bit for bit: the same float64 means.
+
+
+def test_the_noise_levels_are_quantile_midpoints_of_training_lowest_noise_first():
+  settings = specs.build(images.get_config('tiny'))
+  levels = schedules.train_logsnr_quantiles(settings.diffusion, 8)
+  assert levels.shape == (8,) and np.all(np.diff(levels) < 0)
+  draws = np.asarray(schedules.sample_train_logsnr(jax.random.key(0), (20000,), settings.diffusion))
+  # Each midpoint sits at the (k + 0.5) / 8 quantile of training's draws (lowest noise first).
+  quantiles = np.quantile(draws, 1 - (np.arange(8) + 0.5) / 8)
+  np.testing.assert_allclose(levels, quantiles, atol=0.15)
+
+
+def test_a_run_reports_the_validation_loss_with_its_evaluation(folder, tmp_path):
+  config = tiny_config(folder, eval_every_steps=0, eval_at_end=True)
+  config.optim.num_steps = 1
+  workdir = str(tmp_path / 'run')
+  loop.train(specs.build(config), workdir, devices=jax.devices()[:1])  # No sample grid.
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f]
+  evals = [r for r in rows if 'eval/val_loss' in r]
+  assert len(evals) == 1 and evals[0]['step'] == 1
+  assert np.isfinite(evals[0]['eval/val_loss']) and 'eval/val_loss/bin7' in evals[0]
+
+
+def test_too_few_examples_for_the_devices_is_refused(folder, tmp_path):
+  config = tiny_config(folder)
+  config.logging.val_examples = 4
+  with pytest.raises(ValueError, match=r'logging\.val_examples=4'):
+    _validation(config, jax.devices()[:8], str(tmp_path))
