@@ -42,7 +42,7 @@ def main(argv):
 def _train():
   import jax
   from configs import validation
-  from evaluation import sample_grid
+  from evaluation import quality_eval
   from runtime import compile_cache
   from training import loop
   config = _CONFIG.value
@@ -50,7 +50,7 @@ def _train():
   settings = validation.validate(config)  # The config's last stop: below, typed settings.
   evaluator = None
   if settings.logging.evaluates:
-    evaluator = sample_grid.SampleGridEvaluator(settings)  # Before training, not after it.
+    evaluator = quality_eval.evaluator_of(settings)  # Before training, not after it.
   t0 = time.time()
   with compile_cache.CompileCounter() as compiles:
     result = loop.train(settings, _WORKDIR.value, evaluator=evaluator)

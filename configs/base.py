@@ -211,6 +211,13 @@ def get_config(arg=None):
   # the validation split (data.eval_path / eval_split), else the first ones of the training data;
   # fixed noise at val_bins fixed noise levels, EMA weights (training/validation.py).
   log.val_bins = 8  # Noise levels of the validation loss (quantiles of training's).
+  log.quality_samples = 0  # Sample this many images from validation captions at each eval and
+  # score them (0 = no): FID/KID/CMMD against reference_stats, CLIP score (docs/evaluation.md).
+  log.quality_metrics = ('fid', 'kid', 'clip', 'cmmd')  # Of evaluation.quality.METRICS.
+  log.quality_batch = 16  # Images per sampling call of the quality metrics.
+  log.inception_path = ''  # The FID Inception weights (pt_inception-2015-12-05-6726825d.pth).
+  log.clip_path = ''  # A Hugging Face CLIPModel folder (CLIP score, CMMD).
+  log.reference_stats = ''  # python -m evaluation.reference's .npz of the data (FID, KID, CMMD).
   log.profile_steps = 0  # Profile this many steps after step 10 (process 0, TensorBoard); 0 = off.
   return config
 

@@ -34,7 +34,7 @@ def eval_prompts(settings) -> list[str]:
   if source == shapes_benchmark:
     prompts = shapes_scorer.benchmark_prompts()
   elif source == data:
-    prompts = _data_prompts(settings.data, limit)
+    prompts = data_prompts(settings.data, limit)
   else:
     if not os.path.isfile(source):
       raise FileNotFoundError(f"logging.eval_prompts={source!r}: no such file (one prompt per "
@@ -46,7 +46,7 @@ def eval_prompts(settings) -> list[str]:
   return prompts[:limit]
 
 
-def _data_prompts(data, limit: int) -> list[str]:
+def data_prompts(data, limit: int) -> list[str]:
   dataset = sources.make(data, 'eval') or sources.make(data, 'train')
   prompts = []
   for i in range(len(dataset)):

@@ -225,8 +225,11 @@ def collect(folder: str, now: float | None = None) -> Sweep:
 # ------------------------------------------------------------------ the best member and the table
 
 
+LOWER_IS_BETTER = ('fid', 'kid', 'kid_std', 'cmmd')  # Besides losses (evaluation/quality.py).
+
+
 def lower_is_better(metric: str) -> bool:
-  return 'loss' in metric
+  return 'loss' in metric or metric.rsplit('/', 1)[-1] in LOWER_IS_BETTER
 
 
 def label(metric: str) -> str:
@@ -236,7 +239,7 @@ def label(metric: str) -> str:
 def fmt(metric: str, value) -> str:
   if value is None:
     return '-'
-  if metric.startswith('eval/') and 0 <= value <= 1:
+  if metric.startswith('eval/all.') and 0 <= value <= 1:  # The Shapes scores' fractions.
     return f'{100 * value:.1f}%'
   if metric == 'steps_per_sec':
     return f'{value:.2f}'

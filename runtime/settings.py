@@ -120,12 +120,21 @@ class LoggingSpec:
   profile_steps: int
   val_examples: int  # Held-out examples of the validation loss (0: none).
   val_bins: int  # Its fixed noise levels.
+  quality_samples: int  # Images sampled and scored at each evaluation (0: none).
+  quality_metrics: tuple[str, ...]  # evaluation.quality.METRICS.
+  quality_batch: int
+  inception_path: str
+  clip_path: str
+  reference_stats: str
 
   def __post_init__(self):
     check_positive_int('logging', 'every_steps', self.every_steps)
     check_range('logging', 'val_examples', self.val_examples, 0,
                 what='must be >= 0 (0 = no validation loss)')
     check_positive_int('logging', 'val_bins', self.val_bins)
+    check_range('logging', 'quality_samples', self.quality_samples, 0,
+                what='must be >= 0 (0 = no quality metrics)')
+    check_positive_int('logging', 'quality_batch', self.quality_batch)
     check_range('logging', 'eval_every_steps', self.eval_every_steps, 0,
                 what='must be >= 0 (0 = never during training)')
     check_positive_int('logging', 'eval_samples_per_prompt', self.eval_samples_per_prompt)

@@ -326,3 +326,9 @@ def test_without_shapes_scores_the_validation_loss_picks_the_best():
   metric = sweep_report.default_metric(members)
   assert metric == 'eval/val_loss'
   assert sweep_report.best(members, metric)[0].name == 'b'
+
+
+def test_fid_kid_and_cmmd_rank_lowest_first_clip_score_highest():
+  assert all(sweep_report.lower_is_better(f'eval/{m}') for m in ('fid', 'kid', 'cmmd', 'val_loss'))
+  assert not sweep_report.lower_is_better('eval/clip_score')
+  assert sweep_report.fmt('eval/kid', 0.0042) == '0.0042'

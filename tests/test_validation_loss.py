@@ -15,7 +15,7 @@ from diffusion import schedules
 from models import lora
 from runtime import sharding
 from tests import image_folders
-from training import builder, loop, validation
+from training import builder, validation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,16 +91,7 @@ def test_the_noise_levels_are_quantile_midpoints_of_training_lowest_noise_first(
   np.testing.assert_allclose(levels, quantiles, atol=0.15)
 
 
-def test_a_run_reports_the_validation_loss_with_its_evaluation(folder, tmp_path):
-  config = tiny_config(folder, eval_every_steps=0, eval_at_end=True)
-  config.optim.num_steps = 1
-  workdir = str(tmp_path / 'run')
-  loop.train(specs.build(config), workdir, devices=jax.devices()[:1])  # No sample grid.
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    rows = [json.loads(line) for line in f]
-  evals = [r for r in rows if 'eval/val_loss' in r]
-  assert len(evals) == 1 and evals[0]['step'] == 1
-  assert np.isfinite(evals[0]['eval/val_loss']) and 'eval/val_loss/bin7' in evals[0]
+# A run reporting it in metrics.jsonl: tests/test_evaluation_quality.py.
 
 
 def test_too_few_examples_for_the_devices_is_refused(folder, tmp_path):

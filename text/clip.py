@@ -162,35 +162,44 @@ def convert_hf_weights(get: Getter, config: CLIPTextConfig) -> dict[str, Any]:
   `get(names, shape)` is a `weights.TensorGetter` over the prefixes PREFIX and ''.
   """
   c = config
-  d, heads, dh, f = c.hidden_size, c.num_attention_heads, c.head_dim, c.intermediate_size
+  d = c.hidden_size
+  params: dict[str, Any] = {
+      'token_embedding': {'embedding': get('embeddings.token_embedding.weight',
+                                           (c.vocab_size, d))},
+      'position_embedding': {'embedding': get('embeddings.position_embedding.weight',
+                                              (c.max_position_embeddings, d))},
+      'final_layer_norm': convert_norm(get, 'final_layer_norm', d),
+  }
+  for i in range(c.num_hidden_layers):
+    params[f'layers_{i}'] = convert_layer(get, c, f'encoder.layers.{i}')
+  return params
 
-  def norm(prefix):
-    return {'scale': get(f'{prefix}.weight', (d,)), 'bias': get(f'{prefix}.bias', (d,))}
+
+def convert_norm(get: Getter, prefix: str, d: int) -> dict[str, Any]:
+  """A transformers LayerNorm's tensors `prefix`.{weight,bias} -> `layer_norm` params."""
+  return {'scale': get(f'{prefix}.weight', (d,)), 'bias': get(f'{prefix}.bias', (d,))}
+
+
+def convert_layer(get: Getter, config: Any, p: str) -> dict[str, Any]:
+  """transformers CLIPEncoderLayer tensors `p`.* -> `CLIPEncoderLayer` params. `config` has
+  hidden_size, num_attention_heads, head_dim and intermediate_size (the text or vision config)."""
+  c = config
+  d, heads, dh, f = c.hidden_size, c.num_attention_heads, c.head_dim, c.intermediate_size
 
   def linear(prefix, n_out, n_in, out_shape=None, in_shape=None):
     w = get(f'{prefix}.weight', (n_out, n_in)).T  # (in, out)
     return {'kernel': w.reshape((in_shape or (n_in,)) + (out_shape or (n_out,))),
             'bias': get(f'{prefix}.bias', (n_out,)).reshape(out_shape or (n_out,))}
 
-  params: dict[str, Any] = {
-      'token_embedding': {'embedding': get('embeddings.token_embedding.weight',
-                                           (c.vocab_size, d))},
-      'position_embedding': {'embedding': get('embeddings.position_embedding.weight',
-                                              (c.max_position_embeddings, d))},
-      'final_layer_norm': norm('final_layer_norm'),
+  return {
+      'layer_norm1': convert_norm(get, f'{p}.layer_norm1', d),
+      **{n: linear(f'{p}.self_attn.{n}', d, d, out_shape=(heads, dh))
+         for n in ('q_proj', 'k_proj', 'v_proj')},
+      'out_proj': linear(f'{p}.self_attn.out_proj', d, d, in_shape=(heads, dh)),
+      'layer_norm2': convert_norm(get, f'{p}.layer_norm2', d),
+      'fc1': linear(f'{p}.mlp.fc1', f, d),
+      'fc2': linear(f'{p}.mlp.fc2', d, f),
   }
-  for i in range(c.num_hidden_layers):
-    p = f'encoder.layers.{i}'
-    params[f'layers_{i}'] = {
-        'layer_norm1': norm(f'{p}.layer_norm1'),
-        **{n: linear(f'{p}.self_attn.{n}', d, d, out_shape=(heads, dh))
-           for n in ('q_proj', 'k_proj', 'v_proj')},
-        'out_proj': linear(f'{p}.self_attn.out_proj', d, d, in_shape=(heads, dh)),
-        'layer_norm2': norm(f'{p}.layer_norm2'),
-        'fc1': linear(f'{p}.mlp.fc1', f, d),
-        'fc2': linear(f'{p}.mlp.fc2', d, f),
-    }
-  return params
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -1,0 +1,99 @@
+"""Quality metrics on your data, end to end without downloads: a reference file of a folder
+(random-weight Inception and CLIP in their real layouts), a tiny run that reports the validation
+loss, FID, KID, CLIP score and CMMD, evaluate.py on a samples folder, and refused mismatches."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import images, specs
+from data import pipeline, sources
+from evaluation import quality, reference
+from launch import sweep_report
+from tests import image_folders
+from tools.random_clip_model import write_random_clip_model
+from tools.random_inception import write_random_inception
+from training import loop
+
+import evaluate
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+  root = tmp_path_factory.mktemp('quality')
+  captions = image_folders.make_folder(root / 'images', broken=False)
+  inception = write_random_inception(str(root / 'inception.safetensors'), seed=0)
+  clip = str(root / 'clip')
+  write_random_clip_model(clip)
+  config = images.get_config('tiny')
+  config.data.path = str(root / 'images')
+  config.text.vocab = 'shapes'  # (No tokenizer to train.)
+  extractors = quality.load_extractors(inception, clip, batch=8)
+  stats = str(root / 'stats.npz')
+  reference.compute(specs.build(config), extractors, stats, split='train')
+  return root, config, extractors, stats, captions
+
+
+def test_the_reference_is_stamped_and_a_mismatch_is_refused(setup):
+  _, config, extractors, stats, captions = setup
+  stamp = quality.read_stamp(stats)
+  size = config.data.image_size
+  assert stamp['count'] == len(captions) and stamp['image_size'] == size and stamp['split'] == 'train'
+  assert stamp['inception'] == extractors.inception.fingerprint
+  assert stamp['clip'] == extractors.clip.fingerprint
+  with pytest.raises(ValueError, match=r'logging\.reference_stats=.*image_size=16'):
+    quality.load_reference(stats, extractors.stamp(size * 2), extractors,
+                           field='logging.reference_stats')
+  other = quality.Extractors(extractors.inception, None)
+  with pytest.raises(ValueError, match=r"clip="):
+    quality.load_reference(stats, dict(other.stamp(size), clip='clip:another'), other)
+
+
+def test_evaluate_scores_a_samples_folder_against_the_reference(setup, tmp_path):
+  root, config, extractors, stats, captions = setup
+  # The very images the reference was made of (as the data pipeline gives them): FID, CMMD ~ 0.
+  data = specs.build(config).data
+  loader = pipeline.BatchLoader(sources.make(data, 'train'), pipeline.Transform(
+      data.image_size, 'center', False, data.upscale), seed=0, global_batch_size=1,
+                                on_bad_record='skip')
+  manifest = []
+  for i in range(len(captions)):
+    example = loader.example(0, i)
+    Image.fromarray(np.asarray(example['image'], np.uint8)).save(tmp_path / f'{i}.png')
+    manifest.append({'file': f'{i}.png', 'prompt': example['caption']})
+  (tmp_path / 'manifest.jsonl').write_text(''.join(json.dumps(m) + '\n' for m in manifest))
+  results = evaluate.main(['--samples', str(tmp_path), '--reference', stats, '--inception',
+                           extractors.inception.path, '--clip', extractors.clip.path])
+  assert results['images'] == len(captions)
+  assert abs(results['fid']) < 1e-2 and abs(results['cmmd']) < 1e-4, results
+  assert np.isfinite(results['kid']) and np.isfinite(results['clip_score'])
+  saved = json.loads((tmp_path / 'scores.json').read_text())
+  assert saved['fid'] == results['fid']
+
+
+def test_a_run_reports_validation_loss_and_quality_metrics(setup, tmp_path):
+  _, config, extractors, stats, _ = setup
+  config = config.copy_and_resolve_references()
+  config.optim.num_steps = 1
+  config.logging.update(eval_every_steps=0, eval_at_end=True, val_examples=4, quality_samples=4,
+                        quality_batch=4, eval_max_prompts=1, inception_path=extractors.inception.path,
+                        clip_path=extractors.clip.path, reference_stats=stats)
+  config.sampler.num_steps = 2
+  sweep = tmp_path / 'sweep'
+  workdir = str(sweep / 'member_a')
+  from evaluation import quality_eval
+  settings = specs.build(config)
+  loop.train(settings, workdir, evaluator=quality_eval.evaluator_of(settings),
+             devices=jax.devices()[:1])
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    evals = [r for r in map(json.loads, f) if 'eval/val_loss' in r]
+  assert len(evals) == 1
+  for name in ('val_loss', 'fid', 'kid', 'clip_score', 'cmmd'):
+    assert np.isfinite(evals[0][f'eval/{name}']), name
+  events = [f for f in os.listdir(workdir) if f.startswith('events.out.tfevents')]
+  assert events and b'eval/fid' in open(os.path.join(workdir, events[0]), 'rb').read()
+  member = sweep_report.collect(str(sweep)).members[0]
+  assert member.value('eval/fid') == evals[0]['eval/fid']
