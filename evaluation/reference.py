@@ -23,6 +23,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from cluster import distributed
 from configs import specs
 from data import batch as batch_keys
 from data import pipeline, sources
@@ -93,6 +94,7 @@ def main(argv):
     if not (flag.inception or flag.clip):
       raise ValueError('pass --inception (FID, KID) and/or --clip (CMMD): the extractors.')
     settings = specs.build(flag.config)
+    distributed.initialize(settings.distributed)  # Several processes (launch/): each its share.
     extractors = quality.load_extractors(flag.inception, flag.clip, flag.batch)
     return compute(settings, extractors, os.path.abspath(flag.out), split=flag.split,
                    num=flag.num, progress=True)

@@ -97,3 +97,29 @@ def test_a_run_reports_validation_loss_and_quality_metrics(setup, tmp_path):
   assert events and b'eval/fid' in open(os.path.join(workdir, events[0]), 'rb').read()
   member = sweep_report.collect(str(sweep)).members[0]
   assert member.value('eval/fid') == evals[0]['eval/fid']
+
+
+@pytest.mark.full  # Two launches of the reference command (~2 min).
+def test_one_and_two_processes_make_the_same_reference(setup, tmp_path):
+  import subprocess
+  import sys
+  from tests.test_multihost_training import REPO, _clean_env
+  root, config, extractors, _, _ = setup
+  files = {}
+  for n in (1, 2):
+    out = str(tmp_path / f'{n}.npz')
+    cmd = [sys.executable, '-m', 'launch.local', '--num_processes', str(n),
+           '--devices_per_process', '1', '--', sys.executable, '-m', 'evaluation.reference',
+           '--config=configs/images.py:tiny', f'--config.data.path={root / "images"}',
+           '--config.text.vocab=shapes', f'--inception={extractors.inception.path}',
+           f'--clip={extractors.clip.path}', '--split=train', f'--out={out}']
+    run = subprocess.run(cmd, cwd=REPO, env=_clean_env(), capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    files[n] = np.load(out)
+  one, two = files[1], files[2]
+  assert int(one['fid_count']) == int(two['fid_count']) == 8
+  np.testing.assert_allclose(two['fid_total'], one['fid_total'], rtol=1e-12)
+  np.testing.assert_allclose(two['fid_outer'], one['fid_outer'], rtol=1e-10, atol=1e-9)
+  rows = lambda a: a[np.lexsort(a.T)]
+  np.testing.assert_allclose(rows(two['clip_images']), rows(one['clip_images']), atol=1e-6)
