@@ -26,10 +26,8 @@ batch's), outputs, XLA's temporaries, and their total (arguments + outputs - ali
 the state is donated, so its outputs alias its arguments).
 
 Attention: on a CPU, models/attention.py splits each attention over the batch into cache-sized
-chunks (`lax.map`, one example at a time at 64 x 64 latents); an accelerator runs the whole batch
-at once. The chunked loop does not keep the batch's 'fsdp' sharding, so under fsdp > 1 every
-device computes every example's attention (at fsdp 8: 53 GiB a device at batch 1, 400 GiB at
-batch 8). By default the table therefore compiles the accelerator's program, the whole batch's
+chunks (`lax.map`, one example per device at a time at 64 x 64 latents); an accelerator runs the
+whole batch at once. By default the table compiles the accelerator's program, the whole batch's
 einsum attention (what a TPU, or a GPU in float32, runs; a GPU in bfloat16 uses cuDNN's flash
 attention, which never writes the [heads, 4096, 4096] scores, so its figures are lower still);
 `--cpu_attention` compiles the CPU's chunked one. The CPU compiler also drops remat's barriers
