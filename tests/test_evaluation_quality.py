@@ -123,3 +123,31 @@ def test_one_and_two_processes_make_the_same_reference(setup, tmp_path):
   np.testing.assert_allclose(two['fid_outer'], one['fid_outer'], rtol=1e-10, atol=1e-9)
   rows = lambda a: a[np.lexsort(a.T)]
   np.testing.assert_allclose(rows(two['clip_images']), rows(one['clip_images']), atol=1e-6)
+
+
+def test_a_killed_reference_run_resumes_where_it_stopped(setup, tmp_path, monkeypatch):
+  _, config, extractors, stats, captions = setup
+  settings = specs.build(config)
+  small = quality.Extractors(extractors.inception, extractors.clip, batch=2)
+  out = str(tmp_path / 'stats.npz')
+  monkeypatch.setattr(reference, '_SAVE_EVERY', 1)
+  added = []
+  real_add = quality.Features.add
+
+  def add_then_die(self, images, prompts=None):
+    if len(added) == 2:
+      raise KeyboardInterrupt  # Killed after 2 of 4 batches (both saved in the partial file).
+    added.append(len(images))
+    real_add(self, images, prompts)
+  monkeypatch.setattr(quality.Features, 'add', add_then_die)
+  with pytest.raises(KeyboardInterrupt):
+    reference.compute(settings, small, out, split='train')
+  assert os.path.isfile(f'{out}.partial-0.npz') and not os.path.exists(out)
+  monkeypatch.setattr(quality.Features, 'add', lambda self, images, prompts=None: (
+      added.append(len(images)), real_add(self, images, prompts)))
+  reference.compute(settings, small, out, split='train')
+  assert added == [2, 2, 2, 2]  # The rerun extracted only the last 2 batches.
+  assert not os.path.exists(f'{out}.partial-0.npz')
+  with np.load(out) as resumed, np.load(stats) as whole:
+    assert int(resumed['fid_count']) == len(captions)
+    np.testing.assert_allclose(resumed['fid_total'], whole['fid_total'], rtol=1e-6)
