@@ -20,7 +20,7 @@ def main(argv=None) -> dict:
   parser.add_argument('--samples', required=True, help='folder with manifest.jsonl and PNGs')
   parser.add_argument('--out', default=None, help='results JSON (default: SAMPLES/scores.json)')
   parser.add_argument('--reference', default='', help='a dataset\'s statistics '
-                      '(python -m evaluation.reference); without it: the Shapes benchmark')
+                      '(python -m tools.reference); without it: the Shapes benchmark')
   parser.add_argument('--metrics', default='fid,kid,clip,cmmd', help='with --reference: which')
   parser.add_argument('--inception', default='', help='the FID Inception weights (FID, KID)')
   parser.add_argument('--clip', default='', help='a CLIPModel folder (CLIP score, CMMD)')

@@ -7,7 +7,7 @@ on the prompts, CMMD on CLIP image embeddings (docs/evaluation.md).
   reference = load_reference('stats.npz', extractors.stamp(image_size))
   scores(reference, features.gathered(), metrics=('fid', 'kid', 'clip', 'cmmd'))
 
-A reference file (`python -m evaluation.reference`) holds a dataset's Inception statistics and a
+A reference file (`python -m tools.reference`) holds a dataset's Inception statistics and a
 sample of its CLIP image embeddings, stamped with what made them (the extractors' fingerprints,
 the image size, the resize and the count); a reference made otherwise is refused naming the field.
 Each host accumulates its images' feature sums (and CLIP embeddings), never the images; the
@@ -180,13 +180,13 @@ def load_reference(path: str, expected: dict[str, Any], extractors: Extractors, 
   was made as `expected` (`Extractors.stamp`) says: the same extractors, image size and resize."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{field}={path!r}: no such file; make it with python -m '
-                            'evaluation.reference (docs/evaluation.md).')
+                            'tools.reference (docs/evaluation.md).')
   stamp = read_stamp(path)
   for key, want in expected.items():
     got = stamp.get(key)
     if want and got != want:
       raise ValueError(f'{field}={path!r} was made with {key}={got!r}, but these images need '
-                       f'{key}={want!r}: make it again with python -m evaluation.reference and '
+                       f'{key}={want!r}: make it again with python -m tools.reference and '
                        'the same extractors and image size.')
   features = Features(extractors)
   with np.load(path) as f:
@@ -204,7 +204,7 @@ def scores(reference: Reference | None, generated: Features, metrics: Sequence[s
   out = {}
   if 'fid' in metrics or 'kid' in metrics:
     if reference is None:
-      raise ValueError('FID and KID need a reference file (python -m evaluation.reference).')
+      raise ValueError('FID and KID need a reference file (python -m tools.reference).')
     if 'fid' in metrics:
       out['fid'] = fid.fid(reference.features.stats, generated.stats)
     if 'kid' in metrics:
@@ -216,7 +216,7 @@ def scores(reference: Reference | None, generated: Features, metrics: Sequence[s
     out['clip_score'] = float(clip_metrics.clip_score(images, texts))
   if 'cmmd' in metrics:
     if reference is None:
-      raise ValueError('CMMD needs a reference file (python -m evaluation.reference --clip=...).')
+      raise ValueError('CMMD needs a reference file (python -m tools.reference --clip=...).')
     out['cmmd'] = float(clip_metrics.cmmd(_rows(reference.features.clip_images, 0),
                                           _rows(generated.clip_images, 0)))
   out['images'] = float(generated.count)

@@ -109,7 +109,7 @@ def test_one_and_two_processes_make_the_same_reference(setup, tmp_path):
   for n in (1, 2):
     out = str(tmp_path / f'{n}.npz')
     cmd = [sys.executable, '-m', 'launch.local', '--num_processes', str(n),
-           '--devices_per_process', '1', '--', sys.executable, '-m', 'evaluation.reference',
+           '--devices_per_process', '1', '--', sys.executable, '-m', 'tools.reference',
            '--config=configs/images.py:tiny', f'--config.data.path={root / "images"}',
            '--config.text.vocab=shapes', f'--inception={extractors.inception.path}',
            f'--clip={extractors.clip.path}', '--split=train', f'--out={out}']
