@@ -68,6 +68,10 @@ _LORA_SCALE = flags.DEFINE_float('lora_scale', 1.0, 'A LoRA run: scale of the ad
 _EMA = flags.DEFINE_bool('ema', True, 'Sample with the EMA parameters (--noema: the raw ones).')
 _SIZE = flags.DEFINE_integer('image_size', None, 'Side of the images in pixels (default: the '
                              'trained data.image_size; another needs --allow_other_resolution).')
+_HEIGHT = flags.DEFINE_integer('height', None, 'With --width: sample height x width images (a '
+                               'trained aspect-ratio bucket, data.buckets; another needs '
+                               '--allow_other_resolution).')
+_WIDTH = flags.DEFINE_integer('width', None, 'With --height: the width of the images in pixels.')
 _VERBOSE = flags.DEFINE_bool('verbose', False, 'On an error, print the whole traceback.')
 _ALLOW_SIZE = flags.DEFINE_bool('allow_other_resolution', None, 'Allow --image_size to differ from '
                                 'the trained size (default: the config\'s '
@@ -93,9 +97,13 @@ def main(argv):
 def _check_flags():
   """Flag values that can never work: one `error:` line at once, before anything is loaded."""
   problems = []
-  for flag, low in ((_NUM, 1), (_BATCH, 1), (_STEPS, 1), (_SIZE, 1)):
+  for flag, low in ((_NUM, 1), (_BATCH, 1), (_STEPS, 1), (_SIZE, 1), (_HEIGHT, 1), (_WIDTH, 1)):
     if flag.value is not None and flag.value < low:
       problems.append(f'--{flag.name}={flag.value} must be >= {low}')
+  if (_HEIGHT.value is None) != (_WIDTH.value is None):
+    problems.append('--height and --width go together (or use --image_size for a square)')
+  elif _HEIGHT.value is not None and _SIZE.value is not None:
+    problems.append('pass --image_size (a square) or --height and --width, not both')
   if _GUIDANCE.value is not None and _GUIDANCE.value < 0:
     problems.append(f'--guidance={_GUIDANCE.value} must be >= 0 (0: unconditional, 1: '
                     'conditional only, > 1: guided)')
@@ -125,6 +133,8 @@ def _source_problems() -> list[str]:
   workdir_only = ((_STEP, 'a pipeline folder has no checkpoints'),
                   (_EMA, 'a pipeline folder has no EMA parameters'),
                   (_ALLOW_SIZE, 'a pipeline folder samples at any --image_size'),
+                  (_HEIGHT, 'a pipeline folder samples squares, --image_size'),
+                  (_WIDTH, 'a pipeline folder samples squares, --image_size'),
                   (_LORA_SCALE, 'a pipeline folder has no LoRA adapters'))
   problems = [f'--{flag.name} needs --workdir ({why})' for flag, why in workdir_only
               if flags.FLAGS[flag.name].present]
@@ -149,7 +159,9 @@ def _load():
   if _WORKDIR.value:
     return from_checkpoint.load(_WORKDIR.value, _STEP.value, settings_of=specs.from_saved,
                                 use_ema=_EMA.value, sampling_grid=_GRID.value,
-                                image_size=_SIZE.value, allow_other_resolution=_ALLOW_SIZE.value,
+                                image_size=(_SIZE.value if _HEIGHT.value is None
+                                            else (_HEIGHT.value, _WIDTH.value)),
+                                allow_other_resolution=_ALLOW_SIZE.value,
                                 lora_scale=_LORA_SCALE.value)
   from configs import sd
   from sampling import from_pipeline

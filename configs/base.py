@@ -37,6 +37,10 @@ def get_config(arg=None):
   data.data_dir = ''  # TFDS data_dir; '' = the TFDS default (~/tensorflow_datasets).
   data.seed = 0  # Shuffle seed: the batch at step s is a pure function of (seed, s).
   data.global_batch_size = 64  # Examples per step over all processes.
+  data.buckets = ()  # Aspect-ratio buckets, ((height, width), ...) of sides the network takes, e.g.
+  # ((64, 64), (48, 80), (80, 48)): each image trains at the one nearest its shape (docs/data.md).
+  data.bucket_max_aspect = 0.0  # > 1 with data.buckets=(): generate buckets of about image_size^2
+  # pixels with aspect ratios up to this (e.g. 2.0); 0 and no data.buckets = square images only.
   data.num_workers = 0  # grain worker processes decoding batches (0 = threads of this process).
   data.prefetch = 2  # Batches prepared ahead (per worker with num_workers > 0); 0 = on demand.
 

@@ -10,6 +10,7 @@ import os
 import ml_collections
 
 from configs import specs
+from data import buckets
 from models import family
 from runtime.settings import EVAL_PROMPT_SOURCES
 
@@ -28,6 +29,8 @@ def check(settings: specs.Settings) -> None:
     raise ValueError(f'data.global_batch_size={b} must be divisible by optim.grad_accum_steps={k} '
                      '(the micro-batches are equal).')
   check_image_size(settings, settings.data.image_size, 'data.image_size')
+  if settings.data.bucketed:
+    buckets.of(settings.data, size_step(settings))
   log = settings.logging
   if (log.eval_prompts not in EVAL_PROMPT_SOURCES and not log.eval_prompt_list
       and log.evaluates and not os.path.isfile(log.eval_prompts)):
@@ -48,6 +51,11 @@ def check_image_size(settings, size: int, name: str, *, attention: bool = True) 
   autoencoder of `settings` (models.family: the U-Net's levels and attention resolutions)."""
   family.check_image_size(settings.model, size, name, vae_factor=vae_factor(settings),
                           attention=attention)
+
+
+def size_step(settings) -> int:
+  """The multiple the network needs of an image side in pixels (models.family.size_step)."""
+  return family.size_step(settings.model, vae_factor(settings))
 
 
 def check_mesh(settings, mesh, process_count: int) -> None:

@@ -90,9 +90,10 @@ def from_array(array: np.ndarray) -> Image.Image:
 
 
 def crop_offsets(width: int, height: int, size: int, u: float | None = None,
-                 v: float | None = None) -> tuple[int, int]:
-  """Top-left (x, y) of the size x size crop: centred, or at fractions u, v in [0, 1) of the slack."""
-  dx, dy = width - size, height - size
+                 v: float | None = None, crop_height: int | None = None) -> tuple[int, int]:
+  """Top-left (x, y) of the size x size crop (size wide, `crop_height` high if given): centred, or
+  at fractions u, v in [0, 1) of the slack."""
+  dx, dy = width - size, height - (size if crop_height is None else crop_height)
   if u is None:
     return dx // 2, dy // 2
   return int(u * (dx + 1)), int(v * (dy + 1))
@@ -107,25 +108,38 @@ def fit(img: Image.Image, size: int, *, upscale: bool = True, crop_uv: tuple[flo
   resize-then-crop picture (within a few levels) at 2/3 of the work for 4:3 images. BadImage if
   the shorter side is below `size` and not `upscale`.
   """
+  if min(img.size) < size and not upscale:
+    raise BadImage(f'{img.width}x{img.height} is smaller than data.image_size={size} and '
+                   'data.upscale=False')
+  return cover(img, size, size, crop_uv=crop_uv, flip=flip)[0]
+
+
+def cover(img: Image.Image, height: int, width: int, *, upscale: bool = True,
+          crop_uv: tuple[float, float] | None = None, flip: bool = False
+          ) -> tuple[np.ndarray, tuple[int, int]]:
+  """(RGB uint8 [height, width, 3], crop (top, left) in the resized image): `img` resized to
+  cover height x width (the smallest scale at which both sides fit), cropped as `fit` crops.
+
+  BadImage if that needs enlarging and not `upscale`.
+  """
   w, h = img.size
-  short = min(w, h)
-  if short < size and not upscale:
-    raise BadImage(f'{w}x{h} is smaller than data.image_size={size} and data.upscale=False')
-  scale = size / short
-  resized = (max(size, round(w * scale)), max(size, round(h * scale)))
-  x, y = crop_offsets(*resized, size, *(crop_uv or (None, None)))
-  if short == size:  # No resampling: a plain crop.
-    if (w, h) != (size, size):
-      img = img.crop((x, y, x + size, y + size))
+  scale = max(width / w, height / h)
+  if scale > 1 and not upscale:
+    raise BadImage(f'{w}x{h} is smaller than the {width}x{height} bucket and data.upscale=False')
+  resized = (max(width, round(w * scale)), max(height, round(h * scale)))
+  x, y = crop_offsets(*resized, width, *(crop_uv or (None, None)), crop_height=height)
+  if scale == 1:  # No resampling: a plain crop.
+    if (w, h) != (width, height):
+      img = img.crop((x, y, x + width, y + height))
   else:
     sx, sy = w / resized[0], h / resized[1]  # The resize-then-crop sampling grid, per axis.
-    box = (x * sx, y * sy, (x + size) * sx, (y + size) * sy)
-    img = img.resize((size, size), Image.Resampling.BICUBIC, box=box,
+    box = (x * sx, y * sy, (x + width) * sx, (y + height) * sy)
+    img = img.resize((width, height), Image.Resampling.BICUBIC, box=box,
                      reducing_gap=None if scale > 1 else 3.0)
   out = np.asarray(img, dtype=np.uint8)
   if flip:
     out = out[:, ::-1]
-  return np.ascontiguousarray(out)
+  return np.ascontiguousarray(out), (y, x)
 
 
 def encode(img: Image.Image | np.ndarray, fmt: str = 'JPEG', quality: int = 95) -> bytes:

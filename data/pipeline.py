@@ -109,6 +109,18 @@ class Transform:
                         flip=self.flip and u[3] < 0.5)
     return pixels, which
 
+  def cover(self, raw: dict[str, Any], uniforms, shape: tuple[int, int]
+            ) -> tuple[np.ndarray, int, tuple[int, int], tuple[int, int]]:
+    """`__call__` for an aspect-ratio bucket (height, width): (RGB uint8 [height, width, 3], caption
+    index, the image's (height, width), the crop's (top, left) in the resized image)."""
+    u, which = self._draw(raw, uniforms)
+    image = raw['image']
+    img = images.from_array(image) if isinstance(image, np.ndarray) else images.load_rgb(image)
+    crop_uv = (u[1], u[2]) if self.crop == 'random' else None
+    pixels, offset = images.cover(img, *shape, upscale=self.upscale, crop_uv=crop_uv,
+                                  flip=self.flip and u[3] < 0.5)
+    return pixels, which, (img.height, img.width), offset
+
   def caption_only(self, raw: dict[str, Any], uniforms) -> int:
     """The caption index `__call__` would pick, without decoding the image (cached latents)."""
     return self._draw(raw, uniforms)[1]
@@ -139,20 +151,28 @@ class BatchLoader:
     self.num_examples = len(source)
     global_batch_indices(seed, 0, global_batch_size, self.num_examples)  # Validates eagerly.
 
-  def example(self, position: int, index: int | None = None) -> dict[str, Any]:
+  def example(self, position: int, index: int | None = None, *,
+              shape: tuple[int, int] | None = None,
+              candidate: Callable[[int], int] | None = None) -> dict[str, Any]:
     """The example filling stream `position` (whose record is `index`, if known): its record, or
-    the next usable one after it."""
-    failures = []
+    the next usable one after it. Buckets: `shape` (height, width) to cover, and `candidate`
+    (attempt -> the record to try; default: the stream's next ones)."""
+    failures, geometry = [], {}
     for attempt in range(MAX_CONSECUTIVE_BAD):
       at = position + attempt
-      if attempt or index is None:
+      if candidate is not None:
+        index = candidate(attempt)
+      elif attempt or index is None:
         index = int(stream_indices(self.seed, np.array([at]), self.num_examples)[0])
       key = f'example {index}'
       try:
         raw = self.source[index]
         key = raw.get('key', key)
         uniforms = lambda: randomness.uniforms((_EXAMPLE_STREAM, self.seed, at), 4)
-        if self.images:
+        if self.images and shape is not None:
+          pixels, which, orig_size, offset = self.transform.cover(raw, uniforms, shape)
+          geometry = {batch.ORIG_SIZE: np.int32(orig_size), batch.CROP_OFFSET: np.int32(offset)}
+        elif self.images:
           pixels, which = self.transform(raw, uniforms)
         else:
           pixels, which = None, self.transform.caption_only(raw, uniforms)
@@ -170,7 +190,7 @@ class BatchLoader:
         failures.append(f'{key}: {reason}')
         continue
       out = {batch.CAPTION: raw['captions'][which], batch.INDEX: index,
-             batch.BAD: int(bool(failures))}
+             batch.BAD: int(bool(failures)), **geometry}
       if pixels is not None:
         out[batch.IMAGE] = pixels
       text = raw.get('text')
@@ -187,7 +207,10 @@ class BatchLoader:
   def __call__(self, step: int) -> dict[str, np.ndarray]:
     positions = int(step) * self.global_batch_size + np.arange(self.part.start, self.part.stop)
     indices = stream_indices(self.seed, positions, self.num_examples)
-    rows = [self.example(int(p), int(i)) for p, i in zip(positions, indices)]
+    return self.collate([self.example(int(p), int(i)) for p, i in zip(positions, indices)])
+
+  def collate(self, rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """This process's batch of its examples (`example`'s), in the keys of data/batch.py."""
     out = {
         batch.CAPTION: np.array([r[batch.CAPTION] for r in rows], dtype=str),
         batch.INDEX: np.array([r[batch.INDEX] for r in rows], np.int64),
@@ -199,7 +222,7 @@ class BatchLoader:
         np.divide(r[batch.IMAGE], np.float32(127.5), out=image[j], dtype=np.float32)
       np.subtract(image, np.float32(1.0), out=image)
       out[batch.IMAGE] = image
-    for name in batch.STORED:
+    for name in batch.STORED + batch.GEOMETRY:
       if name in rows[0]:
         out[name] = np.stack([r[name] for r in rows])
     return out

@@ -40,6 +40,8 @@ class DataSpec:
   data_dir: str
   seed: int
   global_batch_size: int
+  buckets: tuple
+  bucket_max_aspect: float
   num_workers: int
   prefetch: int
 
@@ -51,8 +53,16 @@ class DataSpec:
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f'data.{name}={value!r} must be positive.')
+    if self.bucket_max_aspect and self.bucket_max_aspect < 1:
+      raise ValueError(f'data.bucket_max_aspect={self.bucket_max_aspect!r} must be >= 1 (or 0: '
+                       'off).')
     if self.num_workers < 0 or self.prefetch < 0:
       raise ValueError('data.num_workers and data.prefetch must be >= 0.')
+
+  @property
+  def bucketed(self) -> bool:
+    """Whether batches come from aspect-ratio buckets (data/buckets.py), not square crops."""
+    return bool(self.buckets) or bool(self.bucket_max_aspect)
 
   def replace(self, **changes) -> DataSpec:
     return dataclasses.replace(self, **changes)

@@ -83,3 +83,15 @@ def check_image_size(spec: Any, size: int, name: str, *, vae_factor: int = 1,
                      attention: bool = True) -> None:
   """Raises ValueError naming `name` unless `spec`'s network takes images of side `size`."""
   of(spec).check_image_size(spec, size, name, vae_factor=vae_factor, attention=attention)
+
+
+def size_step(spec: Any, vae_factor: int = 1) -> int:
+  """The multiple `spec`'s network needs of an image side in pixels (its downsampling, x
+  `vae_factor` in latent space): the smallest side `check_image_size` takes, attention aside."""
+  for side in range(vae_factor, 4097 * vae_factor, vae_factor):
+    try:
+      check_image_size(spec, side, 'side', vae_factor=vae_factor, attention=False)
+      return side
+    except ValueError:
+      continue
+  raise ValueError('model: the network takes no image side up to 4096 (latent) pixels.')

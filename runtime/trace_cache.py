@@ -164,7 +164,9 @@ class Program:
 
   `key` is what else the trace reads (the config, constants the function closes over);
   `donate_argnums` are the jitted function's. Later calls run what the first call compiled; one
-  whose argument structure, shapes or dtypes differ goes to the jitted function. After it,
+  whose shapes or dtypes differ (an aspect-ratio bucket, data/buckets.py) runs a Program of its
+  own, kept and exported the same way, so a resume that meets the shapes in another order still
+  finds each on disk; one whose argument structure differs goes to the jitted function. After it,
   `loaded` says whether the trace came from disk, `trace_seconds` how long tracing (or loading
   and lowering) took and `xla_seconds` XLA (or the compilation cache).
   """
@@ -178,7 +180,8 @@ class Program:
     self.compiled = None  # What the first call compiled (cost and memory analyses).
     self._flat = False  # Calls go to `compiled`, the exported program's (flat leaves), else to jit.
     self._ready = False
-    self._in_tree = self._out_tree = None
+    self._in_tree = self._out_tree = self._signature = None
+    self._shapes: dict[tuple, Program] | None = {}  # Other shapes than the first's: their Program.
 
   def __call__(self, *args):
     if not self._ready:
@@ -189,13 +192,40 @@ class Program:
         try:
           return jax.tree.unflatten(self._out_tree, self.compiled(*leaves))
         except TypeError:  # Checked before it runs: other shapes or dtypes than the first call's.
-          pass
-    return self.jitted(*args)  # Reuses what compile() compiled; jit traces other shapes.
+          if self._shapes is not None:  # (None: this is such a Program itself.)
+            return self._of_shapes(leaves)(*args)
+    return self.jitted(*args)  # Reuses what compile() compiled; jit traces other structures.
+
+  def _of_shapes(self, leaves) -> 'Program':
+    """The Program of these leaves' shapes and dtypes (not the first call's): made once."""
+    signature = tuple((np.shape(x), str(jax.typeof(x).dtype)) for x in leaves)
+    if signature not in self._shapes:
+      other = Program(self.jitted, name=self.name, key=self.key,
+                      donate_argnums=self.donate_argnums)
+      other._shapes = None  # pylint: disable=protected-access
+      self._shapes[signature] = other
+    return self._shapes[signature]
+
+  def precompile(self, *args) -> None:
+    """Traces (or loads) and compiles for these arguments' shapes without running: what the
+    first call with them would do (an aspect-ratio bucket's program, before training starts).
+    Without the trace cache (several processes, or off) only the first call's: jit's own cache
+    is filled by a call alone."""
+    if not self._ready:
+      self.compile(*args)
+      return
+    leaves, tree = jax.tree.flatten(args)
+    if (self._flat and tree == self._in_tree and self._shapes is not None
+        and self._signature != tuple(np.shape(x) for x in leaves)):
+      program = self._of_shapes(leaves)
+      if not program._ready:  # pylint: disable=protected-access
+        program.compile(*args)
 
   def compile(self, *args) -> None:
     """Traces (or loads the trace) and compiles for these arguments; the first call does it."""
     self._ready = True
     leaves, self._in_tree = jax.tree.flatten(args)
+    self._signature = tuple(np.shape(x) for x in leaves)
     folder = directory()
     t0 = time.perf_counter()
     if folder is not None:

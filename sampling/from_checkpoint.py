@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from data import buckets
 from diffusion import schedules
 from diffusion.spec import SamplerSettings
 from models import family, lora
@@ -55,7 +56,7 @@ class Restored(NamedTuple):
 
 
 def restore(workdir: str, step: int | None = None, *, settings_of: Callable[[dict], Any],
-            use_ema: bool = True, image_size: int | None = None,
+            use_ema: bool = True, image_size: int | tuple[int, int] | None = None,
             allow_other_resolution: bool | None = None, mesh=None) -> Restored:
   """Reads the saved settings and only the (EMA) parameters of a checkpoint (default: the newest
   that restores) onto `mesh` (default: data-parallel over all devices).
@@ -110,14 +111,16 @@ def restore(workdir: str, step: int | None = None, *, settings_of: Callable[[dic
 
 
 def load(workdir: str, step: int | None = None, *, settings_of: Callable[[dict], Any],
-         use_ema: bool = True, sampling_grid: str | None = None, image_size: int | None = None,
+         use_ema: bool = True, sampling_grid: str | None = None,
+         image_size: int | tuple[int, int] | None = None,
          allow_other_resolution: bool | None = None, lora_scale: float = 1.0) -> Loaded:
   """`restore`, then the generator that samples with those parameters, over all devices.
 
   `sampling_grid` (e.g. 'karras') samples on another grid than the run's
-  diffusion.sampling_grid. `image_size` (default: the trained data.image_size) samples at
-  another size; that is refused unless `allow_other_resolution` (default: the run's
-  data.allow_other_sample_size). `lora_scale` scales a LoRA run's adapters (0: the base alone).
+  diffusion.sampling_grid. `image_size` (default: the trained data.image_size; a side, or
+  (height, width): a trained aspect-ratio bucket, data.buckets) samples at another size; that is
+  refused unless `allow_other_resolution` (default: the run's data.allow_other_sample_size).
+  `lora_scale` scales a LoRA run's adapters (0: the base alone).
   """
   mesh = sharding.make_mesh(MeshSpec.data_parallel())  # Data-parallel over all devices.
   r = restore(workdir, step, settings_of=settings_of, use_ema=use_ema, image_size=image_size,
@@ -136,22 +139,33 @@ def load(workdir: str, step: int | None = None, *, settings_of: Callable[[dict],
   return Loaded(r.settings, gen, weights['unet'], text_params, r.step)
 
 
-def check_resolution(settings, image_size: int, allow: bool | None = None,
+def check_resolution(settings, image_size: int | tuple[int, int], allow: bool | None = None,
                      autoencoder=None) -> None:
-  """Raises ValueError if `image_size` is not the trained one and that is not allowed, or does not
-  fit the network (and the `autoencoder` the run diffused in the latents of)."""
-  trained = settings.data.image_size
-  allow = settings.data.allow_other_sample_size if allow is None else allow
-  if image_size != trained and not allow:
-    raise ValueError(
-        f'--image_size={image_size}: this model was trained at {trained} px (data.image_size), '
-        'and a diffusion model sampled at another size usually makes worse images (objects '
-        'repeated or cut). Pass --allow_other_resolution (or train with '
-        'data.allow_other_sample_size=True) to sample at it anyway.')
-  # The attention levels stay those of the trained size (models.family.build).
+  """Raises ValueError if `image_size` (a side, or (height, width)) is not a trained size
+  (data.image_size, or an aspect-ratio bucket) and that is not allowed, or does not fit the
+  network (and the `autoencoder` the run diffused in the latents of)."""
   vae_factor = 1 if autoencoder is None else autoencoder.config.downsample_factor
-  family.check_image_size(settings.model, image_size, '--image_size', vae_factor=vae_factor,
-                          attention=False)
+  square = np.ndim(image_size) == 0
+  hw = (image_size, image_size) if square else tuple(image_size)
+  trained = settings.data.image_size
+  shapes = {(trained, trained)}
+  if settings.data.bucketed:
+    shapes |= set(buckets.of(settings.data, family.size_step(settings.model, vae_factor)))
+  allow = settings.data.allow_other_sample_size if allow is None else allow
+  named = f'--image_size={image_size}' if square else f'--height={hw[0]} --width={hw[1]}'
+  if hw not in shapes and not allow:
+    sizes = (f'{trained} px (data.image_size)' if len(shapes) == 1 else
+             ', '.join(f'{h}x{w}' for h, w in sorted(shapes)) + ' px (height x width: '
+             'data.image_size and the buckets, data.buckets)')
+    raise ValueError(
+        f'{named}: this model was trained at {sizes}, and a diffusion model sampled at another '
+        'size usually makes worse images (objects repeated or cut). Pass '
+        '--allow_other_resolution (or train with data.allow_other_sample_size=True) to sample at '
+        'it anyway.')
+  # The attention levels stay those of the trained size (models.family.build).
+  sides = [(image_size, '--image_size')] if square else [(hw[0], '--height'), (hw[1], '--width')]
+  for side, name in sides:
+    family.check_image_size(settings.model, side, name, vae_factor=vae_factor, attention=False)
 
 
 def read_prompts(prompts: Sequence[str], prompt_file: str | None) -> list[str]:

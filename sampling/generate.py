@@ -31,11 +31,11 @@ def _cond(encode, text_params, ids):
 class Generator:
   """Holds the compiled sampling program for one (U-Net, text encoder, diffusion spec, size)."""
 
-  def __init__(self, unet, text_encoder, spec: DiffusionSpec, image_size: int, mesh=None, *,
-               autoencoder=None, decode_chunk: int | None = None):
-    """`autoencoder`: a frozen `models.vae_loading.PretrainedVAE` for latent diffusion (the
-    sampler runs on its latents, which are decoded `decode_chunk` at a time, the run's
-    autoencoder.decode_chunk), or None."""
+  def __init__(self, unet, text_encoder, spec: DiffusionSpec, image_size: int | tuple[int, int],
+               mesh=None, *, autoencoder=None, decode_chunk: int | None = None):
+    """`image_size`: the side S of square images, or (height, width). `autoencoder`: a frozen
+    `models.vae_loading.PretrainedVAE` for latent diffusion (the sampler runs on its latents,
+    which are decoded `decode_chunk` at a time, the run's autoencoder.decode_chunk), or None."""
     if autoencoder is not None and not decode_chunk:
       raise ValueError('A latent-diffusion Generator needs decode_chunk (autoencoder.decode_chunk).')
     self.unet = unet
@@ -43,12 +43,13 @@ class Generator:
     self.spec = spec
     self.vae, self.decode_chunk = autoencoder, decode_chunk
     self.image_size = image_size
+    height, width = (image_size, image_size) if np.ndim(image_size) == 0 else image_size
     self.vae_params = None
     if autoencoder is None:
-      self.image_shape = (image_size, image_size, 3)
+      self.image_shape = (height, width, 3)
     else:
       f, c = autoencoder.config.downsample_factor, autoencoder.config.latent_channels
-      self.image_shape = (image_size // f, image_size // f, c)  # The latent the sampler draws.
+      self.image_shape = (height // f, width // f, c)  # The latent the sampler draws.
       self.vae_params = jax.device_put(
           autoencoder.params, NamedSharding(mesh, P()) if mesh is not None else None)
     out_sharding = NamedSharding(mesh, P()) if mesh is not None else None
@@ -81,7 +82,7 @@ class Generator:
   def __call__(self, unet_params, text_params, prompts: Sequence[str], *, seed,
                settings: SamplerSettings, negative_prompt: str = NULL_CAPTION,
                latents=None) -> np.ndarray:
-    """Samples one image per prompt with `settings`; float32 [len(prompts), S, S, 3] in [-1, 1].
+    """Samples one image per prompt with `settings`; float32 [len(prompts), H, W, 3] in [-1, 1].
 
     `seed` is an int (example i gets seed + i) or a sequence of per-example seeds; the initial
     noise is `initial_noise(seeds)` unless `latents` ([B, h, w, c] ~ N(0, I), diffusers'

@@ -37,6 +37,9 @@ def only_error_line(proc):
     (['--threshold=120'], '--threshold=120.0 must be a percentile in [0, 100]'),
     (['--guidance_interval=2,1'], '--guidance_interval=2,1 must be lo,hi with lo <= hi'),
     (['--image_size=0'], '--image_size=0 must be >= 1'),
+    (['--height=16'], '--height and --width go together'),
+    (['--height=16', '--width=24', '--image_size=16'], 'pass --image_size (a square) or --height'),
+    (['--height=0', '--width=8'], '--height=0 must be >= 1'),
 ])
 def test_sample_flags_are_checked_before_loading(tmp_path, flags, message):
   out = tmp_path / 'out'

@@ -211,3 +211,33 @@ def test_a_second_process_loads_the_trace(tmp_path):
     runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
   assert [r['loaded'] for r in runs] == [False, True]
   assert runs[0]['sum'] == runs[1]['sum']
+
+
+def test_each_shape_gets_its_own_program_on_disk(cache_dir):
+  """Aspect-ratio buckets: batches of several shapes; a later Program that meets them in another
+  order (a resume) loads every one, and `precompile` prepares a shape without running it."""
+  small, big = jnp.ones((4, 8)), jnp.full((6, 8), 0.5)
+  placed = lambda: jax.device_put(_state(), jax.devices()[0])  # Committed, as a step's outputs.
+  fn = Step()
+  first = _program(fn)
+  state = placed()
+  for x in (small, big, small, big):
+    state, out = first(state, x)
+  assert fn.traces == 2 and len(_entries(cache_dir)) == 2
+  want_state, want = _state(), None
+  for x in (small, big, small, big):
+    want_state, want = jax.jit(Step())(want_state, x)
+  _assert_same((state, out), (want_state, want))
+
+  later_fn = Step()
+  later = _program(later_fn)
+  later.precompile(placed(), big)  # The resume's first batch is the other shape.
+  later.precompile(placed(), small)
+  state = placed()
+  for x in (big, small):
+    state, out = later(state, x)
+  assert later_fn.traces == 0 and later.loaded and len(_entries(cache_dir)) == 2
+  want_state, want = _state(), None
+  for x in (big, small):
+    want_state, want = jax.jit(Step())(want_state, x)
+  _assert_same((state, out), (want_state, want))

@@ -11,6 +11,7 @@ Evaluation is handed in as an `Evaluator` (train.py passes
 
 import signal
 import threading
+import time
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -22,7 +23,7 @@ from jax.experimental import multihost_utils
 from cluster import distributed
 from configs import validation
 from data import batch as batch_keys
-from data import pipeline, sources
+from data import buckets, pipeline, sources
 from models import lora
 from runtime import checkpoint, compile_cache, console, sharding
 from runtime.summaries import EvalResult, Evaluator
@@ -85,8 +86,11 @@ def train(settings, workdir: str, *, evaluator: Evaluator | None = None, devices
       state = trainer.init(jax.random.PRNGKey(settings.seed))
     position = {'step': 0}
   start_step = int(position['step'])
-  writer.start(state, start_step)
   rng = jax.random.PRNGKey(settings.seed)
+  loader = _make_loader(settings, source, trainer)
+  if settings.data.bucketed and start_step < settings.optim.num_steps:  # Before the steps' bar.
+    _compile_buckets(settings, trainer, loader, state, rng, mesh, start_step)
+  writer.start(state, start_step)
 
   val_loss = validation_lib.make(settings, trainer, mesh, source)
   evaluates = evaluator is not None or val_loss is not None
@@ -104,9 +108,6 @@ def train(settings, workdir: str, *, evaluator: Evaluator | None = None, devices
   def save(step, state, force=False):
     ckpt.save(step, state, record, {'step': step, 'seed': settings.data.seed}, force=force)
 
-  # Cached latents: the batches carry posterior moments instead of images (nothing is decoded).
-  loader = pipeline.make_loader(settings.data, source, jax.process_index(), jax.process_count(),
-                                images=batch_keys.IMAGE in trainer.image_keys)
   num_steps, data = settings.optim.num_steps, settings.data
   batches = pipeline.iterate(loader, start_step, num_steps, prefetch=data.prefetch,
                              num_workers=data.num_workers, log_setup=console.worker_logging())
@@ -127,8 +128,7 @@ def train(settings, workdir: str, *, evaluator: Evaluator | None = None, devices
           save(step, state, force=True)
         logging.warning('Stopping at step %d on request; the checkpoint is saved.', step)
         break
-      local = {batch_keys.BAD: local[batch_keys.BAD], **trainer.text_inputs(local),
-               **{k: local[k] for k in trainer.image_keys}}
+      local = _step_inputs(trainer, local)
       # The first call traces (or loads the trace of) and compiles the step; the others only
       # dispatch it.
       with (jax.set_mesh(mesh), nn.logical_axis_rules(settings.mesh.logical_axis_rules),
@@ -162,6 +162,51 @@ def train(settings, workdir: str, *, evaluator: Evaluator | None = None, devices
     if hasattr(batches, 'close'):
       batches.close()
   return TrainResult(state, writer.history)
+
+
+def _make_loader(settings, source, trainer):
+  """This process's loader: square crops (or cached latents), or aspect-ratio buckets, whose
+  shapes each compile the train step once (data/buckets.py)."""
+  images = batch_keys.IMAGE in trainer.image_keys  # False: cached latents, nothing is decoded.
+  if not settings.data.bucketed:
+    return pipeline.make_loader(settings.data, source, jax.process_index(), jax.process_count(),
+                                images=images)
+  if not images:
+    raise ValueError('data.buckets (or data.bucket_max_aspect) cannot use the latents cached in '
+                     'data.path (computed at one square size); set autoencoder.cached_latents='
+                     'False to encode each bucket on the fly.')
+  return buckets.make_loader(settings.data, source, validation.size_step(settings),
+                             jax.process_index(), jax.process_count())
+
+
+def _step_inputs(trainer, local):
+  """What the train step takes of a loader batch: the bad-record flags, the text inputs of its
+  captions and the images (or cached latents)."""
+  return {batch_keys.BAD: local[batch_keys.BAD], **trainer.text_inputs(local),
+          **{k: local[k] for k in trainer.image_keys}}
+
+
+def _compile_buckets(settings, trainer, loader, state, rng, mesh, start_step):
+  """Traces (or loads) and compiles the train step for every bucket shape before the first step,
+  on the first batch of each from `start_step` on, with a progress bar and a log line."""
+  schedule, first = loader.schedule, {}
+  drawn = sum(n > 0 for n in schedule.batches_per_bucket)
+  for step in range(start_step, start_step + 2 * schedule.batches_per_epoch):
+    first.setdefault(schedule(step)[0], step)
+    if len(first) == drawn:
+      break
+  t0 = time.perf_counter()
+  bar = console.progress(len(first), 'compile', 'shape', disable=jax.process_index() != 0)
+  with compile_cache.CompileCounter() as counter, bar:
+    for step in sorted(first.values()):
+      inputs = sharding.global_batch(mesh, _step_inputs(trainer, loader(step)))
+      with (jax.set_mesh(mesh), nn.logical_axis_rules(settings.mesh.logical_axis_rules),
+            compile_cache.gc_paused()):
+        trainer.step.precompile(state, inputs, rng, trainer.frozen_weights, trainer.vae_params)
+      bar.update(1)
+  logging.info('Buckets: the train step for %d shapes (%s) ready in %.1f s. %s', len(first),
+               ', '.join('%dx%d' % loader.buckets[schedule(s)[0]] for s in sorted(first.values())),
+               time.perf_counter() - t0, counter.summary())
 
 
 def _ensure_tokenizer(settings, workdir, source):
