@@ -74,6 +74,8 @@ def _summary(settings, workdir, result, seconds) -> str:
   if grids:
     lines.append(f'  eval grid    {grids[-1]}')
   lines.append(f'  sample       python sample.py --workdir={workdir} --prompt="..."')
+  if getattr(settings.model, 'folder', ''):  # The 'sd' family: hand the result to diffusers.
+    lines.append(f'  export       python -m export.diffusers --workdir={workdir} --out=DIR')
   return '\n'.join(lines)
 
 
