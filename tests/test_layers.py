@@ -19,7 +19,7 @@ FLOORS = (
     ('evaluation',),
     ('configs',),
     ('training',),
-    ('tools', 'launch', 'benchmarks', 'train', 'sample', 'evaluate'),  # Entry points.
+    ('tools', 'launch', 'benchmarks', 'export', 'train', 'sample', 'evaluate'),  # Entry points.
 )
 FLOOR = {name: i for i, names in enumerate(FLOORS) for name in names}
 # Below the config's last stop (configs.specs): no ConfigDict, so no ml_collections.
