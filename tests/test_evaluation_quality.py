@@ -125,6 +125,7 @@ def test_one_and_two_processes_make_the_same_reference(setup, tmp_path):
   np.testing.assert_allclose(rows(two['clip_images']), rows(one['clip_images']), atol=1e-6)
 
 
+@pytest.mark.full  # Extractors compiled at another batch size (~60 s).
 def test_a_killed_reference_run_resumes_where_it_stopped(setup, tmp_path, monkeypatch):
   _, config, extractors, stats, captions = setup
   settings = specs.build(config)
