@@ -45,7 +45,7 @@ from typing import Any
 from absl import app, flags
 
 from configs import pipeline, specs
-from models import family, lora, lora_loading, sd_family, sd_loading, weights
+from models import family, lora, lora_loading, sd_family, sd_loading
 from runtime import checkpoint, console
 from sampling import from_checkpoint
 from text import clip
@@ -119,19 +119,17 @@ def _sd_settings(saved: dict, workdir: str, merge: bool = False) -> Any:
   return settings
 
 
-def _check_frozen(restored: from_checkpoint.Restored) -> None:
+def _check_frozen(restored: from_checkpoint.Restored, workdir: str) -> None:
   """Refuses to copy a frozen component whose weights are no longer those the run trained with
-  (the weight digests training/builder.py records with each checkpoint)."""
-  frozen = restored.saved_config.get(checkpoint.FROZEN_KEY) or {}  # Older runs: none recorded.
-  now = {checkpoint.FROZEN_AUTOENCODER: lambda: restored.autoencoder.params,
-         checkpoint.FROZEN_TEXT: lambda: restored.text_encoder.init(None)}
-  for name, (recorded, path) in sorted(frozen.items()):
-    digest = weights.digest(now[name]()) if name in now else recorded
-    if digest != recorded:
-      raise ExportError(
-          f'the {name} at {path} is not the one this run trained with (weight digest {digest}, '
-          f'the run recorded {recorded}): the export would pair the trained weights with another '
-          'one. Put the original folder back.')
+  (`checkpoint.check_frozen`, the digests training/builder.py records with each checkpoint)."""
+  parts = {checkpoint.FROZEN_AUTOENCODER: (lambda: restored.autoencoder.params,
+                                           lambda: restored.autoencoder.path),
+           checkpoint.FROZEN_TEXT: (lambda: restored.text_encoder.init(None),
+                                    lambda: restored.settings.text.pretrained_path)}
+  recorded = restored.saved_config.get(checkpoint.FROZEN_KEY) or {}  # Older runs: none recorded.
+  for name in sorted(set(recorded) & set(parts)):
+    params, folder = parts[name]
+    checkpoint.check_frozen(restored.saved_config, name, params(), folder(), workdir)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -247,7 +245,7 @@ def export_workdir(workdir: str, out: str, *, step: int | None = None, use_ema: 
                                      settings_of=lambda saved: _sd_settings(saved, workdir, merge))
   model = restored.settings.model
   check_out(out, overwrite=overwrite, keep={'workdir': workdir, 'source folder': model.folder})
-  _check_frozen(restored)
+  _check_frozen(restored, workdir)
   trained_text, adapters = 'text' in restored.params, family.lora(model)
   record = {
       'workdir': workdir, 'step': restored.step, 'ema': use_ema,

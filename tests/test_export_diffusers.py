@@ -281,14 +281,15 @@ def test_a_run_whose_pipeline_folder_is_gone_is_refused(pipeline, tmp_path):
 
 
 def test_a_frozen_component_that_changed_since_training_is_refused():
-  vae = types.SimpleNamespace(params={'w': np.ones(3, np.float32)})
+  vae = types.SimpleNamespace(params={'w': np.ones(3, np.float32)}, path='/m/vae')
   text = types.SimpleNamespace(init=lambda rng: {'w': np.zeros(3, np.float32)})
+  settings = types.SimpleNamespace(text=types.SimpleNamespace(pretrained_path='/m/text_encoder'))
   frozen = {'autoencoder': [weights.digest(vae.params), '/m/vae'],
             'text encoder': [weights.digest(text.init(None)), '/m/text_encoder']}
-  restored = from_checkpoint.Restored(None, {checkpoint.FROZEN_KEY: frozen}, vae, None, text,
+  restored = from_checkpoint.Restored(settings, {checkpoint.FROZEN_KEY: frozen}, vae, None, text,
                                       {}, 1)
-  export._check_frozen(restored)  # pylint: disable=protected-access
+  export._check_frozen(restored, '/w')  # pylint: disable=protected-access
   vae.params = {'w': np.full(3, 2, np.float32)}
-  with pytest.raises(export.ExportError, match='the autoencoder at /m/vae is not the one this run '
-                     'trained with'):
-    export._check_frozen(restored)  # pylint: disable=protected-access
+  with pytest.raises(checkpoint.IncompatibleCheckpoint,
+                     match=r'The autoencoder differs from the one the checkpoint in /w'):
+    export._check_frozen(restored, '/w')  # pylint: disable=protected-access
