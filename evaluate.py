@@ -26,6 +26,8 @@ def main(argv=None) -> dict:
   parser.add_argument('--clip', default='', help='a CLIPModel folder (CLIP score, CMMD)')
   parser.add_argument('--verbose', action='store_true', help='on an error, print the traceback')
   args = parser.parse_args(argv)
+  from runtime import host  # pylint: disable=g-import-not-at-top
+  host.setup()  # Before jax starts: malloc keeps freed memory on a CPU run.
   from runtime import console  # pylint: disable=g-import-not-at-top
   return console.run_or_exit(lambda: _evaluate(args), verbose=args.verbose)
 

@@ -30,9 +30,13 @@ flags.mark_flags_as_required(['workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  from runtime import host
+  host_note = host.setup(_CONFIG.value)  # Before jax starts: its CPU devices, malloc.
   from runtime import console  # Heavy imports after flag parsing.
   console.quiet_library_noise()
   console.log_to_file(paths.train_log(_WORKDIR.value), verbose=_VERBOSE.value)
+  if host_note:
+    logging.info('Host: %s.', host_note)
   from runtime import compile_cache
   compile_cache.enable()  # Before the first jit: a resume loads its programs, not compiles them.
   # A bad value, file or workdir, or a diverging run: one `error:` line (no traceback).

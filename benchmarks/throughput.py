@@ -22,7 +22,9 @@ when `--peak_tflops` (the device's dense peak for the compute dtype) is given.
 
 import argparse
 import json
+import math
 import os
+import resource
 import sys
 import time
 
@@ -113,21 +115,31 @@ class OursTrain:
                              + mem.output_size_in_bytes - mem.alias_size_in_bytes)
                          if mem is not None else 0)
     self.batch_size = batch_size
-    self.run(1)  # The first run allocates; not timed.
+    self.steps, self.faults, self.system_s = 0, 0, 0.0
+    self.run(2)  # The first runs allocate; not timed, nor counted.
+    self.steps, self.faults, self.system_s = 0, 0, 0.0
 
   def param_count(self) -> int:
     import jax  # pylint: disable=g-import-not-at-top
     return sum(x.size for x in jax.tree.leaves(self.state.params['unet']))
 
   def run(self, n: int) -> float:
+    """Seconds for `n` steps; adds their minor page faults and system seconds (the whole
+    process's, the kernel's own count) to self.faults and self.system_s."""
     import flax.linen as nn  # pylint: disable=g-import-not-at-top
     import jax  # pylint: disable=g-import-not-at-top
+    before = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       for _ in range(n):
         self.state, metrics = self.step(self.state, *self.args)
     jax.block_until_ready((self.state, metrics))
-    return time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    self.steps += n
+    self.faults += after.ru_minflt - before.ru_minflt
+    self.system_s += after.ru_stime - before.ru_stime
+    return seconds
 
 
 def initial_params(config):
@@ -195,16 +207,22 @@ def _peer_module():
 
 def main(argv=None):
   args, overrides = _parse(sys.argv[1:] if argv is None else argv)
+  config = _config(args.config, overrides)
+  from runtime import host  # pylint: disable=g-import-not-at-top
+  # As train.py: before jax starts, the CPU devices (for every --batch) and malloc's setting.
+  sizes = config.copy_and_resolve_references()
+  sizes.data.global_batch_size = math.gcd(*(int(b) for b in args.batch.split(',')))
+  host_note = host.setup(sizes)
   import jax  # pylint: disable=g-import-not-at-top
   from runtime import compile_cache  # pylint: disable=g-import-not-at-top
   compile_cache.enable()
-  config = _config(args.config, overrides)
   peer_lib = _peer_module() if args.peer else None
   if peer_lib is not None:
     peer_lib.set_threads(args.threads or os.cpu_count())
   device = jax.devices()[0]
   print(f'# {args.config} {" ".join(overrides)} on {jax.device_count()} x {device.device_kind} '
-        f'({device.platform}), {os.cpu_count()} cores, {time.strftime("%Y-%m-%d")}', flush=True)
+        f'({device.platform}), {os.cpu_count()} cores, {time.strftime("%Y-%m-%d")}; host: '
+        f'{host_note or "as it is"}', flush=True)
   rows = []
   last_params = None
   for batch_size in ([] if args.no_train else [int(b) for b in args.batch.split(',')]):
@@ -217,7 +235,8 @@ def main(argv=None):
     row = {'what': 'train', 'batch': batch_size, 'step_s': _round(a),
            'images_per_s': batch_size / float(np.median(a)), 'compile_s': ours.compile_s,
            'trace_s': ours.trace_s, 'xla_compile_s': ours.xla_s,
-           'flops_per_image': ours.flops / batch_size, 'memory_gib': ours.memory_bytes / 2**30}
+           'flops_per_image': ours.flops / batch_size, 'memory_gib': ours.memory_bytes / 2**30,
+           'faults_per_step': ours.faults / ours.steps, 'system_s_per_step': ours.system_s / ours.steps}
     stats = device.memory_stats() or {}
     if 'peak_bytes_in_use' in stats:  # Accelerators: the allocator's peak so far.
       row['peak_gib'] = stats['peak_bytes_in_use'] / 2**30
@@ -265,6 +284,9 @@ def _line(row) -> str:
        f"{row['images_per_s']:.1f} img/s, compile {row['compile_s']:.1f} s")
   if 'trace_s' in row:
     s += f" (trace {row['trace_s']:.1f} s + XLA {row['xla_compile_s']:.1f} s)"
+  if 'faults_per_step' in row:
+    s += (f"; {row['faults_per_step']:,.0f} page faults and {row['system_s_per_step']:.2f} s of "
+          "system time a step")
   if 'ratio' in row:
     r = row['ratio']
     s += f"; ours/peer {r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f})"

@@ -12,6 +12,7 @@ import ml_collections
 from configs import specs
 from data import buckets
 from models import family
+from runtime import host
 from runtime.settings import EVAL_PROMPT_SOURCES
 
 
@@ -67,9 +68,12 @@ def check_mesh(settings, mesh, process_count: int) -> None:
   devices = (f"mesh.data={mesh.shape['data']} x mesh.fsdp={mesh.shape['fsdp']} = {parallel} (of "
              f'{mesh.size} devices)')
   if b % parallel:
+    cpu = (' On the CPU, train.py makes one device per core, as many as the batch splits over, '
+           f'unless XLA_FLAGS sets {host.DEVICE_COUNT_FLAG}.'
+           if mesh.devices.flat[0].platform == 'cpu' else '')
     raise ValueError(
         f'data.global_batch_size={b} must be divisible by the data-parallel devices: {devices}; '
-        f'use a multiple of {parallel}, e.g. {(b // parallel + 1) * parallel}.')
+        f'use a multiple of {parallel}, e.g. {(b // parallel + 1) * parallel}.{cpu}')
   if b % (parallel * k):
     raise ValueError(
         f'data.global_batch_size={b} must be divisible by optim.grad_accum_steps={k} x the '

@@ -29,8 +29,9 @@ from typing import IO, Mapping, Sequence
 
 from cluster.contract import (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID,
                               EXIT_PEER_FAILED)
+from runtime import host
 
-_DEVICE_COUNT_FLAG = '--xla_force_host_platform_device_count'
+_DEVICE_COUNT_FLAG = host.DEVICE_COUNT_FLAG
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,6 +38,7 @@ from typing import Sequence
 
 from configs import loading
 from launch import member
+from runtime import host
 from runtime import workdir as paths
 
 
@@ -99,8 +100,7 @@ def count_devices(platform: str) -> int:
   if platform == 'gpu':
     out = subprocess.run(['nvidia-smi', '-L'], capture_output=True, text=True, check=False)
     return max(len([l for l in out.stdout.splitlines() if l.startswith('GPU ')]), 1)
-  found = re.search(r'--xla_force_host_platform_device_count=(\d+)',
-                    os.environ.get('XLA_FLAGS', ''))
+  found = re.search(rf'{host.DEVICE_COUNT_FLAG}=(\d+)', os.environ.get('XLA_FLAGS', ''))
   return int(found[1]) if found else 1
 
 
@@ -121,8 +121,8 @@ def member_env(platform: str, group: Sequence[int], base=None) -> dict:
   if platform == 'gpu':
     env['CUDA_VISIBLE_DEVICES'] = ','.join(map(str, group))
   else:  # Simulated CPU devices: each member gets its share.
-    flags = re.sub(r'--xla_force_host_platform_device_count=\d+', '', env.get('XLA_FLAGS', ''))
-    env['XLA_FLAGS'] = f'{flags} --xla_force_host_platform_device_count={len(group)}'.strip()
+    flags = re.sub(rf'{host.DEVICE_COUNT_FLAG}=\d+', '', env.get('XLA_FLAGS', ''))
+    env['XLA_FLAGS'] = f'{flags} {host.DEVICE_COUNT_FLAG}={len(group)}'.strip()
   env['PYTHONUNBUFFERED'] = '1'
   return env
 

@@ -73,7 +73,9 @@ def test_train_py_refuses_a_batch_the_mesh_cannot_split_in_one_line(tmp_path):
   assert proc.returncode == 1
   assert error_lines(proc) == [
       'error: data.global_batch_size=6 must be divisible by the data-parallel devices: '
-      'mesh.data=4 x mesh.fsdp=1 = 4 (of 4 devices); use a multiple of 4, e.g. 8.']
+      'mesh.data=4 x mesh.fsdp=1 = 4 (of 4 devices); use a multiple of 4, e.g. 8. On the CPU, '
+      'train.py makes one device per core, as many as the batch splits over, unless XLA_FLAGS '
+      'sets --xla_force_host_platform_device_count.']
   assert 'Traceback' not in proc.stderr
   assert not os.path.exists(tmp_path / 'w' / 'checkpoints')  # Refused before anything was made.
   assert 'ValueError: data.global_batch_size=6' in open(tmp_path / 'w' / 'error.log').read()
