@@ -56,6 +56,16 @@ def build_networks(settings, *, autoencoder, workdir=None) -> tuple[nn.Module, e
   return family.build(settings.model, side), encoders.build(settings.text, workdir=workdir)
 
 
+def networks_key(unet, text_encoder, autoencoder) -> dict:
+  """What a traced program closing over these networks reads of them besides their parameters
+  (part of a `runtime.trace_cache.Program`'s key): the denoiser's fields, and the text encoder's
+  and the autoencoder's weights (by fingerprint) and modules."""
+  return {'unet': repr(unet),
+          'text': [text_encoder.fingerprint, repr(text_encoder.module), text_encoder.trainable],
+          'vae': None if autoencoder is None else [autoencoder.fingerprint,
+                                                   repr(autoencoder.config)]}
+
+
 def _init_network(rng, *, unet, text_encoder, input_shape):
   """The denoiser's whole initial parameter tree (boxed), adapters included."""
   length = text_encoder.max_len

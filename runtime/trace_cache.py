@@ -6,7 +6,8 @@ so every process still traces the model in Python to find its key: 1.3 of the qu
 exports the traced program (`jax.export`, StableHLO) to the cache folder, and a later process
 with the same key deserialises it (0.02 s) and lowers a call to it (0.2 s) instead of tracing;
 XLA's program then comes from the compilation cache as before. The outputs are those of the
-jitted function, bit for bit (tests/test_trace_cache.py).
+jitted function, bit for bit (tests/test_trace_cache.py). The train step (training/builder.py)
+and the sampler (sampling/generate.py) go through it.
 
 A traced program depends on more than its arguments' shapes, so the key holds everything the
 trace reads:
@@ -178,6 +179,7 @@ class Program:
     self.path: str | None = None
     self.trace_seconds = self.xla_seconds = 0.0
     self.compiled = None  # What the first call compiled (cost and memory analyses).
+    self._lowered = None  # ...and lowered.
     self._flat = False  # Calls go to `compiled`, the exported program's (flat leaves), else to jit.
     self._ready = False
     self._in_tree = self._out_tree = self._signature = None
@@ -195,6 +197,18 @@ class Program:
           if self._shapes is not None:  # (None: this is such a Program itself.)
             return self._of_shapes(leaves)(*args)
     return self.jitted(*args)  # Reuses what compile() compiled; jit traces other structures.
+
+  def compiled_count(self) -> int:
+    """How many programs its calls have compiled: the first call's, each other shape's, and those
+    the jitted function compiled itself (without the trace cache, or for other structures)."""
+    own = [self, *(self._shapes or {}).values()]
+    return sum(p._flat for p in own) + self.jitted._cache_size()  # pylint: disable=protected-access
+
+  @property
+  def start_seconds(self) -> float:
+    """Seconds spent tracing (or loading traces) and compiling (or loading XLA's programs), for
+    the first call's shapes and each other shape's."""
+    return sum(p.trace_seconds + p.xla_seconds for p in [self, *(self._shapes or {}).values()])
 
   def _of_shapes(self, leaves) -> 'Program':
     """The Program of these leaves' shapes and dtypes (not the first call's): made once."""
@@ -220,6 +234,17 @@ class Program:
       program = self._of_shapes(leaves)
       if not program._ready:  # pylint: disable=protected-access
         program.compile(*args)
+
+  def lower(self, *args) -> jax.stages.Lowered:
+    """The program a call with these arguments runs, lowered (for its HLO: the exported trace's
+    instruction names are not the jitted function's); traces (or loads) and compiles it first."""
+    self.precompile(*args)
+    leaves, tree = jax.tree.flatten(args)
+    if not self._flat or tree != self._in_tree:
+      return self.jitted.lower(*args)
+    if self._signature == tuple(np.shape(x) for x in leaves) or self._shapes is None:
+      return self._lowered
+    return self._of_shapes(leaves).lower(*args)
 
   def compile(self, *args) -> None:
     """Traces (or loads the trace) and compiles for these arguments; the first call does it."""
@@ -253,6 +278,7 @@ class Program:
       with compile_cache.gc_paused():
         lowered = self.jitted.lower(*args)
     t1 = time.perf_counter()
+    self._lowered = lowered
     self.compiled = lowered.compile()  # Without the export, jit's own call finds it in its caches.
     self.trace_seconds, self.xla_seconds = t1 - t0, time.perf_counter() - t1
     if self._flat:

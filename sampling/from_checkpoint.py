@@ -162,10 +162,17 @@ def check_resolution(settings, image_size: int | tuple[int, int], allow: bool | 
         'size usually makes worse images (objects repeated or cut). Pass '
         '--allow_other_resolution (or train with data.allow_other_sample_size=True) to sample at '
         'it anyway.')
-  # The attention levels stay those of the trained size (models.family.build).
-  sides = [(image_size, '--image_size')] if square else [(hw[0], '--height'), (hw[1], '--width')]
+  check_fits(settings.model, image_size, vae_factor)
+
+
+def check_fits(model_spec, image_size: int | tuple[int, int], vae_factor: int) -> None:
+  """Raises ValueError naming --image_size, --height or --width unless each side of `image_size`
+  (a side, or (height, width)) fits the network (models.family.check_image_size: the U-Net's
+  levels x the VAE's factor); the attention levels stay those of the trained size."""
+  sides = ([(image_size, '--image_size')] if np.ndim(image_size) == 0 else
+           [(image_size[0], '--height'), (image_size[1], '--width')])
   for side, name in sides:
-    family.check_image_size(settings.model, side, name, vae_factor=vae_factor, attention=False)
+    family.check_image_size(model_spec, side, name, vae_factor=vae_factor, attention=False)
 
 
 def read_prompts(prompts: Sequence[str], prompt_file: str | None) -> list[str]:
@@ -189,9 +196,11 @@ def sample_to_folder(loaded: Loaded, out_dir: str, prompts: Sequence[str],
   `diffusion.spec.overridden`). Sample k of the run gets seed + k. `negative_prompt` (one for all
   prompts) is what guidance's unconditional branch encodes ('': the empty caption). The captioned
   grid (`images.captioned_pages`) is grid.png, then grid_2.png, grid_3.png ... when it takes more
-  than one screen-sized page; the summary's 'grids' lists their paths.
+  than one screen-sized page; the summary's 'grids' lists their paths, its 'compile_seconds' the
+  time spent tracing (or loading the traced program) and compiling (or loading) the sampler.
   """
   gen = loaded.generator
+  compile_seconds = gen.compile_seconds
   jobs = [(p, seed + i * samples_per_prompt + j) for i, p in enumerate(prompts)
           for j in range(samples_per_prompt)]
   # What every manifest line records besides its file, prompt and seed.
@@ -224,4 +233,5 @@ def sample_to_folder(loaded: Loaded, out_dir: str, prompts: Sequence[str],
   pages = images.captioned_pages(np.concatenate(all_images), list(prompts), samples_per_prompt)
   grids = images.save_pages(pages, out_dir, 'grid')
   return {'num_images': len(jobs), 'checkpoint_step': loaded.step, 'out_dir': out_dir,
-          'seconds': time.time() - t0, 'devices': jax.device_count(), 'grids': grids}
+          'seconds': time.time() - t0, 'devices': jax.device_count(), 'grids': grids,
+          'compile_seconds': gen.compile_seconds - compile_seconds}

@@ -6,21 +6,26 @@ them. The unconditional branch of classifier-free guidance encodes `negative_pro
 caption by default). The guidance strengths, sampler options, seeds, the negative prompt and
 given initial latents are traced arguments, so changing them reuses the compiled program; the
 sampler, its step count (the grid's length), thresholding on or off and the batch shape are what
-compile.
+compile. Each program's trace is kept on disk as the train step's is (`runtime/trace_cache.py`),
+so a second process (`sample.py` on the same workdir, the eval grid of a resumed run) loads it
+instead of tracing the networks again; the outputs are the same, bit for bit.
 """
 
+import functools
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from diffusion import guidance, samplers, schedules
 from diffusion.spec import DiffusionSpec, SamplerSettings
 from models import denoiser
 from text.encoders import NULL_CAPTION
-from runtime import compile_cache
+from runtime import compile_cache, trace_cache
+from runtime import state as state_lib
 
 
 def _cond(encode, text_params, ids):
@@ -52,9 +57,12 @@ class Generator:
       self.image_shape = (height // f, width // f, c)  # The latent the sampler draws.
       self.vae_params = jax.device_put(
           autoencoder.params, NamedSharding(mesh, P()) if mesh is not None else None)
-    out_sharding = NamedSharding(mesh, P()) if mesh is not None else None
-    self._jitted = jax.jit(self._sample, static_argnames=('sampler_name', 'thresholding'),
-                           out_shardings=out_sharding)
+    self._out_sharding = NamedSharding(mesh, P()) if mesh is not None else None
+    # What the traces read besides their arguments: with the static arguments, their key.
+    self._key = {**state_lib.networks_key(unet, text_encoder, autoencoder), 'spec': spec,
+                 'image_shape': self.image_shape, 'decode_chunk': decode_chunk,
+                 'out': repr(self._out_sharding)}
+    self._programs: dict[tuple, trace_cache.Program] = {}  # (static, latents given) -> program.
     self._noise = jax.jit(self._draw_noise)
 
   def _draw_noise(self, seeds):
@@ -93,9 +101,28 @@ class Generator:
     """
     args, static = self._inputs(unet_params, text_params, prompts, seed, settings,
                                 negative_prompt, latents)
+    program = self._program(static, latents is not None)
+    seconds = program.start_seconds
     with compile_cache.gc_paused():  # A new sampler, step count or batch shape traces.
-      out = self._jitted(*args, **static)
+      out = program(*args)
+    if program.start_seconds > seconds:
+      logging.info('%s: ready in %.2f s (its trace, or the trace cache; then XLA, or its cache).',
+                   program.name, program.start_seconds - seconds)
     return np.asarray(jax.device_get(out))
+
+  def _program(self, static: dict, latents_given: bool) -> trace_cache.Program:
+    """The jitted sampler for these static arguments, its trace kept on disk (made once)."""
+    key = (tuple(sorted(static.items())), latents_given)
+    if key not in self._programs:
+      jitted = jax.jit(functools.partial(self._sample, **static), out_shardings=self._out_sharding)
+      self._programs[key] = trace_cache.Program(
+          jitted, name=f"sample_{static['sampler_name']}", key={**self._key, 'static': key})
+    return self._programs[key]
+
+  @property
+  def compile_seconds(self) -> float:
+    """Seconds its calls spent tracing (or loading traces) and compiling (or loading programs)."""
+    return sum(p.start_seconds for p in self._programs.values())
 
   def initial_noise(self, seeds: Sequence[int]) -> np.ndarray:
     """The N(0, I) noise [B, h, w, c] sampling starts from for these per-example seeds (before
@@ -105,10 +132,11 @@ class Generator:
   def lower(self, unet_params, text_params, prompts: Sequence[str], *, seed,
             settings: SamplerSettings, negative_prompt: str = NULL_CAPTION,
             latents=None) -> jax.stages.Lowered:
-    """The program `__call__` runs for these inputs, lowered (for its HLO and cost analysis)."""
+    """The program `__call__` runs for these inputs, lowered (for its HLO and cost analysis);
+    traced (or loaded) and compiled first, as the first call would."""
     args, static = self._inputs(unet_params, text_params, prompts, seed, settings,
                                 negative_prompt, latents)
-    return self._jitted.lower(*args, **static)
+    return self._program(static, latents is not None).lower(*args)
 
   def _inputs(self, unet_params, text_params, prompts, seed, settings, negative_prompt,
               latents) -> tuple[tuple, dict]:
@@ -130,4 +158,4 @@ class Generator:
 
   def compiled_count(self) -> int:
     """How many programs have been compiled (tests check that w and seed do not add any)."""
-    return self._jitted._cache_size()  # pylint: disable=protected-access
+    return sum(p.compiled_count() for p in self._programs.values())

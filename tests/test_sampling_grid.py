@@ -139,6 +139,7 @@ class FakeGenerator:
     self.image_size = 16
     self.vae = None
     self.calls = 0
+    self.compile_seconds = 0.0
 
   def __call__(self, unet_params, text_params, prompts, *, seed, settings, negative_prompt=''):
     del unet_params, text_params, seed, settings, negative_prompt

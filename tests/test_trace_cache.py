@@ -1,7 +1,8 @@
 """Traced programs on disk (runtime/trace_cache.py): a later Program, or a later process, loads
 the trace instead of tracing (counted by the Python function's own trace counter), gives the
 jitted function's outputs bit for bit, and never uses an entry whose key differs; a damaged
-file, an unexportable function and the off switches fall back to tracing."""
+file, an unexportable function and the off switches fall back to tracing. The sampler
+(sampling/generate.py) goes through it too."""
 import json
 import logging as pylogging
 import os
@@ -241,3 +242,64 @@ def test_each_shape_gets_its_own_program_on_disk(cache_dir):
   for x in (big, small):
     want_state, want = jax.jit(Step())(want_state, x)
   _assert_same((state, out), (want_state, want))
+
+
+def _tiny_sampler():
+  """(A function making a new Generator of the tiny config's networks over all devices, as a new
+  process would make it; random parameters placed as sample.py restores them; the sampler
+  settings)."""
+  from configs import shapes, specs  # pylint: disable=g-import-not-at-top
+  from runtime import sharding, state as state_lib  # pylint: disable=g-import-not-at-top
+  from runtime.settings import MeshSpec  # pylint: disable=g-import-not-at-top
+  from sampling import generate  # pylint: disable=g-import-not-at-top
+  run = specs.build(shapes.get_config('tiny'))
+  unet, text = state_lib.build_networks(run, autoencoder=None)
+  mesh = sharding.make_mesh(MeshSpec.data_parallel())
+  abstract = state_lib.abstract_params(
+      mesh, run.mesh.logical_axis_rules, unet=unet, text_encoder=text,
+      input_shape=state_lib.diffusion_shape(run.data.image_size, None))
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda a: jax.device_put(
+      (0.05 * rng.standard_normal(a.shape)).astype(a.dtype), a.sharding), abstract)
+  new = lambda: generate.Generator(unet, text, run.diffusion, run.data.image_size, mesh)
+  return new, (params['unet'], params['text'] if text.trainable else text.init(None)), run.sampler
+
+
+def test_the_sampler_loads_its_trace_and_gives_the_same_images(cache_dir, monkeypatch):
+  """sampling/generate.py: a later Generator (sample.py's second start) loads the sampler's trace
+  instead of tracing the networks, and draws the uncached program's images bit for bit; the
+  static arguments (sampler, thresholding) are in the key."""
+  from sampling import generate  # pylint: disable=g-import-not-at-top
+  traces = []
+  sample = generate.Generator._sample  # pylint: disable=protected-access
+  monkeypatch.setattr(generate.Generator, '_sample',
+                      lambda self, *a, **k: traces.append(k) or sample(self, *a, **k))
+  prompts = ['a red square', 'a blue circle', 'a green triangle', 'a white square'] * 2
+  new, params, recipe = _tiny_sampler()
+  recipe = recipe.replace(name='ddim', num_steps=2, guidance_scale=2.0, thresholding=False)
+
+  def draw():
+    gen = new()
+    return gen, gen(*params, prompts, seed=5, settings=recipe)
+
+  with monkeypatch.context() as off:
+    off.setenv(trace_cache.ENV_SWITCH, 'off')
+    _, reference = draw()  # Plain jit, as before the trace cache.
+  assert _entries(cache_dir) == [] and len(traces) == 1
+  _, out = draw()
+  assert len(traces) == 2 and len(_entries(cache_dir)) == 1
+  later, again = draw()
+  assert len(traces) == 2  # Loaded, not traced.
+  assert later.compiled_count() == 1 and later.compile_seconds > 0
+  np.testing.assert_array_equal(out, reference)
+  np.testing.assert_array_equal(again, reference)
+  # What the profiler reads (benchmarks/profile.py): the loaded program, not a new trace.
+  assert 'jit_sample_ddim' in later.lower(*params, prompts, seed=5, settings=recipe).as_text()
+  assert len(traces) == 2
+  # The static arguments are in the key: another sampler or thresholding is another program.
+  program = later._program  # pylint: disable=protected-access
+  programs = [program({'sampler_name': name, 'thresholding': t}, False)
+              for name, t in (('ddim', False), ('ddim', True), ('euler', False))]
+  assert programs[0].loaded and programs[0].path == os.path.join(cache_dir, _entries(cache_dir)[0])
+  keys = [trace_cache.program_key(p.name, p.key, None, []) for p in programs]
+  assert len(set(keys)) == 3
