@@ -70,7 +70,7 @@ _SIZE = flags.DEFINE_integer('image_size', None, 'Side of the images in pixels (
                              'trained data.image_size; another needs --allow_other_resolution).')
 _HEIGHT = flags.DEFINE_integer('height', None, 'With --width: sample height x width images (a '
                                'trained aspect-ratio bucket, data.buckets; another needs '
-                               '--allow_other_resolution).')
+                               '--allow_other_resolution; --pretrained: any the network takes).')
 _WIDTH = flags.DEFINE_integer('width', None, 'With --height: the width of the images in pixels.')
 _VERBOSE = flags.DEFINE_bool('verbose', False, 'On an error, print the whole traceback.')
 _ALLOW_SIZE = flags.DEFINE_bool('allow_other_resolution', None, 'Allow --image_size to differ from '
@@ -82,6 +82,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   _check_flags()  # Before anything is loaded.
+  from runtime import host
+  host.setup()  # Before jax starts: malloc keeps freed memory on a CPU run.
   from runtime import console
   console.quiet_library_noise()
   if not _VERBOSE.value:  # The console: warnings, the progress bar and the summary.
@@ -132,9 +134,7 @@ def _source_problems() -> list[str]:
   from configs import pipeline  # (No jax: the folder's layout.)
   workdir_only = ((_STEP, 'a pipeline folder has no checkpoints'),
                   (_EMA, 'a pipeline folder has no EMA parameters'),
-                  (_ALLOW_SIZE, 'a pipeline folder samples at any --image_size'),
-                  (_HEIGHT, 'a pipeline folder samples squares, --image_size'),
-                  (_WIDTH, 'a pipeline folder samples squares, --image_size'),
+                  (_ALLOW_SIZE, 'a pipeline folder samples at any size its network takes'),
                   (_LORA_SCALE, 'a pipeline folder has no LoRA adapters'))
   problems = [f'--{flag.name} needs --workdir ({why})' for flag, why in workdir_only
               if flags.FLAGS[flag.name].present]
@@ -152,6 +152,11 @@ def _source_problems() -> list[str]:
   return problems
 
 
+def _size():
+  """--image_size (a side), or (--height, --width), or None (the model's own size)."""
+  return _SIZE.value if _HEIGHT.value is None else (_HEIGHT.value, _WIDTH.value)
+
+
 def _load():
   """The model to sample: a workdir's checkpoint, or a pipeline folder (configs/sd.py:sample)."""
   from configs import specs
@@ -159,16 +164,14 @@ def _load():
   if _WORKDIR.value:
     return from_checkpoint.load(_WORKDIR.value, _STEP.value, settings_of=specs.from_saved,
                                 use_ema=_EMA.value, sampling_grid=_GRID.value,
-                                image_size=(_SIZE.value if _HEIGHT.value is None
-                                            else (_HEIGHT.value, _WIDTH.value)),
+                                image_size=_size(),
                                 allow_other_resolution=_ALLOW_SIZE.value,
                                 lora_scale=_LORA_SCALE.value)
   from configs import sd
   from sampling import from_pipeline
   config = sd.get_config('sample')
   config.model.pretrained = _PRETRAINED.value
-  return from_pipeline.load(specs.build(config), image_size=_SIZE.value,
-                            sampling_grid=_GRID.value)
+  return from_pipeline.load(specs.build(config), image_size=_size(), sampling_grid=_GRID.value)
 
 
 def _sample():
@@ -196,7 +199,8 @@ def _sample():
   source = (f'of {loaded.pretrained}' if loaded.pretrained
             else f"of checkpoint step {summary['checkpoint_step']}")
   print(f"Wrote {summary['num_images']} images {source} "
-        f"in {summary['seconds']:.0f} s to {out}: PNGs, manifest.jsonl, {os.path.basename(grids[0])}"
+        f"in {summary['seconds']:.0f} s (the sampler's trace and compilation: "
+        f"{summary['compile_seconds']:.1f} s) to {out}: PNGs, manifest.jsonl, {os.path.basename(grids[0])}"
         + (f' (+{len(grids) - 1} more page{"s" * (len(grids) > 2)})' if len(grids) > 1 else '')
         + '.', file=sys.stderr)
   print(json.dumps(summary))

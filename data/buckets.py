@@ -18,6 +18,7 @@ epoch), the same on every host, worker and resume.
 from __future__ import annotations
 
 import io
+import json
 import os
 from concurrent import futures
 from typing import Sequence
@@ -26,7 +27,7 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
-from data import images, pipeline, randomness, sources
+from data import images, pipeline, randomness, records, sources
 
 _BUCKET_STREAM = 0x4255  # Domain tags of the random streams (never collide with other uses).
 _ORDER_STREAM = 0x424F
@@ -80,9 +81,18 @@ def nearest(buckets: Sequence[tuple[int, int]], sizes: np.ndarray) -> np.ndarray
   return np.argmin(np.abs(image_log[:, None] - bucket_log[None, :]), axis=1).astype(np.int64)
 
 
+def define(given: Sequence, image_size: int, max_aspect: float, step: int
+           ) -> tuple[tuple[int, int], ...]:
+  """The buckets: `given` checked, or (given empty) generated from image_size and max_aspect."""
+  return check(given, step) if given else generate(image_size, step, max_aspect)
+
+
 def image_size(raw) -> tuple[int, int]:
-  """(height, width) of a raw example's image as the loader will see it (EXIF rotation applied),
-  from the header only where the image is encoded; BadImage/OSError if unreadable."""
+  """(height, width) of a raw example's image as the loader will see it (EXIF rotation applied):
+  the record's stored `size` (tools.prepare), else from the header only where the image is
+  encoded; BadImage/OSError if unreadable."""
+  if raw.get('size') is not None:
+    return int(raw['size'][0]), int(raw['size'][1])
   image = raw['image']
   if isinstance(image, np.ndarray):
     return int(image.shape[0]), int(image.shape[1])
@@ -103,13 +113,18 @@ def _header_size(file) -> tuple[int, int]:
   return h, w
 
 
-def source_sizes(source: Sequence, threads: int = 8) -> tuple[np.ndarray, list[str]]:
-  """(int64 [n, 2] (height, width) of every example, (0, 0) where unreadable; the reasons of the
-  unreadable ones, 'path or index: why'). Reads headers only (a folder: the files' first bytes), in
-  threads; kept on the source, so a second loader over it reads nothing."""
+def source_sizes(source: Sequence, threads: int = 8, indices: Sequence[int] | None = None
+                 ) -> tuple[np.ndarray, list[str]]:
+  """(int64 [n, 2] (height, width) of every example (or of those at `indices`), (0, 0) where
+  unreadable; the reasons of the unreadable ones, 'path or index: why'). Shards of tools.prepare:
+  the sizes their sidecars list; else headers only (a folder: the files' first bytes; a shard's
+  record: its stored size), in threads. All sizes are kept on the source, so a second loader over
+  it reads nothing."""
   cached = getattr(source, '_bucket_sizes', None)
+  if cached is None:
+    cached = _sidecar_sizes(source)
   if cached is not None:
-    return cached
+    return cached if indices is None else (cached[0][np.asarray(indices, np.int64)], [])
 
   def one(i):
     folder = isinstance(source, sources.FolderSource)
@@ -121,13 +136,40 @@ def source_sizes(source: Sequence, threads: int = 8) -> tuple[np.ndarray, list[s
       return (0, 0), f'{os.path.join(source.root, source.files[i]) if folder else i}: {e}'
 
   with futures.ThreadPoolExecutor(threads) as pool:
-    results = list(pool.map(one, range(len(source))))
+    results = list(pool.map(one, range(len(source)) if indices is None else indices))
   sizes = np.array([r[0] for r in results], np.int64).reshape(-1, 2)
   out = sizes, [r[1] for r in results if r[1] is not None]
-  try:
-    source._bucket_sizes = out  # pylint: disable=protected-access
-  except AttributeError:
-    pass
+  if indices is None:
+    try:
+      source._bucket_sizes = out  # pylint: disable=protected-access
+    except AttributeError:
+      pass
+  return out
+
+
+def _sidecar_sizes(source) -> tuple[np.ndarray, list[str]] | None:
+  """The sizes the sidecars of tools.prepare's shards list (`sizes`, one per record), or None
+  where a shard has no such sidecar (an older one, or shards copied without them)."""
+  if not isinstance(source, sources.ArrayRecordSource):
+    return None
+  sizes = []
+  for shard in source.files:
+    try:
+      with open(shard + '.json', encoding='utf-8') as f:
+        side = json.load(f)
+    except (OSError, ValueError):
+      return None
+    try:
+      shard_sizes = records.unpack_sizes(side.get('sizes', ''))
+    except (AttributeError, ValueError):
+      return None
+    if len(shard_sizes) != side.get('written'):
+      return None
+    sizes += shard_sizes
+  if len(sizes) != len(source):
+    return None
+  out = np.array(sizes, np.int64).reshape(-1, 2), []
+  source._bucket_sizes = out  # pylint: disable=protected-access
   return out
 
 
@@ -200,7 +242,7 @@ class BucketLoader(pipeline.BatchLoader):
 
   def __init__(self, source: Sequence, transform: pipeline.Transform,
                buckets: Sequence[tuple[int, int]], assignment: np.ndarray, **kwargs):
-    super().__init__(source, transform, **kwargs)  # Images: cached latents are one square size.
+    super().__init__(source, transform, **kwargs)  # images=False: the records' cached latents.
     self.buckets = tuple(buckets)
     self.schedule = Schedule(assignment, len(self.buckets), self.seed, self.global_batch_size)
 
@@ -217,15 +259,29 @@ class BucketLoader(pipeline.BatchLoader):
 
 def of(cfg, step: int) -> tuple[tuple[int, int], ...]:
   """The buckets of `config.data` (a DataSpec): data.buckets checked, or generated."""
-  return (check(cfg.buckets, step) if cfg.buckets else
-          generate(cfg.image_size, step, cfg.bucket_max_aspect))
+  return define(cfg.buckets, cfg.image_size, cfg.bucket_max_aspect, step)
+
+
+def common_shape(cfg, source: Sequence, step: int, limit: int = 256) -> tuple[int, int] | None:
+  """The non-square bucket of `config.data` that most of `limit` examples spread over `source`
+  go to (None if none does): the shape the eval grid samples at besides the square."""
+  shapes = of(cfg, step)
+  picks = np.unique(np.linspace(0, len(source) - 1, min(limit, len(source))).astype(np.int64))
+  sizes, _ = source_sizes(source, indices=picks)
+  sizes = sizes[sizes.min(axis=1) > 0]
+  counts = np.bincount(nearest(shapes, sizes), minlength=len(shapes)) if len(sizes) else []
+  ranked = [b for b in np.argsort(-np.asarray(counts), kind='stable')
+            if counts[b] and shapes[b][0] != shapes[b][1]]
+  return shapes[ranked[0]] if ranked else None
 
 
 def make_loader(cfg, source: Sequence, step: int, process_index: int = 0,
-                process_count: int = 1) -> BucketLoader:
+                process_count: int = 1, *, images: bool = True) -> BucketLoader:
   """The BucketLoader of `config.data` (a data.spec.DataSpec with buckets) over `source`; `step`:
-  the multiple the network needs of a side. Logs the buckets, their examples, and what is left
-  out (unreadable headers are skipped as bad records, or fatal with data.on_bad_record=error)."""
+  the multiple the network needs of a side; `images=False`: the batches carry the records' cached
+  latents (of each one's bucket, tools.prepare --buckets). Logs the buckets, their examples, and
+  what is left out (unreadable headers are skipped as bad records, or fatal with
+  data.on_bad_record=error)."""
   buckets = of(cfg, step)
   sizes, failures = source_sizes(source)
   if failures and cfg.on_bad_record == 'error':
@@ -238,10 +294,11 @@ def make_loader(cfg, source: Sequence, step: int, process_index: int = 0,
   transform = pipeline.Transform(cfg.image_size, cfg.crop, cfg.flip, cfg.upscale)
   loader = BucketLoader(source, transform, buckets, assignment, seed=cfg.seed,
                         global_batch_size=cfg.global_batch_size, on_bad_record=cfg.on_bad_record,
-                        process_index=process_index, process_count=process_count)
+                        process_index=process_index, process_count=process_count,
+                        images=images)
   schedule = loader.schedule
-  logging.info('Buckets: %d shapes, %d batches an epoch; %s.', len(buckets),
-               schedule.batches_per_epoch, schedule.describe(buckets))
+  logging.info('Buckets: %d shapes (sides multiples of %d), %d batches an epoch; %s.',
+               len(buckets), step, schedule.batches_per_epoch, schedule.describe(buckets))
   if schedule.leftover or failures:
     logging.info('Buckets: each epoch leaves out %d examples (fewer than a batch in their bucket; '
                  'a later epoch draws others), and %d have unreadable headers.',

@@ -123,11 +123,9 @@ def cover(img: Image.Image, height: int, width: int, *, upscale: bool = True,
   BadImage if that needs enlarging and not `upscale`.
   """
   w, h = img.size
-  scale = max(width / w, height / h)
+  scale, resized, (y, x) = cover_crop(w, h, height, width, crop_uv)
   if scale > 1 and not upscale:
     raise BadImage(f'{w}x{h} is smaller than the {width}x{height} bucket and data.upscale=False')
-  resized = (max(width, round(w * scale)), max(height, round(h * scale)))
-  x, y = crop_offsets(*resized, width, *(crop_uv or (None, None)), crop_height=height)
   if scale == 1:  # No resampling: a plain crop.
     if (w, h) != (width, height):
       img = img.crop((x, y, x + width, y + height))
@@ -140,6 +138,17 @@ def cover(img: Image.Image, height: int, width: int, *, upscale: bool = True,
   if flip:
     out = out[:, ::-1]
   return np.ascontiguousarray(out), (y, x)
+
+
+def cover_crop(w: int, h: int, height: int, width: int,
+               crop_uv: tuple[float, float] | None = None
+               ) -> tuple[float, tuple[int, int], tuple[int, int]]:
+  """Where `cover` crops a w x h image to height x width: (the scale, the resized (width,
+  height), the crop's (top, left) in it). Needs the size alone (cached latents: no pixels)."""
+  scale = max(width / w, height / h)
+  resized = (max(width, round(w * scale)), max(height, round(h * scale)))
+  x, y = crop_offsets(*resized, width, *(crop_uv or (None, None)), crop_height=height)
+  return scale, resized, (y, x)
 
 
 def encode(img: Image.Image | np.ndarray, fmt: str = 'JPEG', quality: int = 95) -> bytes:

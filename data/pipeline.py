@@ -180,6 +180,8 @@ class BatchLoader:
             raise DataError(f'{key} has no cached latents, unlike the first record of the '
                             'dataset; run tools.prepare --autoencoder over all of data.path, or '
                             'set autoencoder.cached_latents=False.')
+          if shape is not None:
+            geometry = _stored_geometry(raw, key, shape)
       except (OSError, images.BadImage) as e:
         reason = str(e) or type(e).__name__
         if self.on_bad_record == 'error':
@@ -226,6 +228,19 @@ class BatchLoader:
       if name in rows[0]:
         out[name] = np.stack([r[name] for r in rows])
     return out
+
+
+def _stored_geometry(raw: dict[str, Any], key: str, shape: tuple[int, int]) -> dict[str, Any]:
+  """A bucketed record's ORIG_SIZE and CROP_OFFSET (the centre crop the cached latents were
+  encoded from) from its stored size; DataError if its latents are not of the `shape` bucket."""
+  stored = raw['latent'].get('image_size')
+  if np.ndim(stored) != 1 or tuple(stored) != tuple(shape) or raw.get('size') is None:
+    raise DataError(f'{key} holds latents encoded at {stored}, not at the {shape[0]}x{shape[1]} '
+                    'bucket data.buckets gives its image; run tools.prepare --autoencoder '
+                    '--buckets=... with the run\'s buckets over all of data.path.')
+  height, width = (int(v) for v in raw['size'])
+  _, _, offset = images.cover_crop(width, height, *shape)
+  return {batch.ORIG_SIZE: np.int32((height, width)), batch.CROP_OFFSET: np.int32(offset)}
 
 
 _IN_WORKER = False  # Set in grain worker processes: batches are built in shared memory there.

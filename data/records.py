@@ -7,6 +7,11 @@ Each record is one msgpack map:
   captions  [str]  one or more captions; the loader draws one per step
   text      map    optional precomputed frozen-encoder outputs for every caption:
                    {'encoder': fingerprint, 'emb': [C, L, D], 'mask': [C, L], 'pooled': [C, D]}
+  size      [int]  the image's (height, width) as the loader sees it (EXIF rotation applied)
+  bucket    [int]  optional (--buckets): the (height, width) of its aspect-ratio bucket
+  latent    map    optional posterior moments of a frozen VAE (data/latents.py): {'encoder',
+                   'image_size': side or the bucket's [height, width], 'buckets'?: all of
+                   them, 'mean', 'logvar'}
 
 Arrays are stored as {'nd': dtype name, 'shape': [...], 'data': raw bytes} (bfloat16 by name).
 """
@@ -67,3 +72,13 @@ def stored(source, field: str) -> Any:
     return source[0].get(field)
   except (OSError, IndexError):
     return None
+
+
+def pack_sizes(sizes) -> str:
+  """Records' (height, width) sizes as a shard sidecar's `sizes`: 'HxW HxW ...' (one line)."""
+  return ' '.join(f'{int(h)}x{int(w)}' for h, w in sizes)
+
+
+def unpack_sizes(text: str) -> list[list[int]]:
+  """`pack_sizes`'s text -> [[height, width], ...]; ValueError if it is not such text."""
+  return [[int(v) for v in size.split('x')] for size in text.split()]

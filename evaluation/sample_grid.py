@@ -3,7 +3,8 @@
 `SampleGridEvaluator(settings)` is what `train.py` hands to the training loop; the loop calls it
 with the current (EMA or raw, per `sampler.use_ema`) parameters at `logging.eval_every_steps`
 and at the end, and writes what it returns. It samples with the config's `SamplerSettings`,
-the same value `sample.py` starts from.
+the same value `sample.py` starts from, at `data.image_size` ('grid'); with aspect-ratio buckets
+also at the non-square bucket most of the data goes to ('grid_48x80'; data/buckets.py).
 """
 
 import os
@@ -11,8 +12,9 @@ import time
 
 from absl import logging
 
-from data import sources
+from data import buckets, sources
 from evaluation import shapes_scorer
+from models import family
 from runtime.settings import EVAL_PROMPT_SOURCES
 from runtime.summaries import EvalResult, flatten
 from sampling import generate, images
@@ -74,26 +76,42 @@ class SampleGridEvaluator:
     self.per_prompt = settings.logging.eval_samples_per_prompt
     self.score = settings.data.dataset.startswith('shapes')
     self.decode_chunk = settings.autoencoder.decode_chunk
-    self._generator = None
+    self.data, self.model = settings.data, settings.model
+    self._generators = None  # Grid name -> its Generator, made at the first call.
+
+  def _sizes(self, autoencoder) -> dict[str, int | tuple[int, int]]:
+    """Grid name -> the size it samples at: the square, and with buckets the most common other."""
+    sizes = {'grid': self.image_size}
+    if self.data.bucketed:
+      source = sources.make(self.data, 'eval') or sources.make(self.data, 'train')
+      vae_factor = 1 if autoencoder is None else autoencoder.config.downsample_factor
+      shape = buckets.common_shape(self.data, source, family.size_step(self.model, vae_factor))
+      if shape is not None:
+        sizes[f'grid_{shape[0]}x{shape[1]}'] = shape
+    return sizes
 
   def __call__(self, step, unet, text_encoder, unet_params, text_params, mesh,
                autoencoder) -> EvalResult:
     del step
-    if self._generator is None:  # Latent diffusion: the run's autoencoder decodes the samples.
-      self._generator = generate.Generator(unet, text_encoder, self.spec, self.image_size, mesh,
-                                           autoencoder=autoencoder,
-                                           decode_chunk=self.decode_chunk)
+    if self._generators is None:  # Latent diffusion: the run's autoencoder decodes the samples.
+      self._generators = {
+          name: generate.Generator(unet, text_encoder, self.spec, size, mesh,
+                                   autoencoder=autoencoder, decode_chunk=self.decode_chunk)
+          for name, size in self._sizes(autoencoder).items()}
     batch = [p for p in self.prompts for _ in range(self.per_prompt)]
-    t = time.time()
-    out = self._generator(unet_params, text_params, batch, seed=self.seed, settings=self.settings)
-    logging.info('Sampled %d eval images in %.1fs.', len(batch), time.time() - t)
-    imgs = images.to_uint8(out)
-    pages = images.captioned_pages(imgs, self.prompts, self.per_prompt)
-    scalars = {}
-    if self.score:
-      summary = shapes_scorer.aggregate(
-          [shapes_scorer.score_image(img, p) for img, p in zip(imgs, batch)], batch)
-      scalars = {k: float(v) for k, v in flatten(summary).items()
-                 if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    names = images.page_names('grid', len(pages))  # TensorBoard and samples/: grid, grid_2, ...
-    return EvalResult(images=dict(zip(names, pages)), scalars=scalars)
+    grids, scalars = {}, {}
+    for name, generator in self._generators.items():
+      t = time.time()
+      out = generator(unet_params, text_params, batch, seed=self.seed, settings=self.settings)
+      logging.info('Sampled %d eval images at %s in %.1fs.', len(batch), generator.image_size,
+                   time.time() - t)
+      imgs = images.to_uint8(out)
+      pages = images.captioned_pages(imgs, self.prompts, self.per_prompt)
+      # TensorBoard and samples/: grid, grid_2, ... (and grid_48x80, grid_48x80_2, ...).
+      grids.update(zip(images.page_names(name, len(pages)), pages))
+      if self.score and name == 'grid':
+        summary = shapes_scorer.aggregate(
+            [shapes_scorer.score_image(img, p) for img, p in zip(imgs, batch)], batch)
+        scalars = {k: float(v) for k, v in flatten(summary).items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return EvalResult(images=grids, scalars=scalars)

@@ -63,8 +63,12 @@ def check_image_size(spec: SDSpec, size: int, name: str, *, vae_factor: int = 1,
                      attention: bool = True) -> None:
   del attention
   from models import sd_loading  # pylint: disable=import-outside-toplevel
-  if size % vae_factor:
-    raise ValueError(f'{name}={size} is not a multiple of the autoencoder\'s factor {vae_factor}.')
+  halvings = spec.network.num_downsamplers
+  if not isinstance(size, bool) and isinstance(size, int) and size % (vae_factor << halvings):
+    raise ValueError(f'{name}={size} must be divisible by {vae_factor << halvings}: the '
+                     f"autoencoder's factor {vae_factor} x 2**{halvings}, as the SD U-Net "
+                     f'({spec.network.source}) halves the latents {halvings} times '
+                     '(len(block_out_channels) - 1).')
   sd_loading.check_sample_side(spec.network, size // vae_factor, name)
 
 

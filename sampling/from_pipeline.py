@@ -19,7 +19,7 @@ from models import family
 from runtime import sharding, state
 from runtime.settings import MeshSpec
 from sampling import generate
-from sampling.from_checkpoint import Loaded
+from sampling.from_checkpoint import Loaded, check_fits
 
 
 def default_image_size(model_spec, autoencoder) -> int:
@@ -33,12 +33,13 @@ def default_image_size(model_spec, autoencoder) -> int:
   return int(side) * autoencoder.config.downsample_factor
 
 
-def load(settings, *, image_size: int | None = None, sampling_grid: str | None = None) -> Loaded:
+def load(settings, *, image_size: int | tuple[int, int] | None = None,
+         sampling_grid: str | None = None) -> Loaded:
   """The folder of `settings.model` (an 'sd' family spec) ready to sample, over all devices.
 
   `sampling_grid` (e.g. 'karras') samples on another grid than the folder's timestep spacing;
-  `image_size` (default: `default_image_size`) must be a multiple of the VAE's factor that the
-  U-Net takes.
+  `image_size` (a side, or (height, width); default: `default_image_size`) must be a multiple of
+  the VAE's factor that the U-Net takes (each side named as sample.py's flag).
   """
   hook = family.pretrained(settings.model)
   if hook is None or not getattr(settings.model, 'folder', ''):
@@ -48,8 +49,7 @@ def load(settings, *, image_size: int | None = None, sampling_grid: str | None =
   if autoencoder is None:
     raise ValueError(f'{settings.model.folder}: no VAE (autoencoder.path) to decode latents with.')
   size = image_size or default_image_size(settings.model, autoencoder)
-  family.check_image_size(settings.model, size, '--image_size',
-                          vae_factor=autoencoder.config.downsample_factor, attention=False)
+  check_fits(settings.model, size, autoencoder.config.downsample_factor)
   unet, text_encoder = state.build_networks(settings, autoencoder=autoencoder)
   mesh = sharding.make_mesh(MeshSpec.data_parallel())
   replicated = NamedSharding(mesh, P())

@@ -4,11 +4,17 @@ Tiers: `make test` runs every test not marked `full` (the default tier, a few mi
 `make test-full` runs the `full` ones (1-vs-8-device equivalence, multi-process, convergence
 orders, benchmark scripts). CI runs both.
 """
+import importlib
 import os
 import tempfile
 from typing import Any, NamedTuple
 
 import pytest
+
+# pytest reports an exception raised in a finalizer with tracemalloc, which it imports then; when
+# the finalizer runs while TFDS imports lazily (etils), that import fails ("'LazyModule' object is
+# not callable") and fails the test at hand (tests/test_data_prepare.py's TFDS source, at times).
+importlib.import_module('tracemalloc')
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

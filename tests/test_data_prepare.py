@@ -233,36 +233,9 @@ def test_unreadable_file_and_broken_tar_are_skipped(tmp_path):
 
 
 def test_tfds_source(tmp_path):
-  tfds = pytest.importorskip('tensorflow_datasets')
-  import inspect  # pylint: disable=import-outside-toplevel
-  from etils import epath  # pylint: disable=import-outside-toplevel
-
-  class TinyCaptions(tfds.core.GeneratorBasedBuilder):
-    """Three images of different sizes with one or two captions (COCO-like features)."""
-    VERSION = tfds.core.Version('1.0.0')
-
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls):
-      return epath.Path(inspect.getfile(cls))
-
-    def _info(self):
-      return self.dataset_info_from_configs(features=tfds.features.FeaturesDict({
-          'image': tfds.features.Image(shape=(None, None, 3), dtype=np.uint8),
-          'captions': tfds.features.Sequence({'text': tfds.features.Text()})}),
-          disable_shuffling=True)
-
-    def _split_generators(self, dl_manager):
-      return {'train': self._generate_examples()}
-
-    def _generate_examples(self):
-      for i in range(3):
-        image = np.full((8 + 4 * i, 6, 3), 40 * i, np.uint8)
-        yield i, {'image': image, 'captions': {'text': [f'caption {i}'] * (1 + i % 2)}}
-
+  builders = pytest.importorskip('tests.tfds_builders')  # Needs tensorflow_datasets.
   data_dir = str(tmp_path / 'tfds')
-  TinyCaptions(data_dir=data_dir, file_format='array_record').download_and_prepare(
-      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  builders.build(builders.TinyCaptions, data_dir)
   src = prepare.open_source('tfds', tfds_name='tiny_captions', split='train', data_dir=data_dir,
                             caption_key='captions/text')
   out = str(tmp_path / 'out' / 't')

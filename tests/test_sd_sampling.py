@@ -140,6 +140,15 @@ def test_given_latents_are_the_seeds_noise(loaded):
     gen(*args, seed=3, settings=recipe, latents=np.concatenate([latents, latents]))
 
 
+def test_a_pipeline_folder_samples_height_by_width_where_the_network_takes_it(folder):
+  config = sd.get_config('sample')
+  config.model.pretrained = folder
+  loaded = from_pipeline.load(specs.build(config), image_size=(16, 24))
+  assert loaded.generator.image_shape == (8, 12, 4)  # (Sampling at (h, w): test_bucket_training.)
+  with pytest.raises(ValueError, match='--width=18 must be divisible by 4: '):
+    from_pipeline.load(specs.build(config), image_size=(16, 18))
+
+
 def test_sample_cli_samples_a_pipeline_folder(folder, tmp_path):
   out = tmp_path / 'out'
   proc = run('sample.py', f'--pretrained={folder}', '--prompt=a red circle', '--prompt=a cat',

@@ -6,17 +6,25 @@ is skipped; `image_bytes` keeps the original bytes where they can stay.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
 import re
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from data import images
+from data import buckets, images
 from data.spec import ON_BAD_RECORD
 
 FORMATS = ('keep', 'jpeg', 'png', 'webp')
+# The sources and data/buckets.py name the loader's config fields in their errors; here the user
+# typed these flags.
+_FLAG_NAMES = (('data.path', '--input'), ('data.tfds_name', '--tfds_name'),
+               ('data.image_key', '--image_key'), ('data.caption_key', '--caption_key'),
+               ('data.train_split / data.eval_split', '--split'), ('data.buckets', '--buckets'),
+               ('data.image_size', '--image_size'), ('data.bucket_max_aspect', '--bucket_max_aspect'))
 _KEPT_FORMATS = ('JPEG', 'PNG', 'WEBP')
 
 
@@ -29,6 +37,7 @@ class Options:
   on_bad_record: str = 'skip'  # 'skip' (count it) or 'error' (the first unusable example is fatal).
   text: dict | None = None  # `text_config(...)`: store frozen-encoder embeddings of every caption.
   latent: dict | None = None  # {'path', 'image_size', 'dtype'}: store the VAE posterior's moments.
+  buckets: tuple | None = None  # (height, width) pairs: store each record's bucket (data/buckets.py).
 
   def check(self):
     if self.fmt not in FORMATS:
@@ -43,7 +52,7 @@ class Options:
   def settings(self) -> dict[str, Any]:
     text = self.text and {k: self.text[k] for k in ('pretrained_path', 'max_len', 'dtype')}
     return {'max_side': self.max_side, 'format': self.fmt, 'quality': self.quality, 'text': text,
-            'latent': self.latent}
+            'latent': self.latent, 'buckets': self.buckets and [list(b) for b in self.buckets]}
 
 
 def text_config(pretrained_path: str = '', max_len: int = 0) -> dict[str, Any]:
@@ -54,6 +63,37 @@ def text_config(pretrained_path: str = '', max_len: int = 0) -> dict[str, Any]:
   if max_len:
     cfg.max_len = int(max_len)
   return cfg.to_dict()
+
+
+def bucket_option(given: str, image_size: int, max_aspect: float, step: int) -> tuple | None:
+  """--buckets (data.buckets' syntax) or --bucket_max_aspect (with --image_size, --bucket_step)
+  -> the buckets, as data/buckets.py defines them from the config; None: neither flag."""
+  if not given and not max_aspect:
+    return None
+  if given and max_aspect:
+    raise ValueError('pass --buckets or --bucket_max_aspect, not both.')
+  pairs = ()
+  if given:
+    try:
+      pairs = ast.literal_eval(given)
+    except (ValueError, SyntaxError):
+      raise ValueError(f'--buckets={given!r} is not a tuple of (height, width) pairs, e.g. '
+                       "'((64,64),(48,80),(80,48))'.") from None
+    if not isinstance(pairs, (tuple, list)):
+      pairs = (pairs,)
+  elif step < 1 or image_size < 1:
+    raise ValueError('--bucket_max_aspect needs --image_size (data.image_size) and --bucket_step '
+                     "(what the model takes of a side: the training start-up's 'sides multiples "
+                     "of'), or pass the buckets themselves with --buckets.")
+  try:
+    return buckets.define(pairs, image_size, max_aspect, max(step, 1))
+  except ValueError as e:
+    raise flag_named(e) from None
+
+
+def flag_named(e: Exception) -> Exception:
+  """The error `e` with the config fields it names replaced by the flags the user typed."""
+  return type(e)(functools.reduce(lambda s, names: s.replace(*names), _FLAG_NAMES, str(e)))
 
 
 def _shrink(img: Image.Image, max_side: int) -> Image.Image:
@@ -86,7 +126,8 @@ def skip_reason(message: str) -> str:
 
 
 def convert(raw: dict[str, Any], opts: Options) -> tuple[dict[str, Any] | None, str]:
-  """A raw source example -> (record without text, '') or (None, the reason it is skipped)."""
+  """A raw source example -> (record without text or latents, '') or (None, the reason it is
+  skipped). The record holds its image's size and, with `opts.buckets`, the nearest bucket."""
   if 'error' in raw:
     return None, raw['error']
   captions = list(raw.get('captions') or [])
@@ -94,6 +135,10 @@ def convert(raw: dict[str, Any], opts: Options) -> tuple[dict[str, Any] | None, 
     return None, 'no caption'
   try:
     image = image_bytes(raw['image'], opts)
+    size = buckets.image_size({'image': image})  # The header of what is stored.
   except images.BadImage as e:
     return None, str(e) or 'not an image'
-  return {'key': str(raw['key']), 'image': image, 'captions': captions}, ''
+  record = {'key': str(raw['key']), 'image': image, 'captions': captions, 'size': list(size)}
+  if opts.buckets:
+    record['bucket'] = list(opts.buckets[int(buckets.nearest(opts.buckets, [size])[0])])
+  return record, ''

@@ -7,12 +7,16 @@
   python -m tools.prepare --source=webdataset --input='/data/wds/{00000..00099}.tar' --output=...
   ... --text_encoder=pretrained [--pretrained_path=DIR] [--max_len=16]   # also store embeddings
   ... --autoencoder=VAE_DIR --image_size=256    # also store latents' posterior moments (docs/latent.md)
+  ... --buckets='((64,64),(48,80),(80,48))'     # each record's aspect-ratio bucket (docs/data.md),
+  ... --image_size=64 --bucket_max_aspect=2 --bucket_step=8   # or the buckets the config generates
 
 then train with data.dataset='array_record', data.path='/data/shards/train-*.array_record'.
 
 Output: `{output}-{k:05d}-of-{N:05d}.array_record` for k < N, a sidecar `<shard>.json` per shard
-(its counts and the settings it was written with) and `{output}.summary.json`: records written and
-skipped, the skip reasons with up to 20 example keys each, per-shard counts.
+(its counts, the settings it was written with, the buckets among them, and every record's image
+size, which bucketed training reads instead of the records) and `{output}.summary.json`: records
+written and skipped, the skip reasons with up to 20 example keys each, per-shard counts. With
+buckets, each record stores its bucket, and --autoencoder encodes it at that bucket's size.
 
 Order: shard k holds the source's examples [k*n/N, (k+1)*n/N) in source order (n = examples, or
 --limit), the unusable ones left out. Read in sorted file-name order (as the array_record source
@@ -35,7 +39,6 @@ from __future__ import annotations
 
 from concurrent import futures
 import dataclasses
-import functools
 import glob as globlib
 import json
 import multiprocessing
@@ -48,23 +51,16 @@ from absl import app, flags, logging
 
 from data import latents, records, sources, webdataset
 from text import record_text
-from tools.convert import FORMATS, Options, convert, skip_reason, text_config
+from tools.convert import (FORMATS, Options, bucket_option, convert, flag_named, skip_reason,
+                           text_config)
 
 SOURCES = ('folder', 'tfds', 'webdataset')
 EXAMPLE_KEYS = 20  # Example keys kept per skip reason in the summaries.
-# The sources name the loader's config fields in their errors; here the user typed these flags.
-_FLAG_NAMES = (('data.path', '--input'), ('data.tfds_name', '--tfds_name'),
-               ('data.image_key', '--image_key'), ('data.caption_key', '--caption_key'),
-               ('data.train_split / data.eval_split', '--split'))
 
 
 def shard_path(output: str, index: int, num_shards: int) -> str:
   """`{output}-{index:05d}-of-{num_shards:05d}.array_record`."""
   return f'{output}-{index:05d}-of-{num_shards:05d}.array_record'
-
-
-def _renamed(e: Exception) -> Exception:
-  return type(e)(functools.reduce(lambda s, names: s.replace(*names), _FLAG_NAMES, str(e)))
 
 
 def open_source(kind: str, *, path: str = '', caption_key: str = 'text', tfds_name: str = '',
@@ -83,7 +79,7 @@ def open_source(kind: str, *, path: str = '', caption_key: str = 'text', tfds_na
       return webdataset.TarSource(path, caption_key)
     return sources.TfdsSource(tfds_name, split, data_dir, image_key, caption_key)
   except (ValueError, FileNotFoundError) as e:
-    raise _renamed(e) from None
+    raise flag_named(e) from None
 
 
 def _describe(source) -> str:
@@ -141,20 +137,22 @@ def _write_shard(job: _Job) -> dict[str, Any]:
   if opts.text and _STATE['embedder'] is None:
     _STATE['embedder'] = record_text.Embedder(opts.text)
   if opts.latent and _STATE['latents'] is None:
-    _STATE['latents'] = latents.LatentEncoder(**opts.latent)
+    _STATE['latents'] = latents.LatentEncoder(**opts.latent, buckets=opts.buckets or ())
   side = {'file': os.path.basename(job.path), 'written': 0, 'skipped': 0, 'reasons': {},
           'contents': job.contents, 'settings': _STATE['settings']}
-  pending, unreported = [], 0
+  pending, unreported, sizes = [], 0, []
 
   def flush():
     if pending and _STATE['embedder'] is not None:
       for record, text in zip(pending, _STATE['embedder']([r['captions'] for r in pending])):
         record['text'] = text
     if pending and _STATE['latents'] is not None:
-      for record, latent in zip(pending, _STATE['latents']([r['image'] for r in pending])):
+      encoded = _STATE['latents']([r['image'] for r in pending], [r.get('bucket') for r in pending])
+      for record, latent in zip(pending, encoded):
         record['latent'] = latent
     for record in pending:
       writer.write(records.encode(record))
+      sizes.append(record['size'])
     side['written'] += len(pending)
     pending.clear()
 
@@ -186,6 +184,7 @@ def _write_shard(job: _Job) -> dict[str, Any]:
     os.remove(tmp)
     raise
   writer.close()
+  side['sizes'] = records.pack_sizes(sizes)  # What bucketed training reads, not the records.
   _write_json(job.path + '.json', side)  # Before the rename: a final shard always has its sidecar.
   os.replace(tmp, job.path)
   if report and unreported:
@@ -335,6 +334,11 @@ def _define_flags() -> None:
   flags.DEFINE_integer('max_len', 0, 'Tokens per caption (0: configs/base.py text.max_len).')
   flags.DEFINE_string('autoencoder', '', 'A VAE folder: also store each image\'s posterior moments.')
   flags.DEFINE_integer('image_size', 0, '--autoencoder: the training data.image_size (centre crop).')
+  flags.DEFINE_string('buckets', '', "Aspect-ratio buckets as data.buckets: '((h,w),(h,w),...)'.")
+  flags.DEFINE_float('bucket_max_aspect', 0, 'Or generate them as data.bucket_max_aspect does '
+                     '(with --image_size and --bucket_step).')
+  flags.DEFINE_integer('bucket_step', 0, 'The multiple of a side the model takes (the training '
+                       "start-up's 'sides multiples of'; default with --buckets: 1).")
   flags.DEFINE_string('autoencoder_dtype', 'float32', '--autoencoder: its compute dtype.')
   flags.DEFINE_bool('progress', True, 'Show a progress bar.')
 
@@ -347,12 +351,15 @@ def main(argv: Sequence[str]) -> None:
   try:
     if f.text_encoder not in ('', 'pretrained'):
       raise ValueError(f"--text_encoder={f.text_encoder!r}: use 'pretrained' (or leave it unset).")
-    if f.autoencoder and f.image_size < 1:
-      raise ValueError('--autoencoder needs --image_size: the data.image_size the run trains at.')
+    if f.autoencoder and f.image_size < 1 and not f.buckets:
+      raise ValueError('--autoencoder needs --image_size (the data.image_size the run trains at) '
+                       'or --buckets.')
     latent = (dict(path=f.autoencoder, image_size=f.image_size, dtype=f.autoencoder_dtype)
               if f.autoencoder else None)
     options = Options(max_side=f.max_side, fmt=f.format, quality=f.quality,
                       on_bad_record=f.on_bad_record, latent=latent,
+                      buckets=bucket_option(f.buckets, f.image_size, f.bucket_max_aspect,
+                                            f.bucket_step),
                       text=text_config(f.pretrained_path, f.max_len) if f.text_encoder else None)
     options.check()
     source = open_source(f.source, path=f.input, caption_key=f.caption_key, tfds_name=f.tfds_name,

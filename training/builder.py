@@ -17,7 +17,7 @@ import optax
 from absl import logging
 
 from data import batch as batch_keys
-from data import records
+from data import buckets, records
 from data.sources import DataError
 from models import family, weights
 from runtime import checkpoint, sharding, state as state_lib, trace_cache
@@ -122,10 +122,8 @@ def jit_train_step(settings, *, unet, text_encoder, null_inputs, tx, autoencoder
                         autoencoder=autoencoder),
       in_shardings=(state_shardings, batch_shardings, None, None, None),
       out_shardings=(state_shardings, None), donate_argnums=(0,))
-  key = {'config': settings.record, 'null': null_inputs, 'unet': repr(unet),
-         'text': [text_encoder.fingerprint, repr(text_encoder.module), text_encoder.trainable],
-         'vae': None if autoencoder is None else [autoencoder.fingerprint,
-                                                  repr(autoencoder.config)]}
+  key = {'config': settings.record, 'null': null_inputs,
+         **state_lib.networks_key(unet, text_encoder, autoencoder)}
   return trace_cache.Program(jitted, name='train_step', key=key, donate_argnums=(0,))
 
 
@@ -141,7 +139,16 @@ def _cached_latents(settings, source, autoencoder) -> bool:
   if stored['encoder'] != autoencoder.fingerprint:
     problems.append(f"they come from {stored['encoder']}, not autoencoder.path="
                     f'{settings.autoencoder.path!r} ({autoencoder.fingerprint})')
-  if int(stored['image_size']) != data.image_size:
+  cached = stored.get('buckets') and tuple(tuple(b) for b in stored['buckets'])
+  wanted = data.bucketed and buckets.of(
+      data, family.size_step(settings.model, autoencoder.config.downsample_factor))
+  if (cached or wanted) and cached != wanted:
+    problems.append(
+        (f'they were computed at the buckets {cached}' if cached else
+         f"they were computed at one square size ({stored['image_size']} px)")
+        + (f", not data.buckets={wanted} (tools.prepare --buckets='{wanted}' writes those)"
+           if wanted else f' and data.buckets is empty (set data.buckets={cached})'))
+  elif not cached and int(stored['image_size']) != data.image_size:
     problems.append(f"they were computed at {stored['image_size']} px, not data.image_size="
                     f'{data.image_size}')
   if data.crop != 'center' or data.flip:

@@ -165,18 +165,15 @@ def train(settings, workdir: str, *, evaluator: Evaluator | None = None, devices
 
 
 def _make_loader(settings, source, trainer):
-  """This process's loader: square crops (or cached latents), or aspect-ratio buckets, whose
-  shapes each compile the train step once (data/buckets.py)."""
+  """This process's loader: square crops, or aspect-ratio buckets, whose shapes each compile the
+  train step once (data/buckets.py); either of images or of the records' cached latents (their
+  buckets checked against data.buckets by `builder.build_trainer`)."""
   images = batch_keys.IMAGE in trainer.image_keys  # False: cached latents, nothing is decoded.
   if not settings.data.bucketed:
     return pipeline.make_loader(settings.data, source, jax.process_index(), jax.process_count(),
                                 images=images)
-  if not images:
-    raise ValueError('data.buckets (or data.bucket_max_aspect) cannot use the latents cached in '
-                     'data.path (computed at one square size); set autoencoder.cached_latents='
-                     'False to encode each bucket on the fly.')
   return buckets.make_loader(settings.data, source, validation.size_step(settings),
-                             jax.process_index(), jax.process_count())
+                             jax.process_index(), jax.process_count(), images=images)
 
 
 def _step_inputs(trainer, local):

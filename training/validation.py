@@ -6,8 +6,10 @@ grid of noise levels, so that it compares across steps, runs and sweep members.
 
 The examples are the first `logging.val_examples` of the validation split (data.eval_path /
 data.eval_split), or of the training data when there is none; centre-cropped, not flipped, with
-their first caption. The noise levels are the midpoints of `logging.val_bins` equal-probability bins
-of training's noise distribution (`schedules.train_logsnr_quantiles`), lowest noise first. Each
+their first caption; with aspect-ratio buckets, each at its bucket's shape (one program per
+shape they fall into), and each shape's mean is reported too ('val_loss/48x80'). The noise levels
+are the midpoints of `logging.val_bins` equal-probability bins of training's noise distribution
+(`schedules.train_logsnr_quantiles`), lowest noise first. Each
 example's noise (and its latent posterior sample) is drawn from its record index alone, and the
 network sees one example per device per call, so the result does not depend on the batch, the
 device count or the number of processes: two evaluations of the same weights agree bit for bit.
@@ -22,8 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from configs import validation as config_validation
 from data import batch as batch_keys
-from data import pipeline, sources
+from data import buckets, pipeline, sources
 from diffusion import losses, schedules
 from models import denoiser
 from runtime import sharding
@@ -67,11 +70,18 @@ class ValidationLoss:
     loader = pipeline.BatchLoader(_Head(source, n), transform, seed=data.seed,
                                   global_batch_size=n, on_bad_record='skip',
                                   images=batch_keys.IMAGE in trainer.image_keys)
-    batch = loader(0)
-    order = np.argsort(batch[batch_keys.INDEX], kind='stable')  # Record order, whatever the seed.
-    batch = {k: v[order] for k, v in batch.items()}
-    self.batch = {batch_keys.INDEX: batch[batch_keys.INDEX].astype(np.int32),
-                  **trainer.text_inputs(batch), **{k: batch[k] for k in trainer.image_keys}}
+    groups = (_by_bucket(loader, buckets.of(data, config_validation.size_step(settings)))
+              if data.bucketed else {None: loader(0)})
+    self.groups = {}  # Shape (None: the square) -> the batch of its examples, in record order.
+    for shape, batch in groups.items():
+      order = np.argsort(batch[batch_keys.INDEX], kind='stable')
+      batch = {k: v[order] for k, v in batch.items()}
+      self.groups[shape] = {batch_keys.INDEX: batch[batch_keys.INDEX].astype(np.int32),
+                            **trainer.text_inputs(batch),
+                            **{k: batch[k] for k in trainer.image_keys}}
+    if data.bucketed:
+      logging.info('Validation loss: at the buckets %s.', ', '.join(
+          f'{h}x{w} ({len(g[batch_keys.INDEX])})' for (h, w), g in self.groups.items()))
     self.n, self.shards, self.mesh, self.rules = n, shards, mesh, settings.mesh.logical_axis_rules
     self.frozen_vae = trainer.vae_params
     logsnrs = schedules.train_logsnr_quantiles(settings.diffusion, settings.logging.val_bins)
@@ -82,16 +92,38 @@ class ValidationLoss:
 
   def __call__(self, weights: dict) -> dict[str, float]:
     """{'val_loss': the mean over the noise levels, 'val_loss/bin<k>': each level's mean over the
-    examples} of `weights` ({'unet', 'text'?}: the whole networks' parameters)."""
-    rows = []
+    examples, with buckets 'val_loss/<h>x<w>': the mean of each shape's examples} of `weights`
+    ({'unet', 'text'?}: the whole networks' parameters)."""
+    per_shape, scalars = {}, {}
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      for start in range(0, self.n, self.shards):
-        chunk = {k: _global(self.mesh, v[start:start + self.shards])
-                 for k, v in self.batch.items()}
-        rows.append(np.asarray(jax.device_get(self.losses(weights, self.frozen_vae, chunk))))
-    per_level = np.concatenate(rows).astype(np.float64).mean(axis=0)
-    scalars = {f'val_loss/bin{k}': float(v) for k, v in enumerate(per_level)}
+      for shape, batch in self.groups.items():
+        n, rows = len(batch[batch_keys.INDEX]), []
+        for start in range(0, n, self.shards):  # A short last chunk: its last example repeated.
+          part = np.minimum(np.arange(start, start + self.shards), n - 1)
+          chunk = {k: _global(self.mesh, v[part]) for k, v in batch.items()}
+          rows.append(np.asarray(jax.device_get(
+              self.losses(weights, self.frozen_vae, chunk)))[:n - start])
+        per_shape[shape] = np.concatenate(rows).astype(np.float64)
+        if shape is not None:
+          scalars[f'val_loss/{shape[0]}x{shape[1]}'] = float(per_shape[shape].mean())
+    per_level = np.concatenate(list(per_shape.values())).mean(axis=0)
+    scalars.update({f'val_loss/bin{k}': float(v) for k, v in enumerate(per_level)})
     return {'val_loss': float(per_level.mean()), **scalars}
+
+
+def _by_bucket(loader, shapes) -> dict[tuple[int, int], dict[str, np.ndarray]]:
+  """`loader`'s examples (all of them) each at its aspect-ratio bucket (data/buckets.py): one batch
+  per bucket shape they fall into; an unusable one is replaced by another of its bucket."""
+  sizes, _ = buckets.source_sizes(loader.source)
+  assignment = np.where(sizes.min(axis=1) > 0, buckets.nearest(shapes, np.maximum(sizes, 1)), -1)
+  out = {}
+  for b in np.unique(assignment[assignment >= 0]):
+    members = np.flatnonzero(assignment == b)
+    out[shapes[b]] = loader.collate([
+        loader.example(int(i), int(i), shape=shapes[b],
+                       candidate=lambda a, k=k: int(members[(k + a) % len(members)]))
+        for k, i in enumerate(members)])
+  return out
 
 
 def _global(mesh, local: np.ndarray) -> jax.Array:
