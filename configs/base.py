@@ -41,6 +41,8 @@ def get_config(arg=None):
   # ((64, 64), (48, 80), (80, 48)): each image trains at the one nearest its shape (docs/data.md).
   data.bucket_max_aspect = 0.0  # > 1 with data.buckets=(): generate buckets of about image_size^2
   # pixels with aspect ratios up to this (e.g. 2.0); 0 and no data.buckets = square images only.
+  data.bucket_max_gib = 0.0  # > 0: refuse, before step 0, a bucket whose train step needs more
+  # than this many GiB a device by XLA's memory analysis (0: not checked).
   data.num_workers = 0  # grain worker processes decoding batches (0 = threads of this process).
   data.prefetch = 2  # Batches prepared ahead (per worker with num_workers > 0); 0 = on demand.
 

@@ -304,3 +304,24 @@ def make_loader(cfg, source: Sequence, step: int, process_index: int = 0,
                  'a later epoch draws others), and %d have unreadable headers.',
                  schedule.leftover, len(failures))
   return loader
+
+
+def check_memory(bucket: tuple[int, int], compiled, max_gib: float) -> None:
+  """ValueError naming data.bucket_max_gib if the train step `compiled` for `bucket` needs more
+  than `max_gib` GiB a device by XLA's memory analysis (arguments + outputs + temporaries, less
+  what outputs reuse of arguments); nothing with max_gib=0, or without the analysis (the
+  program not at hand: several processes, or the trace cache off, where it is logged)."""
+  if not max_gib:
+    return
+  memory = compiled.memory_analysis() if compiled is not None else None
+  if memory is None:
+    logging.warning('data.bucket_max_gib: no memory analysis of the %dx%d program; not checked.',
+                    *bucket)
+    return
+  need = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+          + memory.temp_size_in_bytes - memory.alias_size_in_bytes) / 2**30
+  if need > max_gib:
+    raise ValueError(
+        f'The {bucket[0]}x{bucket[1]} bucket needs {need:.2f} GiB a device for its train step, '
+        f'more than data.bucket_max_gib={max_gib}: drop it from data.buckets (or lower '
+        'data.bucket_max_aspect), use a smaller data.global_batch_size, or raise the limit.')

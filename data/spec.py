@@ -42,6 +42,7 @@ class DataSpec:
   global_batch_size: int
   buckets: tuple
   bucket_max_aspect: float
+  bucket_max_gib: float
   num_workers: int
   prefetch: int
 
@@ -56,6 +57,9 @@ class DataSpec:
     if self.bucket_max_aspect and self.bucket_max_aspect < 1:
       raise ValueError(f'data.bucket_max_aspect={self.bucket_max_aspect!r} must be >= 1 (or 0: '
                        'off).')
+    if self.bucket_max_gib < 0:
+      raise ValueError(f'data.bucket_max_gib={self.bucket_max_gib!r} must be >= 0 (0: not '
+                       'checked).')
     if self.num_workers < 0 or self.prefetch < 0:
       raise ValueError('data.num_workers and data.prefetch must be >= 0.')
 

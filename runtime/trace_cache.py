@@ -220,20 +220,23 @@ class Program:
       self._shapes[signature] = other
     return self._shapes[signature]
 
-  def precompile(self, *args) -> None:
+  def precompile(self, *args) -> jax.stages.Compiled | None:
     """Traces (or loads) and compiles for these arguments' shapes without running: what the
     first call with them would do (an aspect-ratio bucket's program, before training starts).
     Without the trace cache (several processes, or off) only the first call's: jit's own cache
-    is filled by a call alone."""
+    is filled by a call alone. The compiled program where it has it (its memory analysis)."""
     if not self._ready:
       self.compile(*args)
-      return
+      return self.compiled
     leaves, tree = jax.tree.flatten(args)
-    if (self._flat and tree == self._in_tree and self._shapes is not None
-        and self._signature != tuple(np.shape(x) for x in leaves)):
-      program = self._of_shapes(leaves)
-      if not program._ready:  # pylint: disable=protected-access
-        program.compile(*args)
+    if not self._flat or tree != self._in_tree or self._shapes is None:
+      return None
+    if self._signature == tuple(np.shape(x) for x in leaves):
+      return self.compiled
+    program = self._of_shapes(leaves)
+    if not program._ready:  # pylint: disable=protected-access
+      program.compile(*args)
+    return program.compiled
 
   def lower(self, *args) -> jax.stages.Lowered:
     """The program a call with these arguments runs, lowered (for its HLO: the exported trace's

@@ -173,3 +173,15 @@ def test_cached_latents_at_buckets_give_the_on_the_fly_loss(tmp_path):
   config.autoencoder.cached_latents = False
   fly = _train(config, str(tmp_path / 'fly'), stop_at=1)[0]
   np.testing.assert_allclose(cached.history[0][1], fly.history[0][1], rtol=1e-4)
+
+
+@pytest.mark.full  # Compiles the tiny U-Net's first bucket program: ~1 min on 2 cores.
+def test_a_bucket_over_data_bucket_max_gib_stops_the_run_before_step_one(tmp_path):
+  root = tmp_path / 'mixed'
+  make_mixed_folder(str(root), counts=(8, 4, 8), broken=False)
+  config = bucket_config(root)
+  config.data.bucket_max_gib = 1e-4
+  with pytest.raises(ValueError, match=r'bucket needs .* GiB a device for its train step, more '
+                     r'than data\.bucket_max_gib=0\.0001'):
+    _train(config, str(tmp_path / 'w'))
+  assert not os.path.exists(tmp_path / 'w' / 'checkpoints' / '1')

@@ -4,6 +4,7 @@ import io
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -232,3 +233,14 @@ def test_square_config_keeps_the_square_loader(folder):
   assert not spec.bucketed
   loader = pipeline.make_loader(spec, sources.FolderSource(root))
   assert type(loader) is pipeline.BatchLoader and batch.ORIG_SIZE not in loader(0)
+
+
+def test_a_bucket_over_the_memory_budget_is_refused_naming_the_field():
+  x = np.zeros((512, 1024), np.float32)  # 2 MiB in, 2 MiB out.
+  compiled = jax.jit(lambda a: a * 2).lower(x).compile()
+  buckets.check_memory((48, 80), compiled, 1.0)  # Fits.
+  buckets.check_memory((48, 80), compiled, 0.0)  # 0: not checked.
+  buckets.check_memory((48, 80), None, 1e-6)  # No analysis at hand: logged, not refused.
+  with pytest.raises(ValueError, match=r'The 48x80 bucket needs 0\.00 GiB a device .* more than '
+                     r'data\.bucket_max_gib=0\.001'):
+    buckets.check_memory((48, 80), compiled, 0.001)

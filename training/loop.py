@@ -199,7 +199,10 @@ def _compile_buckets(settings, trainer, loader, state, rng, mesh, start_step):
       inputs = sharding.global_batch(mesh, _step_inputs(trainer, loader(step)))
       with (jax.set_mesh(mesh), nn.logical_axis_rules(settings.mesh.logical_axis_rules),
             compile_cache.gc_paused()):
-        trainer.step.precompile(state, inputs, rng, trainer.frozen_weights, trainer.vae_params)
+        compiled = trainer.step.precompile(state, inputs, rng, trainer.frozen_weights,
+                                           trainer.vae_params)
+      buckets.check_memory(loader.buckets[schedule(step)[0]], compiled,
+                           settings.data.bucket_max_gib)
       bar.update(1)
   logging.info('Buckets: the train step for %d shapes (%s) ready in %.1f s. %s', len(first),
                ', '.join('%dx%d' % loader.buckets[schedule(s)[0]] for s in sorted(first.values())),
