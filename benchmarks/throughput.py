@@ -13,7 +13,8 @@ XLA's cost analysis (FLOPs per image: forward + backward of the U-Net and text e
 update) and its memory analysis, then times `--steps` steps per round. With `--peer` each round
 also times the same number of steps of diffusers' UNet2DConditionModel configured to the same
 architecture (benchmarks/peer_diffusers.py; torch + diffusers are optional extras, never product
-dependencies), A and B in turn, and prints the per-round ratio ours / peer: its median, min and max.
+dependencies) in a process of its own (`PeerProcess`: glibc's and torch's own defaults, not what
+runtime/host.py set up here), A and B in turn, and prints the per-round ratio ours / peer: its median, min and max.
 `--sampler` does the same for classifier-free guided DPM-Solver++(2M) sampling.
 
 Figures are printed as a markdown table and written to `--out` (JSON) if given. MFU is reported
@@ -187,6 +188,46 @@ class OursSampler:
     return time.perf_counter() - t0
 
 
+def _serve_peer(conn, kind: str, config, args: tuple, threads: int, compile_: bool) -> None:
+  """The peer's process: builds it, then runs n steps for each n received (None: stop)."""
+  peer_lib = _peer_module()
+  peer_lib.set_threads(threads)
+  cls = peer_lib.TorchTrainStep if kind == 'train' else peer_lib.TorchGuidedSampler
+  peer = cls.from_config(config, *args, compile=compile_)
+  conn.send(peer.param_count())
+  while (n := conn.recv()) is not None:
+    conn.send(peer.run(n))
+  conn.send(peer_lib.peak_memory_bytes())
+
+
+class PeerProcess:
+  """diffusers' train step (kind 'train') or guided sampler ('sample') in a process of its own:
+  what this process set up before jax started (malloc's settings, runtime/host.py) and XLA's
+  threads do not touch it, so each side runs with its own defaults. run(n) -> seconds."""
+
+  def __init__(self, kind: str, config, *args, threads: int, compile_: bool = False):
+    import multiprocessing  # pylint: disable=g-import-not-at-top
+    ctx = multiprocessing.get_context('spawn')  # A fresh interpreter: glibc's own defaults.
+    self._conn, child = ctx.Pipe()
+    self._process = ctx.Process(target=_serve_peer, daemon=True,
+                                args=(child, kind, config, args, threads, compile_))
+    self._process.start()
+    self._params = self._conn.recv()
+    self.peak_bytes = 0
+
+  def run(self, n: int) -> float:
+    self._conn.send(n)
+    return self._conn.recv()
+
+  def param_count(self) -> int:
+    return self._params
+
+  def close(self) -> None:
+    self._conn.send(None)
+    self.peak_bytes = self._conn.recv()
+    self._process.join()
+
+
 def _interleave(ours, peer, rounds: int, steps: int) -> tuple[list, list]:
   a, b = [], []
   for _ in range(rounds):
@@ -216,9 +257,9 @@ def main(argv=None):
   import jax  # pylint: disable=g-import-not-at-top
   from runtime import compile_cache  # pylint: disable=g-import-not-at-top
   compile_cache.enable()
-  peer_lib = _peer_module() if args.peer else None
-  if peer_lib is not None:
-    peer_lib.set_threads(args.threads or os.cpu_count())
+  if args.peer:
+    _peer_module()  # torch and diffusers are there, or one error line now.
+  threads = args.threads or os.cpu_count()
   device = jax.devices()[0]
   print(f'# {args.config} {" ".join(overrides)} on {jax.device_count()} x {device.device_kind} '
         f'({device.platform}), {os.cpu_count()} cores, {time.strftime("%Y-%m-%d")}; host: '
@@ -227,8 +268,8 @@ def main(argv=None):
   last_params = None
   for batch_size in ([] if args.no_train else [int(b) for b in args.batch.split(',')]):
     ours = OursTrain(config, batch_size)
-    peer = (peer_lib.TorchTrainStep.from_config(config, batch_size, compile=args.peer_compile)
-            if peer_lib else None)
+    peer = (PeerProcess('train', config, batch_size, threads=threads,
+                        compile_=args.peer_compile) if args.peer else None)
     if peer is not None:
       peer.run(1)
     a, b = _interleave(ours, peer, args.rounds, args.steps)
@@ -246,7 +287,8 @@ def main(argv=None):
       row['peer_step_s'] = _round(b)
       row['peer_images_per_s'] = batch_size / float(np.median(b))
       row['ratio'] = _round(np.asarray(a) / np.asarray(b))
-      row['peer_peak_gib'] = peer_lib.peak_memory_bytes() / 2**30
+      peer.close()
+      row['peer_peak_gib'] = peer.peak_bytes / 2**30
       row['params'] = {'ours': ours.param_count(), 'peer': peer.param_count()}
     rows.append(row)
     print(_line(row), flush=True)
@@ -256,9 +298,8 @@ def main(argv=None):
     if last_params is None:
       last_params = initial_params(config)
     ours = OursSampler(config, args.sample_batch, args.sample_steps, last_params)
-    peer = (peer_lib.TorchGuidedSampler.from_config(config, args.sample_batch, args.sample_steps,
-                                                     compile=args.peer_compile)
-            if peer_lib else None)
+    peer = (PeerProcess('sample', config, args.sample_batch, args.sample_steps, threads=threads,
+                        compile_=args.peer_compile) if args.peer else None)
     if peer is not None:
       peer.run(1)
     rounds = max(2, args.rounds)
@@ -270,6 +311,7 @@ def main(argv=None):
       row['peer_call_s'] = _round(b)
       row['peer_images_per_s'] = args.sample_batch / float(np.median(b))
       row['ratio'] = _round(np.asarray(a) / np.asarray(b))
+      peer.close()
     rows.append(row)
     print(_line(row), flush=True)
   print(_table(rows))
