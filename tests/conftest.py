@@ -1,8 +1,10 @@
-"""Test set-up: 8 simulated CPU devices, quiet TensorFlow, a compilation cache, one shared run.
+"""Test set-up: 8 simulated CPU devices, quiet TensorFlow, a compilation cache, the shared runs
+(tests/shared_runs.py: the tiny Shapes run, the tiny Stable Diffusion pipeline and its two runs).
 
 Tiers: `make test` runs every test not marked `full` (the default tier, a few minutes);
-`make test-full` runs the `full` ones (1-vs-8-device equivalence, multi-process, convergence
-orders, benchmark scripts). CI runs both.
+`make test-full` runs the `full` ones (1-vs-8-device, bf16 and remat equivalence, multi-process,
+convergence orders and large-sample sampler statistics, second starts from the caches, FID in a
+run, benchmark scripts). CI runs both.
 """
 import importlib
 import os
@@ -43,27 +45,21 @@ class TinyRun(NamedTuple):
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> TinyRun:
-  """One uninterrupted 4-step tiny run with its eval grid, for the tests that only read it.
-
-  Trained once per session: the first pytest-xdist worker to need it trains it into the folder
-  all workers share (under a lock); the others read its final checkpoint and metrics.jsonl back.
-  """
-  import filelock  # pylint: disable=import-outside-toplevel
+  """One uninterrupted 4-step tiny run with its eval grid, for the tests that only read it;
+  trained once per session (tests/shared_runs.py)."""
+  import jax  # pylint: disable=import-outside-toplevel
   from configs import shapes  # pylint: disable=import-outside-toplevel
-  shared = tmp_path_factory.getbasetemp()
-  if os.environ.get("PYTEST_XDIST_WORKER"):
-    shared = shared.parent  # The session's folder, above each worker's own.
-  path = shared / "tiny_run"
+  from tests import shared_runs  # pylint: disable=import-outside-toplevel
+  path = shared_runs.folder(tmp_path_factory, "tiny_run")
   config = shapes.get_config("tiny")
   config.data.data_dir = str(path / "tfds")
   config.mesh.data, config.mesh.fsdp = 2, 2
   workdir = str(path / "run")
-  with filelock.FileLock(str(shared / "tiny_run.lock")):
-    if not (path / "done").exists():
-      result = _train_tiny_run(config, workdir)
-      (path / "done").touch()
-      return TinyRun(config, workdir, result)
-  return TinyRun(config, workdir, _read_tiny_run(config, workdir))
+  result = shared_runs.once(path, lambda: _train_tiny_run(config, workdir))
+  if result is None:
+    result = shared_runs.read_result(config, workdir, jax.devices()[:4])
+    assert len(result.history) == config.optim.num_steps, result.history
+  return TinyRun(config, workdir, result)
 
 
 def _train_tiny_run(config, workdir):
@@ -75,21 +71,29 @@ def _train_tiny_run(config, workdir):
                                  evaluator=sample_grid.SampleGridEvaluator(specs.build(config)))
 
 
-def _read_tiny_run(config, workdir):
-  """The TrainResult of a finished run: its last checkpoint's state, its logged losses (every
-  step is logged in the tiny config)."""
-  import json  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
-  from configs import specs  # pylint: disable=import-outside-toplevel
-  from runtime import checkpoint, sharding  # pylint: disable=import-outside-toplevel
-  from training import builder, loop  # pylint: disable=import-outside-toplevel
-  settings = specs.build(config)
-  trainer = builder.build_trainer(settings, sharding.make_mesh(settings.mesh, jax.devices()[:4]))
-  ckpt = checkpoint.Checkpointer(workdir, read_only=True)
-  state, _ = ckpt.restore(checkpoint.abstract_with_shardings(trainer.abstract, trainer.shardings))
-  ckpt.close()
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    rows = [json.loads(line) for line in f]
-  history = [(row["step"], row["train/loss"]) for row in rows if "train/loss" in row]
-  assert len(history) == settings.optim.num_steps, history
-  return loop.TrainResult(state, history)
+@pytest.fixture(scope="session")
+def sd_pipeline(tmp_path_factory):
+  """(a tiny random SD 1.x pipeline folder, a folder of captioned images), made once per session
+  (tests/sd_runs.py)."""
+  from tests import sd_runs, shared_runs  # pylint: disable=import-outside-toplevel
+  path = shared_runs.folder(tmp_path_factory, "sd_pipeline")
+  shared_runs.once(path, lambda: sd_runs.pipeline_and_images(path))
+  return sd_runs.paths(path)
+
+
+@pytest.fixture(scope="session")
+def sd_run(tmp_path_factory, sd_pipeline):
+  """The fine-tune of `sd_pipeline` (U-Net and text encoder) uninterrupted and resumed: an
+  sd_runs.SDRun, trained once per session."""
+  from tests import sd_runs, shared_runs  # pylint: disable=import-outside-toplevel
+  return sd_runs.run(shared_runs.folder(tmp_path_factory, "sd_run"), *sd_pipeline,
+                     sd_runs.FINETUNE)
+
+
+@pytest.fixture(scope="session")
+def sd_lora_run(tmp_path_factory, sd_pipeline):
+  """LoRA on `sd_pipeline` uninterrupted and resumed: an sd_runs.SDRun, trained once per
+  session."""
+  from tests import sd_runs, shared_runs  # pylint: disable=import-outside-toplevel
+  return sd_runs.run(shared_runs.folder(tmp_path_factory, "sd_lora_run"), *sd_pipeline,
+                     sd_runs.LORA)

@@ -1,15 +1,46 @@
 """Shared by the Stable Diffusion run tests: a tiny random pipeline folder with a folder of
-captioned images, and configs/sd.py:tiny pointed at them."""
+captioned images, configs/sd.py:tiny pointed at them, and the two runs of it the session trains
+once (tests/conftest.py's `sd_run` and `sd_lora_run`)."""
+import dataclasses
+import functools
+import json
+import os
+from typing import Any
+
 from configs import sd
 from tests import image_folders
 from tools import make_sd_pipeline
 
+# The full fine-tune: the U-Net and the CLIP text encoder, with an EMA that is not the raw
+# parameters (decay 0.5), a checkpoint at each of its 2 steps.
+FINETUNE = dict(optim__num_steps=2, checkpoint__every_steps=1, text__finetune=True,
+                optim__ema_decay=0.5)
+# LoRA (rank 2, alpha 4: scale 2) on the attention and feed-forward layers, with dropout, at a
+# learning rate that moves the adapters well off zero.
+LORA_TARGETS = ('to_q', 'to_k', 'to_v', 'to_out.0', 'ff.net.0.proj', 'ff.net.2')
+LORA = dict(optim__num_steps=2, checkpoint__every_steps=1, optim__learning_rate=1e-2,
+            lora__rank=2, lora__alpha=4.0, lora__targets=LORA_TARGETS, lora__dropout=0.1)
+
 
 def pipeline_and_images(root) -> tuple[str, str]:
-  """(a random SD-1.x-like pipeline folder, a folder of captioned images) under `root`."""
-  folder = make_sd_pipeline.write_pipeline(str(root / 'pipeline'), preset='sd1')
+  """(a random SD-1.x-like pipeline folder, a folder of captioned images) under `root`; the
+  folder also has what a hub snapshot holds beside the components (a feature extractor, a
+  README, hf download's .cache)."""
+  folder, images = paths(root)
+  make_sd_pipeline.write_pipeline(folder, preset='sd1')
+  os.makedirs(os.path.join(folder, 'feature_extractor'))
+  with open(os.path.join(folder, 'feature_extractor', 'preprocessor_config.json'), 'w') as f:
+    json.dump({'crop_size': 224}, f)
+  with open(os.path.join(folder, 'README.md'), 'w') as f:
+    f.write('license: creativeml-openrail-m\n')
+  os.makedirs(os.path.join(folder, '.cache'))  # hf download's bookkeeping: an export skips it.
   image_folders.make_folder(root / 'images', broken=False)
-  return folder, str(root / 'images')
+  return folder, images
+
+
+def paths(root) -> tuple[str, str]:
+  """The (pipeline, images) folders `pipeline_and_images(root)` writes."""
+  return str(root / 'pipeline'), str(root / 'images')
 
 
 def tiny_config(folder, data, **changes):
@@ -24,3 +55,40 @@ def tiny_config(folder, data, **changes):
     section = config.model.lora if path == ['lora'] else config[path[0]]
     section[field] = value
   return config
+
+
+@dataclasses.dataclass
+class SDRun:
+  """A run of configs/sd.py:tiny on one device, twice: uninterrupted, and stopped after step 1
+  then resumed. Read only: copy a workdir before writing into it."""
+  pipeline: str  # The pipeline folder it started from.
+  images: str  # Its folder of captioned images.
+  config: Any  # `tiny_config(pipeline, images, **FINETUNE or LORA)`.
+  workdir: str  # The uninterrupted run's (2 steps, a checkpoint at each).
+  cut: str  # The stopped and resumed run's workdir.
+  resumed: list  # (step, loss) of the stopped run, then of the resumed one.
+  trained: Any = None  # What training returned, in the worker that trained it.
+
+  @functools.cached_property
+  def full(self):
+    """The uninterrupted run's loop.TrainResult: its final state, the losses of steps 1 and 2."""
+    import jax  # pylint: disable=import-outside-toplevel
+    from tests import shared_runs  # pylint: disable=import-outside-toplevel
+    return self.trained or shared_runs.read_result(self.config, self.workdir, jax.devices()[:1])
+
+
+def run(path, pipeline: str, images: str, changes: dict) -> SDRun:
+  """The SDRun of `changes` in `path`, trained there once per session (tests/shared_runs.py)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from tests import shared_runs  # pylint: disable=import-outside-toplevel
+  from training import loop  # pylint: disable=import-outside-toplevel
+  config = tiny_config(pipeline, images, **changes)
+  workdir, cut, devices = str(path / 'full'), str(path / 'cut'), jax.devices()[:1]
+
+  def train():
+    full = loop.train_and_evaluate(config, workdir, devices=devices)
+    first = loop.train_and_evaluate(config, cut, devices=devices, stop_at=1)
+    second = loop.train_and_evaluate(config, cut, devices=devices)
+    return full, first.history + second.history
+  full, resumed = shared_runs.once(path, train) or (None, shared_runs.history(cut))
+  return SDRun(pipeline, images, config, workdir, cut, resumed, full)

@@ -144,6 +144,7 @@ def _xla_summary(text):
   return tuple(int(n) for n in found[0])
 
 
+@pytest.mark.full  # Two sample.py processes (~20 s); a second process loading: the tests above.
 def test_a_second_sample_cli_loads_its_programs_from_the_cache(tiny_run, tmp_path):
   """sample.py twice on the tiny workdir with a fresh cache: the second compiles nothing."""
   env = _env(tmp_path / 'xla')

@@ -21,7 +21,6 @@ from sampling import from_checkpoint, from_pipeline
 from tests import sd_runs
 from text import clip
 from tools import random_clip, random_sd_unet
-from training import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -123,39 +122,24 @@ def test_only_renames_reshapes_and_transposes_are_inverted():
 
 
 @pytest.fixture(scope='module')
-def pipeline_and_images(tmp_path_factory):
-  """A tiny random SD 1.x folder, with what a hub snapshot has beside the components, and a
-  folder of captioned images."""
-  folder, images = sd_runs.pipeline_and_images(tmp_path_factory.mktemp('sd'))
-  os.makedirs(os.path.join(folder, 'feature_extractor'))
-  with open(os.path.join(folder, 'feature_extractor', 'preprocessor_config.json'), 'w') as f:
-    json.dump({'crop_size': 224}, f)
-  with open(os.path.join(folder, 'README.md'), 'w') as f:
-    f.write('license: creativeml-openrail-m\n')
-  os.makedirs(os.path.join(folder, '.cache'))  # hf download's bookkeeping: not copied.
-  return folder, images
+def pipeline(sd_pipeline):
+  """A tiny random SD 1.x folder, with what a hub snapshot has beside the components."""
+  return sd_pipeline[0]
 
 
 @pytest.fixture(scope='module')
-def pipeline(pipeline_and_images):
-  return pipeline_and_images[0]
+def run(sd_run):
+  """(pipeline, workdir): 2 steps of configs/sd.py:tiny from it training the U-Net and the text
+  encoder, with an EMA that is not the raw parameters (decay 0.5): tests/conftest.py's `sd_run`,
+  shared with tests/test_sd_finetune.py."""
+  assert sd_run.config.optim.ema_decay == 0.5 and sd_run.config.text.finetune
+  return sd_run.pipeline, sd_run.workdir
 
 
-@pytest.fixture(scope='module')
-def run(pipeline_and_images, tmp_path_factory):
-  """(pipeline, workdir): 2 steps of configs/sd.py:tiny from it, with an EMA that is not the raw
-  parameters (decay 0.5)."""
-  folder, images = pipeline_and_images
-  config = sd_runs.tiny_config(folder, images, optim__num_steps=2, checkpoint__every_steps=2,
-                               optim__ema_decay=0.5)
-  workdir = str(tmp_path_factory.mktemp('run') / 'workdir')
-  loop.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
-  return folder, workdir
-
-
-def _restored_unet(workdir, use_ema):
+def _restored(workdir, use_ema):
+  """{'unet': ..., 'text': ...}: the run's (EMA) parameters."""
   restored = from_checkpoint.restore(workdir, settings_of=specs.from_saved, use_ema=use_ema)
-  return jax.device_get(restored.params['unet'])
+  return jax.device_get(restored.params)
 
 
 def test_an_exported_run_is_its_pipeline_with_the_ema_weights(run, tmp_path):
@@ -163,26 +147,31 @@ def test_an_exported_run_is_its_pipeline_with_the_ema_weights(run, tmp_path):
   out = str(tmp_path / 'exported')
   record = export.export_workdir(workdir, out)
   assert os.listdir(tmp_path) == ['exported']  # No temporary folder left beside it.
-  ema = _restored_unet(workdir, use_ema=True)
-  _assert_bitwise(sd_loading.load_sd_unet(os.path.join(out, 'unet')).params, ema)
-  # Everything else is the source's, byte for byte (the text encoder was frozen).
+  ema = _restored(workdir, use_ema=True)
+  _assert_bitwise(sd_loading.load_sd_unet(os.path.join(out, 'unet')).params, ema['unet'])
+  # The trained text encoder (text.finetune) in place of the source's.
+  _assert_bitwise(clip.load_clip(os.path.join(out, 'text_encoder')).params, ema['text'])
+  # Everything else is the source's, byte for byte.
+  trained = f'text_encoder/{clip.WEIGHTS}'
   source_files = [f for f in _files(pipeline) if not f.startswith(('unet/', '.cache/'))]
   assert _files(out) == sorted(source_files + ['unet/config.json', f'unet/{sd_loading.WEIGHTS}',
                                                export.RUN_RECORD])
   for name in source_files + ['unet/config.json']:
-    assert filecmp.cmp(os.path.join(pipeline, name), os.path.join(out, name), shallow=False), name
-  assert 'model_index.json' in source_files and 'text_encoder/model.safetensors' in source_files
+    assert filecmp.cmp(os.path.join(pipeline, name), os.path.join(out, name),
+                       shallow=False) == (name != trained), name
+  assert 'model_index.json' in source_files and trained in source_files
   with open(os.path.join(out, export.RUN_RECORD)) as f:
     written = json.load(f)
   assert written == {k: v for k, v in record.items() if k != 'out'}
   assert written['step'] == 2 and written['ema'] is True and written['workdir'] == workdir
-  assert written['text_encoder'] == 'copied' and written['source'] == pipeline
+  assert written['text_encoder'] == 'trained' and written['source'] == pipeline
   assert len(written['config_digest']) == 16 and written['exported_at'].endswith('+00:00')
   # It loads as a pipeline folder, as sample.py --pretrained and model.pretrained load one.
   config = sd.get_config('sample')
   config.model.pretrained = out
   loaded = from_pipeline.load(specs.build(config))
-  _assert_bitwise(loaded.unet_params, ema)
+  _assert_bitwise(loaded.unet_params, ema['unet'])
+  _assert_bitwise(loaded.text_params, ema['text'])
 
 
 def test_the_command_line_exports_raw_weights_and_refuses_to_overwrite(run, tmp_path):
@@ -192,11 +181,12 @@ def test_the_command_line_exports_raw_weights_and_refuses_to_overwrite(run, tmp_
   assert result.returncode == 0, result.stderr
   record = json.loads(result.stdout)
   assert record['ema'] is False and record['step'] == 2 and record['out'] == out
-  assert 'Exported step 2 (raw weights; text encoder copied)' in result.stderr
-  raw = _restored_unet(workdir, use_ema=False)
-  _assert_bitwise(sd_loading.load_sd_unet(os.path.join(out, 'unet')).params, raw)
-  assert not np.array_equal(raw['conv_in']['kernel'], _restored_unet(workdir, True)['conv_in'][
-      'kernel'])  # (So the default export above really took the EMA.)
+  assert 'Exported step 2 (raw weights; text encoder trained)' in result.stderr
+  raw = _restored(workdir, use_ema=False)
+  _assert_bitwise(sd_loading.load_sd_unet(os.path.join(out, 'unet')).params, raw['unet'])
+  _assert_bitwise(clip.load_clip(os.path.join(out, 'text_encoder')).params, raw['text'])
+  assert not np.array_equal(raw['unet']['conv_in']['kernel'], _restored(workdir, True)['unet'][
+      'conv_in']['kernel'])  # (So the default export above really took the EMA.)
 
   again = _export_cli(f'--workdir={workdir}', f'--out={out}')
   assert again.returncode == 1
@@ -233,7 +223,7 @@ def test_what_cannot_be_exported_is_refused_naming_it(run, tmp_path):
   os.makedirs(tmp_path / 'empty')
   with pytest.raises(FileNotFoundError, match='No checkpoints under .*empty/checkpoints: train'):
     export.export_workdir(str(tmp_path / 'empty'), out)
-  with pytest.raises(FileNotFoundError, match=r'step 7 not in .*; available: \[2\]'):
+  with pytest.raises(FileNotFoundError, match=r'step 7 not in .*; available: \[1, 2\]'):
     export.export_workdir(workdir, out, step=7)
   with pytest.raises(export.ExportError, match='would write over the workdir'):
     export.export_workdir(workdir, workdir, overwrite=True)

@@ -2,6 +2,7 @@
 as the LoRA file diffusers loads (every target layer under diffusers' name and shape, with the
 rank and alpha), read back bit for bit; --merge as a pipeline whose U-Net is the base with the
 adapters folded in; what cannot be exported or read is refused in one line."""
+import filecmp
 import functools
 import json
 import os
@@ -20,25 +21,21 @@ from models.sd_unet import SDUNet
 from sampling import from_checkpoint
 from tests import sd_runs
 from tests.test_export_diffusers import _assert_bitwise, _export_cli, _saved_run
+from text import clip
 from tools import make_sd_pipeline
-from training import loop
 
-TARGETS = ('to_q', 'to_k', 'to_v', 'to_out.0', 'ff.net.0.proj', 'ff.net.2')
+TARGETS = sd_runs.LORA_TARGETS
 RANK, ALPHA = 2, 4.0  # Scale 2.
 
 
 @pytest.fixture(scope='module')
-def run(tmp_path_factory):
+def run(sd_lora_run):
   """(pipeline, workdir): 2 steps of LoRA (rank 2, alpha 4) on every target of configs/sd.py:tiny,
-  at a learning rate that moves the adapters well off zero."""
-  root = tmp_path_factory.mktemp('sd_lora_export')
-  folder, images = sd_runs.pipeline_and_images(root)
-  config = sd_runs.tiny_config(folder, images, optim__num_steps=2, checkpoint__every_steps=2,
-                               optim__learning_rate=1e-2, lora__rank=RANK, lora__alpha=ALPHA,
-                               lora__targets=TARGETS)
-  workdir = str(root / 'workdir')
-  loop.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
-  return folder, workdir
+  at a learning rate that moves the adapters well off zero: tests/conftest.py's `sd_lora_run`,
+  shared with tests/test_sd_lora.py."""
+  lora_config = sd_lora_run.config.model.lora
+  assert (lora_config.rank, lora_config.alpha, lora_config.targets) == (RANK, ALPHA, TARGETS)
+  return sd_lora_run.pipeline, sd_lora_run.workdir
 
 
 @pytest.fixture(scope='module')
@@ -132,6 +129,8 @@ def test_merge_folds_the_scaled_adapters_into_the_unet(run, exported, restored, 
   assert record['lora'] == {'rank': RANK, 'alpha': ALPHA, 'targets': list(TARGETS),
                             'merged': True, 'scale': 0.5}
   assert record['text_encoder'] == 'copied'
+  assert filecmp.cmp(os.path.join(pipeline, 'text_encoder', clip.WEIGHTS),
+                     os.path.join(out, 'text_encoder', clip.WEIGHTS), shallow=False)
   assert os.path.isfile(os.path.join(out, 'model_index.json'))
   spec, got = sd_loading.load_sd_unet(os.path.join(out, 'unet'))
   # Computed here: W + 0.5 (alpha / r) A B, contracting A's [*in] rows with B's [*out] columns.

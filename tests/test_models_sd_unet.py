@@ -98,6 +98,7 @@ def test_sharded_folder_loads_the_same_params(loaded, tmp_path):
     load_sd_unet(folder)
 
 
+@pytest.mark.full  # Compiles the U-Net a second time, in bf16 (as the native U-Net's test).
 def test_bfloat16_compute_keeps_float32_params_and_stays_close(folders, loaded):
   spec, params = load_sd_unet(folders['sd1'], dtype='bfloat16')
   assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
@@ -109,7 +110,7 @@ def test_bfloat16_compute_keeps_float32_params_and_stays_close(folders, loaded):
   assert 0 < err < 0.05, err  # Really computed in bf16, yet close to float32.
 
 
-def test_remat_policies_reach_the_blocks_and_keep_the_output(loaded):
+def test_remat_policies_reach_the_blocks(loaded):
   spec, params = loaded['sd1']
   args = inputs(spec)
   jaxprs = {r: str(jax.make_jaxpr(lambda p, r=r: SDUNet(spec.replace(remat=r)).apply(
@@ -117,6 +118,12 @@ def test_remat_policies_reach_the_blocks_and_keep_the_output(loaded):
   assert 'remat' not in jaxprs['none'] and 'checkpoint' not in jaxprs['none']
   assert 'policy=DotsSaveable(only_if_no_batch_dims=True)' in jaxprs['dots']
   assert 'policy=<function nothing_saveable' in jaxprs['full']
+
+
+@pytest.mark.full  # Compiles the U-Net a second time, with remat.
+def test_remat_keeps_the_output(loaded):
+  spec, params = loaded['sd1']
+  args = inputs(spec)
   full = run(spec.replace(remat='full'), params, *args)
   np.testing.assert_allclose(full, run(spec, params, *args), rtol=1e-5, atol=1e-5)
 

@@ -132,6 +132,7 @@ def test_guidance_scale_and_seed_do_not_recompile(loaded):
   assert gen.compiled_count() == count + 1  # The step count is a shape: it does compile.
 
 
+@pytest.mark.full  # Two more sampler programs; guidance's algebra: tests/test_diffusion_guidance.py.
 def test_guidance_scale_one_is_the_conditional_model(loaded):
   gen, unet_params, text_params = loaded.generator, loaded.unet_params, loaded.text_params
   unet, text, spec = gen.unet, gen.text, gen.spec

@@ -13,26 +13,17 @@ from tests import sd_runs
 from training import loop
 
 
-@pytest.fixture(scope='module')
-def pipeline_and_data(tmp_path_factory):
-  return sd_runs.pipeline_and_images(tmp_path_factory.mktemp('sd'))
-
-
-def test_the_run_starts_from_the_folder_weights_resumes_exactly_and_samples(pipeline_and_data,
-                                                                            tmp_path):
-  """Both the U-Net and (text.finetune) the CLIP text encoder train from the folder's weights."""
-  folder, data = pipeline_and_data
-  config = sd_runs.tiny_config(folder, data, optim__num_steps=2, checkpoint__every_steps=1,
-                       text__finetune=True)
+def test_the_run_starts_from_the_folder_weights_resumes_exactly_and_samples(sd_run):
+  """Both the U-Net and (text.finetune) the CLIP text encoder train from the folder's weights.
+  The run (tests/conftest.py's `sd_run`, shared with the export tests): 2 steps uninterrupted,
+  and stopped after step 1 then resumed."""
+  folder, config, full, cut = sd_run.pipeline, sd_run.config, sd_run.full, sd_run.cut
   settings = specs.build(config)
   assert settings.model.network.in_channels == 4 and settings.diffusion.prediction == 'eps'
   assert settings.text.max_len == 77 and settings.autoencoder.path.endswith('vae')
-  full = loop.train_and_evaluate(config, str(tmp_path / 'full'), devices=jax.devices()[:1])
-  cut = str(tmp_path / 'cut')
-  first = loop.train_and_evaluate(config, cut, devices=jax.devices()[:1], stop_at=1)
-  second = loop.train_and_evaluate(config, cut, devices=jax.devices()[:1])
-  losses = [loss for _, loss in first.history + second.history]
-  assert [step for step, _ in first.history + second.history] == [1, 2]
+  assert config.text.finetune and config.optim.num_steps == 2
+  losses = [loss for _, loss in sd_run.resumed]
+  assert [step for step, _ in sd_run.resumed] == [1, 2]
   np.testing.assert_allclose(losses, [loss for _, loss in full.history], rtol=1e-6)
   assert all(np.isfinite(losses))
   # Step 1 started from the pipeline's weights (moved by Adam's ~lr per step), not random ones.
@@ -50,8 +41,8 @@ def test_the_run_starts_from_the_folder_weights_resumes_exactly_and_samples(pipe
                                 trained['text']['token_embedding']['embedding'])
 
 
-def test_a_fine_tuned_text_encoder_cannot_use_cached_embeddings(pipeline_and_data, tmp_path):
-  folder, data = pipeline_and_data
+def test_a_fine_tuned_text_encoder_cannot_use_cached_embeddings(sd_pipeline, tmp_path):
+  folder, data = sd_pipeline
   config = sd_runs.tiny_config(folder, data, text__finetune=True, text__cache_embeddings=True)
   with pytest.raises(ValueError, match='text.cache_embeddings=True needs a frozen encoder'):
     loop.train_and_evaluate(config, str(tmp_path / 'run'), devices=jax.devices()[:1])

@@ -3,6 +3,7 @@ adapters train and are saved, an untrained adapter is the base network bit for b
 exact and refuses another base, bad settings are refused naming the field."""
 import dataclasses
 import os
+import shutil
 
 import flax.linen as nn
 import jax
@@ -19,12 +20,7 @@ from tests import sd_runs
 from tools import make_sd_pipeline
 from training import loop
 
-TARGETS = ('to_q', 'to_k', 'to_v', 'to_out.0', 'ff.net.0.proj', 'ff.net.2')
-
-
-@pytest.fixture(scope='module')
-def pipeline_and_data(tmp_path_factory):
-  return sd_runs.pipeline_and_images(tmp_path_factory.mktemp('sd_lora'))
+TARGETS = sd_runs.LORA_TARGETS
 
 
 def _leaf_names(tree):
@@ -32,8 +28,8 @@ def _leaf_names(tree):
   return {str(last(path[-1])) for path, _ in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def test_an_untrained_adapter_is_the_base_network_bit_for_bit(pipeline_and_data):
-  folder, _ = pipeline_and_data
+def test_an_untrained_adapter_is_the_base_network_bit_for_bit(sd_pipeline):
+  folder, _ = sd_pipeline
   spec, base = sd_loading.load_sd_unet(os.path.join(folder, 'unet'))
   adapted = dataclasses.replace(spec, lora=lora.LoRASpec(rank=3, alpha=6.0, targets=TARGETS,
                                                          dropout=0.0))
@@ -61,15 +57,13 @@ def test_an_untrained_adapter_is_the_base_network_bit_for_bit(pipeline_and_data)
   assert np.abs(changed - plain).max() > 1e-4
 
 
-def test_only_the_adapters_train_and_the_run_resumes_exactly(pipeline_and_data, tmp_path):
-  folder, data = pipeline_and_data
-  config = sd_runs.tiny_config(folder, data, optim__num_steps=2, checkpoint__every_steps=1,
-                               lora__rank=2, lora__dropout=0.1)
-  full = loop.train_and_evaluate(config, str(tmp_path / 'full'), devices=jax.devices()[:1])
-  cut = str(tmp_path / 'cut')
-  first = loop.train_and_evaluate(config, cut, devices=jax.devices()[:1], stop_at=1)
-  second = loop.train_and_evaluate(config, cut, devices=jax.devices()[:1])
-  losses = [loss for _, loss in first.history + second.history]
+def test_only_the_adapters_train_and_the_run_resumes_exactly(sd_lora_run, tmp_path):
+  """The run (tests/conftest.py's `sd_lora_run`, shared with tests/test_export_lora.py): 2 steps
+  uninterrupted, and stopped after step 1 then resumed."""
+  config, full, cut = sd_lora_run.config, sd_lora_run.full, sd_lora_run.cut
+  assert config.model.lora.rank == 2 and config.model.lora.dropout == 0.1
+  losses = [loss for _, loss in sd_lora_run.resumed]
+  assert [step for step, _ in sd_lora_run.resumed] == [1, 2]
   np.testing.assert_allclose(losses, [loss for _, loss in full.history], rtol=1e-6)
   state = jax.device_get(full.state)
   # The train state (so the optimiser, the EMA and every checkpoint) holds the adapters alone.
@@ -96,8 +90,9 @@ def test_only_the_adapters_train_and_the_run_resumes_exactly(pipeline_and_data, 
 
   # Resuming the adapters over another base (same shapes, other weights) is refused.
   other = make_sd_pipeline.write_pipeline(str(tmp_path / 'other'), preset='sd1', seed=7)
-  moved = sd_runs.tiny_config(other, data, optim__num_steps=3, checkpoint__every_steps=1,
-                              lora__rank=2, lora__dropout=0.1)
+  moved = sd_runs.tiny_config(other, sd_lora_run.images, **dict(sd_runs.LORA,
+                                                                 optim__num_steps=3))
+  cut = shutil.copytree(cut, str(tmp_path / 'cut'))  # (Not written into the shared run.)
   with pytest.raises(checkpoint.IncompatibleCheckpoint, match='U-Net under the LoRA adapters'):
     loop.train_and_evaluate(moved, cut, devices=jax.devices()[:1])
 
@@ -107,14 +102,14 @@ def test_only_the_adapters_train_and_the_run_resumes_exactly(pipeline_and_data, 
     (dict(lora__rank=2, lora__targets=('to_q', 'attn')), r"model\.lora\.targets.*'to_out\.0'"),
     (dict(lora__rank=2, lora__dropout=1.0), r'model\.lora\.dropout'),
 ])
-def test_bad_lora_settings_are_refused_naming_the_field(pipeline_and_data, changes, match):
-  folder, data = pipeline_and_data
+def test_bad_lora_settings_are_refused_naming_the_field(sd_pipeline, changes, match):
+  folder, data = sd_pipeline
   with pytest.raises(ValueError, match=match):
     specs.build(sd_runs.tiny_config(folder, data, **changes))
 
 
-def test_a_rank_wider_than_a_layer_is_refused_naming_it(pipeline_and_data):
-  folder, data = pipeline_and_data
+def test_a_rank_wider_than_a_layer_is_refused_naming_it(sd_pipeline):
+  folder, data = sd_pipeline
   settings = specs.build(sd_runs.tiny_config(folder, data, lora__rank=64))
   net = family.build(settings.model, 2)
   with pytest.raises(ValueError, match=r"model\.lora\.rank=64 is larger than the layer 'to_q'"):

@@ -265,6 +265,7 @@ def _tiny_sampler():
   return new, (params['unet'], params['text'] if text.trainable else text.init(None)), run.sampler
 
 
+@pytest.mark.full  # Three samplers of the tiny networks (~15 s); the cache itself: the tests above.
 def test_the_sampler_loads_its_trace_and_gives_the_same_images(cache_dir, monkeypatch):
   """sampling/generate.py: a later Generator (sample.py's second start) loads the sampler's trace
   instead of tracing the networks, and draws the uncached program's images bit for bit; the

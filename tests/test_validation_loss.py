@@ -1,5 +1,6 @@
 """The validation loss: fixed examples, noise and noise levels, so the same weights give the same
-numbers bit for bit, on 1 or 8 devices; and a run reports it with its evaluations."""
+numbers bit for bit, on 1 or (the full tier) 8 devices; and a run reports it with its
+evaluations."""
 import json
 import os
 import subprocess
@@ -36,14 +37,22 @@ def tiny_config(path, **logging):
   return config
 
 
-def _validation(config, devices, workdir):
+def _validation(config, devices, workdir, init=True):
+  """(The ValidationLoss of `config` on `devices`, weights to score: the initial ones, or with
+  init=False random ones of their shapes, which compile no initialiser.)"""
   settings = specs.build(config)
   mesh = sharding.make_mesh(settings.mesh, devices)
   source = sources.make(settings.data, 'train')
   trainer = builder.build_trainer(settings, mesh, source=source, workdir=workdir)
-  state = trainer.init(jax.random.PRNGKey(0))
-  weights = lora.combine(state.ema_params, trainer.frozen_weights)
-  return validation.ValidationLoss(settings, trainer, mesh, source), weights
+  validate = validation.ValidationLoss(settings, trainer, mesh, source)
+  if init:
+    params = trainer.init(jax.random.PRNGKey(0)).ema_params
+  else:
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda a: jax.device_put(
+        (0.05 * rng.standard_normal(a.shape)).astype(a.dtype), a.sharding),
+                          trainer.abstract.ema_params)
+  return validate, lora.combine(params, trainer.frozen_weights)
 
 
 def one_and_eight(path, workdir):
@@ -55,6 +64,18 @@ def one_and_eight(path, workdir):
   return one(weights_one), one(weights_one), eight(weights_eight)
 
 
+def test_the_same_weights_give_the_same_numbers_twice_one_per_noise_level(folder, tmp_path):
+  validate, weights = _validation(tiny_config(folder), jax.devices()[:1], str(tmp_path),
+                                  init=False)
+  assert validate.n == 8
+  first = validate(weights)
+  assert validate(weights) == first  # Bit for bit.
+  bins = [first[f'val_loss/bin{k}'] for k in range(8)]
+  assert len(set(bins)) == 8 and all(np.isfinite(bins))
+  assert first['val_loss'] == pytest.approx(np.mean(bins), rel=1e-12)
+
+
+@pytest.mark.full  # Two more programs (1 and 8 devices) under the fast-compile preset: ~1 min.
 def test_the_same_weights_give_the_same_numbers_twice_and_on_8_devices(folder, tmp_path):
   # Under the suite's fast-compile preset (tests/conftest.py) XLA fuses the 1- and 8-device
   # programs differently: equal to float32 rounding here, bit for bit with XLA's own settings
