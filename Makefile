@@ -8,7 +8,7 @@ VENV ?= .venv
 WORKDIR ?= runs/quickstart
 CONFIG ?= configs/shapes.py:cpu
 GUIDANCE ?= 2.0
-# pytest-xdist processes for the default tier (each test file stays on one).
+# pytest-xdist processes for both tiers (each test file stays on one).
 TEST_WORKERS ?= 2
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
@@ -30,6 +30,6 @@ test: setup
 	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-full: setup
-	$(VENV)/bin/python -m pytest -q -m full
+	$(VENV)/bin/python -m pytest -q -m full -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: setup quickstart test test-full

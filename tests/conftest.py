@@ -83,8 +83,8 @@ def sd_pipeline(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def sd_run(tmp_path_factory, sd_pipeline):
-  """The fine-tune of `sd_pipeline` (U-Net and text encoder) uninterrupted and resumed: an
-  sd_runs.SDRun, trained once per session."""
+  """2 steps fine-tuning `sd_pipeline`'s U-Net and text encoder: an sd_runs.SDRun, trained once
+  per session."""
   from tests import sd_runs, shared_runs  # pylint: disable=import-outside-toplevel
   return sd_runs.run(shared_runs.folder(tmp_path_factory, "sd_run"), *sd_pipeline,
                      sd_runs.FINETUNE)
@@ -92,8 +92,7 @@ def sd_run(tmp_path_factory, sd_pipeline):
 
 @pytest.fixture(scope="session")
 def sd_lora_run(tmp_path_factory, sd_pipeline):
-  """LoRA on `sd_pipeline` uninterrupted and resumed: an sd_runs.SDRun, trained once per
-  session."""
+  """2 steps of LoRA on `sd_pipeline`: an sd_runs.SDRun, trained once per session."""
   from tests import sd_runs, shared_runs  # pylint: disable=import-outside-toplevel
   return sd_runs.run(shared_runs.folder(tmp_path_factory, "sd_lora_run"), *sd_pipeline,
                      sd_runs.LORA)

@@ -5,6 +5,7 @@ import dataclasses
 import functools
 import json
 import os
+import pathlib
 from typing import Any
 
 from configs import sd
@@ -59,36 +60,52 @@ def tiny_config(folder, data, **changes):
 
 @dataclasses.dataclass
 class SDRun:
-  """A run of configs/sd.py:tiny on one device, twice: uninterrupted, and stopped after step 1
-  then resumed. Read only: copy a workdir before writing into it."""
+  """A 2-step run of configs/sd.py:tiny on one device, trained once per session; the same run
+  stopped after step 1 then resumed, trained at first use (the full tier's resume tests). Read
+  only: copy a workdir before writing into it."""
   pipeline: str  # The pipeline folder it started from.
   images: str  # Its folder of captioned images.
   config: Any  # `tiny_config(pipeline, images, **FINETUNE or LORA)`.
-  workdir: str  # The uninterrupted run's (2 steps, a checkpoint at each).
-  cut: str  # The stopped and resumed run's workdir.
-  resumed: list  # (step, loss) of the stopped run, then of the resumed one.
+  path: pathlib.Path  # Its folder in the session's shared tmp folder (tests/shared_runs.py).
   trained: Any = None  # What training returned, in the worker that trained it.
+
+  @property
+  def workdir(self) -> str:
+    """The run's workdir: a checkpoint at each of its 2 steps."""
+    return str(self.path / 'full')
 
   @functools.cached_property
   def full(self):
-    """The uninterrupted run's loop.TrainResult: its final state, the losses of steps 1 and 2."""
-    import jax  # pylint: disable=import-outside-toplevel
+    """The run's loop.TrainResult: its final state, the losses of steps 1 and 2."""
     from tests import shared_runs  # pylint: disable=import-outside-toplevel
-    return self.trained or shared_runs.read_result(self.config, self.workdir, jax.devices()[:1])
+    return self.trained or shared_runs.read_result(self.config, self.workdir, _devices())
+
+  @functools.cached_property
+  def resumed(self) -> tuple[str, list]:
+    """(The workdir of the run stopped after step 1 then resumed, the (step, loss) of its two
+    launches)."""
+    from tests import shared_runs  # pylint: disable=import-outside-toplevel
+    from training import loop  # pylint: disable=import-outside-toplevel
+    path = self.path / 'cut'
+    workdir = str(path / 'run')
+
+    def train():
+      first = loop.train_and_evaluate(self.config, workdir, devices=_devices(), stop_at=1)
+      second = loop.train_and_evaluate(self.config, workdir, devices=_devices())
+      return first.history + second.history
+    return workdir, shared_runs.once(path, train) or shared_runs.history(workdir)
+
+
+def _devices():
+  import jax  # pylint: disable=import-outside-toplevel
+  return jax.devices()[:1]
 
 
 def run(path, pipeline: str, images: str, changes: dict) -> SDRun:
-  """The SDRun of `changes` in `path`, trained there once per session (tests/shared_runs.py)."""
-  import jax  # pylint: disable=import-outside-toplevel
+  """The SDRun of `changes` in `path` (tests/conftest.py's `sd_run` and `sd_lora_run`)."""
   from tests import shared_runs  # pylint: disable=import-outside-toplevel
   from training import loop  # pylint: disable=import-outside-toplevel
-  config = tiny_config(pipeline, images, **changes)
-  workdir, cut, devices = str(path / 'full'), str(path / 'cut'), jax.devices()[:1]
-
-  def train():
-    full = loop.train_and_evaluate(config, workdir, devices=devices)
-    first = loop.train_and_evaluate(config, cut, devices=devices, stop_at=1)
-    second = loop.train_and_evaluate(config, cut, devices=devices)
-    return full, first.history + second.history
-  full, resumed = shared_runs.once(path, train) or (None, shared_runs.history(cut))
-  return SDRun(pipeline, images, config, workdir, cut, resumed, full)
+  sd_run = SDRun(pipeline, images, tiny_config(pipeline, images, **changes), path)
+  sd_run.trained = shared_runs.once(path, lambda: loop.train_and_evaluate(
+      sd_run.config, sd_run.workdir, devices=_devices()))
+  return sd_run

@@ -21,6 +21,11 @@ from training import loop
 
 import evaluate
 
+# The full tier: Inception and CLIP extractors compiled, a reference and runs scored (~2.5 min of
+# the default tier on 2 cores); the metrics themselves: tests/test_evaluation_fid.py and
+# tests/test_evaluation_clip.py.
+pytestmark = pytest.mark.full
+
 
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory):
@@ -82,9 +87,9 @@ def _run_with_quality_metrics(setup, sweep, metrics):
   _, config, extractors, stats, _ = setup
   config = config.copy_and_resolve_references()
   config.optim.num_steps = 1
-  config.logging.update(eval_every_steps=0, eval_at_end=True, val_examples=4, quality_samples=8,
-                        quality_batch=8, quality_metrics=metrics, eval_max_prompts=1,
-                        inception_path=extractors.inception.path,
+  config.logging.update(eval_every_steps=0, eval_at_end=True, val_examples=4, val_bins=2,
+                        quality_samples=8, quality_batch=8, quality_metrics=metrics,
+                        eval_max_prompts=1, inception_path=extractors.inception.path,
                         clip_path=extractors.clip.path, reference_stats=stats)
   config.sampler.num_steps = 2
   workdir = str(sweep / 'member_a')

@@ -174,6 +174,7 @@ def test_an_exported_run_is_its_pipeline_with_the_ema_weights(run, tmp_path):
   _assert_bitwise(loaded.text_params, ema['text'])
 
 
+@pytest.mark.full  # A tools.export process (~25 s); the export itself: the test above.
 def test_the_command_line_exports_raw_weights_and_refuses_to_overwrite(run, tmp_path):
   _, workdir = run
   out = str(tmp_path / 'raw')

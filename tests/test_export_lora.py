@@ -24,6 +24,10 @@ from tests.test_export_diffusers import _assert_bitwise, _export_cli, _saved_run
 from text import clip
 from tools import make_sd_pipeline
 
+# The full tier: every test reads the shared LoRA run (2 steps of configs/sd.py:tiny, ~50 s on 2
+# cores); the format on a network made in the test: tests/test_export_diffusers.py.
+pytestmark = pytest.mark.full
+
 TARGETS = sd_runs.LORA_TARGETS
 RANK, ALPHA = 2, 4.0  # Scale 2.
 

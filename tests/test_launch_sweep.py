@@ -4,6 +4,7 @@ import csv
 import glob
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -127,20 +128,23 @@ def _member_states(root):
 def test_local_sweep_in_parallel_finished_after_a_kill_and_reported(tmp_path):
   """2 x 2 grid of the tiny config, 2 members at a time on 8 simulated devices (4 each); one
   member is killed with SIGKILL after its first checkpoint; the same command finishes it."""
-  root = str(tmp_path / 'sweep')
+  root, steps = str(tmp_path / 'sweep'), 150
   cmd = [sys.executable, '-m', 'launch.sweep', '--config=configs/shapes.py:tiny', f'--root={root}',
-         f'--grid={GRID}', '--parallel=2', '--config.optim.num_steps=400',
-         '--config.checkpoint.every_steps=100', f'--config.data.data_dir={tmp_path / "tfds"}']
+         f'--grid={GRID}', '--parallel=2', f'--config.optim.num_steps={steps}',
+         f'--config.checkpoint.every_steps={steps // 3}',
+         f'--config.data.data_dir={tmp_path / "tfds"}']
+  # The suite's XLA flags (tests/conftest.py: its fast-compile preset), on 8 devices.
+  flags = re.sub(r'--xla_force_host_platform_device_count=\d+', '', os.environ['XLA_FLAGS'])
   env = {**os.environ, 'PYTHONPATH': ROOT,
-         'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+         'XLA_FLAGS': f'{flags} --xla_force_host_platform_device_count=8'}
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)
   victim, deadline = None, time.time() + 400
   while victim is None and time.time() < deadline and proc.poll() is None:
     for name, state in _member_states(root).items():
-      steps = os.listdir(os.path.join(root, name, 'checkpoints')) if os.path.isdir(
+      saved = os.listdir(os.path.join(root, name, 'checkpoints')) if os.path.isdir(
           os.path.join(root, name, 'checkpoints')) else []
-      if state.get('status') == 'running' and '100' in steps and '400' not in steps:
+      if state.get('status') == 'running' and str(steps // 3) in saved and str(steps) not in saved:
         os.kill(state['pid'], signal.SIGKILL)
         victim = name
         break

@@ -32,16 +32,19 @@ def _train_cmd(workdir, *overrides):
 
 
 def _clean_env():
-  """This process's environment without job variables; XLA_FLAGS is set per run."""
-  env = {k: v for k, v in os.environ.items()
-         if not k.startswith(('JAXDIFF_', 'SLURM_', 'TPU_')) and k != 'XLA_FLAGS'}
+  """This process's environment without job variables; XLA_FLAGS keeps the suite's compile
+  settings (tests/conftest.py) without a device count, set per run."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith(('JAXDIFF_', 'SLURM_', 'TPU_'))}
   env.update(JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1', TF_CPP_MIN_LOG_LEVEL='3')
+  env['XLA_FLAGS'] = ' '.join(re.sub(r'--xla_force_host_platform_device_count=\S*', '',
+                                     env.get('XLA_FLAGS', '')).split())
   env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
   return env
 
 
 def _run_one_process(cmd, devices, timeout=300):
-  env = dict(_clean_env(), XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  env = _clean_env()
+  env['XLA_FLAGS'] += f' --xla_force_host_platform_device_count={devices}'
   out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
   assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-5000:]
   return out

@@ -38,12 +38,14 @@ def sample_to_folder(loaded, out, prompts, *, seed=0, samples_per_prompt=1, **ch
                                           samples_per_prompt=samples_per_prompt)
 
 
+@pytest.mark.full  # Reads the shared tiny Shapes run (4 steps and an eval grid: ~100 s, 2 cores).
 def test_training_writes_an_eval_grid(workdir):
   grids = glob.glob(os.path.join(workdir, 'samples', 'grid_*.png'))
   assert [os.path.basename(g) for g in grids] == ['grid_0000004.png']
   assert glob.glob(os.path.join(workdir, 'events.out.tfevents*'))
 
 
+@pytest.mark.full  # Reads the shared tiny Shapes run (4 steps and an eval grid: ~100 s, 2 cores).
 def test_parameters_only_restore_reads_one_copy_of_the_weights(workdir, loaded):
   """Sampling restores the EMA (or raw) parameters alone, equal to those of the full state."""
   ckpt = checkpoint.Checkpointer(workdir, read_only=True)
@@ -64,6 +66,7 @@ def test_parameters_only_restore_reads_one_copy_of_the_weights(workdir, loaded):
   assert same(raw, full.params) and not same(raw['unet'], full.ema_params['unet'])
 
 
+@pytest.mark.full  # Reads the shared tiny Shapes run (4 steps and an eval grid: ~100 s, 2 cores).
 def test_sample_to_folder_writes_pngs_grid_and_manifest(loaded, tmp_path):
   out = str(tmp_path / 'samples')
   prompts = ['a red square', 'a blue circle to the left of a green square']
@@ -116,6 +119,7 @@ def test_sampler_options_reach_the_sampler_or_are_refused(loaded, tmp_path):
     assert not os.path.exists(tmp_path / 'refused')  # Refused before anything was written.
 
 
+@pytest.mark.full  # Reads the shared tiny Shapes run (4 steps and an eval grid: ~100 s, 2 cores).
 def test_guidance_scale_and_seed_do_not_recompile(loaded):
   gen, unet_params, text_params = loaded.generator, loaded.unet_params, loaded.text_params
   prompts = ['a red square', 'a cyan triangle']
@@ -224,6 +228,7 @@ def test_sampler_benchmark_runs_on_a_workdir(workdir, tmp_path, monkeypatch):
   assert loaded == [{'settings_of': specs.from_saved, 'use_ema': False, 'sampling_grid': None}]
 
 
+@pytest.mark.full  # Reads the shared tiny Shapes run (4 steps and an eval grid: ~100 s, 2 cores).
 def test_another_resolution_is_refused_unless_allowed(workdir, tmp_path):
   """The tiny model trained at 16 px (attention at 8 px, level 1): --image_size=32 is refused with
   the trained size named, and when allowed, samples 32 px images with attention at the same level

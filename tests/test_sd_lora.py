@@ -1,6 +1,7 @@
 """LoRA fine-tuning of a (tiny, random) Stable Diffusion pipeline, without PyTorch: only the
-adapters train and are saved, an untrained adapter is the base network bit for bit, resume is
-exact and refuses another base, bad settings are refused naming the field."""
+adapters train and are saved, resuming refuses another base, bad settings are refused naming the
+field; in the full tier, an untrained adapter is the base network bit for bit and resume is
+exact."""
 import dataclasses
 import os
 import shutil
@@ -28,8 +29,8 @@ def _leaf_names(tree):
   return {str(last(path[-1])) for path, _ in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def test_an_untrained_adapter_is_the_base_network_bit_for_bit(sd_pipeline):
-  folder, _ = sd_pipeline
+def _adapted(folder):
+  """(the folder's U-Net spec and weights, that spec with rank-3 adapters on TARGETS, inputs)."""
   spec, base = sd_loading.load_sd_unet(os.path.join(folder, 'unet'))
   adapted = dataclasses.replace(spec, lora=lora.LoRASpec(rank=3, alpha=6.0, targets=TARGETS,
                                                          dropout=0.0))
@@ -37,14 +38,28 @@ def test_an_untrained_adapter_is_the_base_network_bit_for_bit(sd_pipeline):
   x, t = jnp.asarray(r.randn(2, 8, 8, 4), jnp.float32), jnp.array([10.0, 700.0])
   ctx = jnp.asarray(r.randn(2, 77, spec.cross_attention_dim), jnp.float32)
   args = (x, t, ctx, jnp.ones((2, 77), bool), jnp.zeros((2, spec.cross_attention_dim)))
-  params = jax.jit(lambda k: sd_unet.SDUNet(adapted).init(k, *args, train=False))(
-      jax.random.key(1))['params']
+  return spec, base, adapted, args
+
+
+def test_adapters_sit_on_the_target_layers_beside_the_base_params(sd_pipeline):
+  _, base, adapted, args = _adapted(sd_pipeline[0])
+  params = jax.eval_shape(lambda k: sd_unet.SDUNet(adapted).init(k, *args, train=False),
+                          jax.random.key(1))['params']
   adapters, random_base = lora.split(nn.meta.unbox(params))
   assert jax.tree.structure(random_base) == jax.tree.structure(base)
   assert _leaf_names(adapters) == set(lora.ADAPTERS)
   blocks = adapters['down_blocks_0']['attentions_0']['transformer_blocks_0']
   assert set(blocks) == {'attn1', 'attn2', 'ff'} and set(blocks['ff']) == {'net_0_proj', 'net_2'}
   assert blocks['attn1']['to_q']['lora_A'].shape == (32, 3)
+
+
+@pytest.mark.full  # Compiles the adapted U-Net's initialiser and two U-Nets (~25 s).
+def test_an_untrained_adapter_is_the_base_network_bit_for_bit(sd_pipeline):
+  spec, base, adapted, args = _adapted(sd_pipeline[0])
+  params = jax.jit(lambda k: sd_unet.SDUNet(adapted).init(k, *args, train=False))(
+      jax.random.key(1))['params']
+  adapters, _ = lora.split(nn.meta.unbox(params))
+  blocks = adapters['down_blocks_0']['attentions_0']['transformer_blocks_0']
   assert not np.any(blocks['attn1']['to_q']['lora_B'])  # B starts at zero; A does not.
   assert np.any(blocks['attn1']['to_q']['lora_A'])
   apply = lambda net: jax.jit(lambda p: net.apply({'params': p}, *args, train=False))
@@ -57,14 +72,12 @@ def test_an_untrained_adapter_is_the_base_network_bit_for_bit(sd_pipeline):
   assert np.abs(changed - plain).max() > 1e-4
 
 
-def test_only_the_adapters_train_and_the_run_resumes_exactly(sd_lora_run, tmp_path):
-  """The run (tests/conftest.py's `sd_lora_run`, shared with tests/test_export_lora.py): 2 steps
-  uninterrupted, and stopped after step 1 then resumed."""
-  config, full, cut = sd_lora_run.config, sd_lora_run.full, sd_lora_run.cut
+@pytest.mark.full  # The shared LoRA run (~50 s on 2 cores); LoRA's layers, errors: the tests here.
+def test_only_the_adapters_train_are_saved_and_sample(sd_lora_run, tmp_path):
+  """The run: tests/conftest.py's `sd_lora_run`, shared with tests/test_export_lora.py."""
+  config, full, workdir = sd_lora_run.config, sd_lora_run.full, sd_lora_run.workdir
   assert config.model.lora.rank == 2 and config.model.lora.dropout == 0.1
-  losses = [loss for _, loss in sd_lora_run.resumed]
-  assert [step for step, _ in sd_lora_run.resumed] == [1, 2]
-  np.testing.assert_allclose(losses, [loss for _, loss in full.history], rtol=1e-6)
+  assert [step for step, _ in full.history] == [1, 2]
   state = jax.device_get(full.state)
   # The train state (so the optimiser, the EMA and every checkpoint) holds the adapters alone.
   for tree in (state.params, state.ema_params, state.opt_state):
@@ -72,7 +85,7 @@ def test_only_the_adapters_train_and_the_run_resumes_exactly(sd_lora_run, tmp_pa
   b = state.params['unet']['down_blocks_0']['attentions_0']['transformer_blocks_0']['attn1'][
       'to_q']['lora_B']
   assert 0 < np.abs(b).max() <= 3 * config.optim.learning_rate
-  saved = os.path.join(checkpoint.state_dir(cut), '2')
+  saved = os.path.join(checkpoint.state_dir(workdir), '2')
   size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(saved) for f in fs)
   unet_bytes = sum(x.nbytes for x in jax.tree.leaves(family.pretrained(
       specs.build(config).model)()))
@@ -80,10 +93,8 @@ def test_only_the_adapters_train_and_the_run_resumes_exactly(sd_lora_run, tmp_pa
 
   # Sampling: the adapters over the folder's base; --lora_scale=0 is the base network exactly.
   base = family.pretrained(specs.build(config).model)()
-  loaded = from_checkpoint.load(cut, settings_of=specs.from_saved, use_ema=False)
-  want = lora.combine(state.params, {'unet': base})['unet']
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded.unet_params), want)
-  off = from_checkpoint.load(cut, settings_of=specs.from_saved, use_ema=False, lora_scale=0.0)
+  _assert_samples_with(workdir, state.params, base)
+  off = from_checkpoint.load(workdir, settings_of=specs.from_saved, use_ema=False, lora_scale=0.0)
   off_adapters, off_base = lora.split(jax.device_get(off.unet_params))
   jax.tree.map(np.testing.assert_array_equal, off_base, base)
   assert not any(np.any(b) for b in jax.tree.leaves(off_adapters['mid_block'])[1::2])  # lora_B
@@ -92,9 +103,26 @@ def test_only_the_adapters_train_and_the_run_resumes_exactly(sd_lora_run, tmp_pa
   other = make_sd_pipeline.write_pipeline(str(tmp_path / 'other'), preset='sd1', seed=7)
   moved = sd_runs.tiny_config(other, sd_lora_run.images, **dict(sd_runs.LORA,
                                                                  optim__num_steps=3))
-  cut = shutil.copytree(cut, str(tmp_path / 'cut'))  # (Not written into the shared run.)
+  copy = shutil.copytree(workdir, str(tmp_path / 'run'))  # (Not written into the shared run.)
   with pytest.raises(checkpoint.IncompatibleCheckpoint, match='U-Net under the LoRA adapters'):
-    loop.train_and_evaluate(moved, cut, devices=jax.devices()[:1])
+    loop.train_and_evaluate(moved, copy, devices=jax.devices()[:1])
+
+
+def _assert_samples_with(workdir, params, base):
+  """Sampling from `workdir` takes the adapters `params` over the folder's U-Net `base`."""
+  loaded = from_checkpoint.load(workdir, settings_of=specs.from_saved, use_ema=False)
+  want = lora.combine(params, {'unet': base})['unet']
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded.unet_params), want)
+
+
+@pytest.mark.full  # Two more starts of the run (~30 s); resuming: tests/test_training.py.
+def test_the_run_stopped_after_step_1_resumes_exactly(sd_lora_run):
+  cut, resumed = sd_lora_run.resumed
+  assert [step for step, _ in resumed] == [1, 2]
+  np.testing.assert_allclose([loss for _, loss in resumed],
+                             [loss for _, loss in sd_lora_run.full.history], rtol=1e-6)
+  _assert_samples_with(cut, jax.device_get(sd_lora_run.full.state.params),
+                       family.pretrained(specs.build(sd_lora_run.config).model)())
 
 
 @pytest.mark.parametrize('changes, match', [

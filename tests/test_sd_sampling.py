@@ -149,6 +149,7 @@ def test_a_pipeline_folder_samples_height_by_width_where_the_network_takes_it(fo
     from_pipeline.load(specs.build(config), image_size=(16, 18))
 
 
+@pytest.mark.full  # A sample.py process (~20 s); the library's sampling of the folder: tests above.
 def test_sample_cli_samples_a_pipeline_folder(folder, tmp_path):
   out = tmp_path / 'out'
   proc = run('sample.py', f'--pretrained={folder}', '--prompt=a red circle', '--prompt=a cat',

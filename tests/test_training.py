@@ -113,8 +113,10 @@ def abstract_leaf(abstract, key):
               if jax.tree_util.keystr(k) == key)
 
 
+@pytest.mark.full  # The shared tiny Shapes run and runs of its own (the default tier: the SD run).
 def test_resume_replays_the_uninterrupted_run(tmp_path, tiny_run, caplog):
   config = tiny_config(tmp_path, data=2, fsdp=2)
+  config.data.data_dir = tiny_run.config.data.data_dir  # Its data, prepared already.
   full = tiny_run.result  # The same config and 2 x 2 mesh, uninterrupted (tests/conftest.py).
   assert len(full.history) == 4
   first = loop.train_and_evaluate(config, str(tmp_path / 'cut'), devices=jax.devices()[:4],
@@ -141,8 +143,10 @@ def test_resume_replays_the_uninterrupted_run(tmp_path, tiny_run, caplog):
 SHARED_MESH = dict(data=2, fsdp=2)
 
 
+@pytest.mark.full  # The shared tiny Shapes run and runs of its own (the default tier: the SD run).
 def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path, tiny_run, monkeypatch):
   config = tiny_config(tmp_path, **SHARED_MESH)  # 4 steps, a checkpoint every 2.
+  config.data.data_dir = tiny_run.config.data.data_dir  # Its data, prepared already.
   workdir = str(tmp_path / 'nan')  # Resumes the shared run's step-2 checkpoint: steps 3 and 4.
   shutil.copytree(os.path.join(tiny_run.workdir, 'checkpoints', '2'),
                   os.path.join(workdir, 'checkpoints', '2'))
@@ -166,6 +170,7 @@ def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path, tiny_run, mon
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state.params)))
 
 
+@pytest.mark.full  # The shared tiny Shapes run and runs of its own (the default tier: the SD run).
 def test_checkpoint_from_another_architecture_is_refused(tmp_path, tiny_run):
   config = tiny_config(tmp_path, **SHARED_MESH)
   workdir = str(tmp_path / 'arch')  # A copy of the shared run's checkpoints: nothing to train.
