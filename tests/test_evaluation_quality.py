@@ -117,7 +117,7 @@ def test_a_run_reports_validation_loss_and_quality_metrics(setup, tmp_path):
   assert member.value('eval/kid') == scores['eval/kid']
 
 
-@pytest.mark.full  # FID's sqrtm of a 2048 x 2048 product in scipy: 20-60 s on 2 cores.
+# FID's sqrtm of a 2048 x 2048 product in scipy: 20-60 s on 2 cores.
 def test_a_run_reports_fid_with_the_other_quality_metrics(setup, tmp_path):
   sweep = tmp_path / 'sweep'
   scores, workdir = _run_with_quality_metrics(setup, sweep, ('fid', 'kid', 'clip', 'cmmd'))
@@ -127,7 +127,7 @@ def test_a_run_reports_fid_with_the_other_quality_metrics(setup, tmp_path):
   assert member.value('eval/fid') == scores['eval/fid']
 
 
-@pytest.mark.full  # Two launches of the reference command (~2 min).
+# Two launches of the reference command (~2 min).
 def test_one_and_two_processes_make_the_same_reference(setup, tmp_path):
   import subprocess
   import sys
@@ -153,7 +153,7 @@ def test_one_and_two_processes_make_the_same_reference(setup, tmp_path):
   np.testing.assert_allclose(rows(two['clip_images']), rows(one['clip_images']), atol=1e-6)
 
 
-@pytest.mark.full  # Extractors compiled at another batch size (~60 s).
+# Extractors compiled at another batch size (~60 s).
 def test_a_killed_reference_run_resumes_where_it_stopped(setup, tmp_path, monkeypatch):
   _, config, extractors, stats, captions = setup
   settings = specs.build(config)

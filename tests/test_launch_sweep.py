@@ -14,6 +14,7 @@ import time
 import pytest
 
 from launch import sweep, sweep_report
+from runtime import host
 from runtime import workdir as paths
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,9 +135,9 @@ def test_local_sweep_in_parallel_finished_after_a_kill_and_reported(tmp_path):
          f'--config.checkpoint.every_steps={steps // 3}',
          f'--config.data.data_dir={tmp_path / "tfds"}']
   # The suite's XLA flags (tests/conftest.py: its fast-compile preset), on 8 devices.
-  flags = re.sub(r'--xla_force_host_platform_device_count=\d+', '', os.environ['XLA_FLAGS'])
+  flags = re.sub(rf'{host.DEVICE_COUNT_FLAG}=\d+', '', os.environ['XLA_FLAGS'])
   env = {**os.environ, 'PYTHONPATH': ROOT,
-         'XLA_FLAGS': f'{flags} --xla_force_host_platform_device_count=8'}
+         'XLA_FLAGS': f'{flags} {host.DEVICE_COUNT_FLAG}=8'}
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)
   victim, deadline = None, time.time() + 400

@@ -21,6 +21,7 @@ import pytest
 from cluster import contract
 from configs import specs
 from launch import local
+from runtime import host
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ('--config=configs/shapes.py:tiny', '--config.data.dataset=shapes_rendered',
@@ -36,7 +37,7 @@ def _clean_env():
   settings (tests/conftest.py) without a device count, set per run."""
   env = {k: v for k, v in os.environ.items() if not k.startswith(('JAXDIFF_', 'SLURM_', 'TPU_'))}
   env.update(JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1', TF_CPP_MIN_LOG_LEVEL='3')
-  env['XLA_FLAGS'] = ' '.join(re.sub(r'--xla_force_host_platform_device_count=\S*', '',
+  env['XLA_FLAGS'] = ' '.join(re.sub(rf'{host.DEVICE_COUNT_FLAG}=\S*', '',
                                      env.get('XLA_FLAGS', '')).split())
   env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
   return env
@@ -44,7 +45,7 @@ def _clean_env():
 
 def _run_one_process(cmd, devices, timeout=300):
   env = _clean_env()
-  env['XLA_FLAGS'] += f' --xla_force_host_platform_device_count={devices}'
+  env['XLA_FLAGS'] += f' {host.DEVICE_COUNT_FLAG}={devices}'
   out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
   assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-5000:]
   return out

@@ -44,7 +44,7 @@ def _assert_samples_with(workdir, folder, trained):
                                 trained['text']['token_embedding']['embedding'])
 
 
-@pytest.mark.full  # Two more starts of the run (~30 s); resuming: tests/test_training.py.
+@pytest.mark.full  # Two more starts of the shared run (~30 s).
 def test_the_run_stopped_after_step_1_resumes_exactly(sd_run):
   cut, resumed = sd_run.resumed
   losses = [loss for _, loss in resumed]

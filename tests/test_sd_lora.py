@@ -1,7 +1,7 @@
-"""LoRA fine-tuning of a (tiny, random) Stable Diffusion pipeline, without PyTorch: only the
-adapters train and are saved, resuming refuses another base, bad settings are refused naming the
-field; in the full tier, an untrained adapter is the base network bit for bit and resume is
-exact."""
+"""LoRA fine-tuning of a (tiny, random) Stable Diffusion pipeline, without PyTorch: adapters sit on
+the target layers, bad settings are refused naming the field; in the full tier (the shared LoRA
+run), only the adapters train and are saved, resuming refuses another base and is exact, and an
+untrained adapter is the base network bit for bit."""
 import dataclasses
 import os
 import shutil
@@ -115,7 +115,7 @@ def _assert_samples_with(workdir, params, base):
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded.unet_params), want)
 
 
-@pytest.mark.full  # Two more starts of the run (~30 s); resuming: tests/test_training.py.
+@pytest.mark.full  # Two more starts of the shared run (~30 s).
 def test_the_run_stopped_after_step_1_resumes_exactly(sd_lora_run):
   cut, resumed = sd_lora_run.resumed
   assert [step for step, _ in resumed] == [1, 2]
