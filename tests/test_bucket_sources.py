@@ -134,6 +134,7 @@ def test_shards_read_their_sidecars_and_give_the_folders_batches(shards, clean, 
     _equal(out, direct[s])
 
 
+@pytest.mark.full  # A TFDS build and worker processes; buckets from records: the tests above.
 def test_tfds_images_go_to_their_buckets_with_workers(tmp_path):
   builders = pytest.importorskip('tests.tfds_builders')  # Needs tensorflow_datasets.
   data_dir = str(tmp_path / 'tfds')
@@ -152,6 +153,7 @@ def test_tfds_images_go_to_their_buckets_with_workers(tmp_path):
     _equal(out, direct[s])
 
 
+@pytest.mark.full  # Encodes latents; the full tier also trains on them (tests/test_bucket_training.py).
 def test_latents_are_encoded_at_each_records_bucket(latent_shards, clean):
   output, vae_dir = latent_shards
   src = sources.ArrayRecordSource(output + '-*.array_record')

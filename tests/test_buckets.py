@@ -211,6 +211,7 @@ def test_processes_assemble_the_batches_one_process_loads(folder):
     _equal(one(step), {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
 
 
+@pytest.mark.full  # Worker processes; the stream in the main process: the tests above.
 def test_workers_and_resume_give_the_same_stream(folder):
   root, _ = folder
   spec = data_spec(root, crop='random', flip=True)

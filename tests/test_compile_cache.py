@@ -51,6 +51,7 @@ def _run_program(env):
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.full  # Two processes (second starts from the caches).
 def test_a_second_process_loads_what_the_first_compiled(tmp_path):
   cache = tmp_path / 'xla'
   first = _run_program(_env(cache))

@@ -192,7 +192,7 @@ app.run(main)
 """
 
 
-@pytest.mark.parametrize('workers', [0, 2])
+@pytest.mark.parametrize('workers', [0, pytest.param(2, marks=pytest.mark.full)])  # 2: processes.
 def test_worker_warnings_look_like_the_main_process_ones(tmp_path, workers):
   """A record skipped in a grain worker process: absl's console line and a train.log line, as in
   the main process (workers start by spawn, with Python's defaults: `WARNING:absl:...`, no file)."""

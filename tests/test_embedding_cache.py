@@ -56,6 +56,7 @@ def _count(path, p, num_parts):
   return json.load(open(os.path.join(folder, 'index.json')))['count']
 
 
+@pytest.mark.full  # Two encoding processes.
 def test_parts_from_two_processes_lookup_equals_encoding(t5_folder, tmp_path):
   enc = CountingEncoder(pretrained.load_pretrained(t5_folder, max_len=8))
   path = str(tmp_path / 'cache')
@@ -92,6 +93,7 @@ def test_parts_from_two_processes_lookup_equals_encoding(t5_folder, tmp_path):
     cache.lookup(['a red circle', 'an unseen caption'])
 
 
+@pytest.mark.full  # More encodings of the tiny T5; the cache's own checks: the tests around.
 def test_reuse_extend_and_other_part_counts(t5_folder, tmp_path):
   enc = CountingEncoder(pretrained.load_pretrained(t5_folder, max_len=8))
   path = str(tmp_path / 'cache')

@@ -142,6 +142,7 @@ def _restored(workdir, use_ema):
   return jax.device_get(restored.params)
 
 
+@pytest.mark.full  # Trains the shared SD run (~80 s, most of it compiling its step).
 def test_an_exported_run_is_its_pipeline_with_the_ema_weights(run, tmp_path):
   pipeline, workdir = run
   out = str(tmp_path / 'exported')
@@ -216,8 +217,12 @@ def test_a_trained_text_encoder_is_written_in_place_of_the_source_one(pipeline, 
 # ----------------------------------------------------------------------------- errors
 
 
-def test_what_cannot_be_exported_is_refused_naming_it(run, tmp_path):
-  pipeline, workdir = run
+def test_what_cannot_be_exported_is_refused_naming_it(sd_pipeline, tmp_path):
+  """Refused from the folders and the saved config, before any weight is read: a workdir of
+  configs/sd.py:tiny on the shared pipeline with checkpoints at steps 1 and 2 (no real weights)."""
+  pipeline, images = sd_pipeline
+  record = specs.build(sd_runs.tiny_config(pipeline, images)).config_record()
+  workdir = _saved_run(tmp_path / 'run', record, steps=(1, 2))
   out = str(tmp_path / 'out')
   with pytest.raises(FileNotFoundError, match='--workdir=.*nope: no such folder'):
     export.export_workdir(str(tmp_path / 'nope'), out)
@@ -234,14 +239,16 @@ def test_what_cannot_be_exported_is_refused_naming_it(run, tmp_path):
     f.write('x')
   with pytest.raises(export.ExportError, match='is a file: name a folder'):
     export.export_workdir(workdir, str(tmp_path / 'file'))
-  assert sorted(os.listdir(tmp_path)) == ['empty', 'file']
+  assert sorted(os.listdir(tmp_path)) == ['empty', 'file', 'run']
   assert not os.path.exists(os.path.join(pipeline, 'mine'))
 
 
-def _saved_run(workdir, record):
-  """A workdir whose one checkpoint saved `record` as its config (and no real weights)."""
+def _saved_run(workdir, record, steps=(1,)):
+  """A workdir whose checkpoints (at `steps`) saved `record` as their config, and no real
+  weights."""
   ckpt = checkpoint.Checkpointer(str(workdir))
-  ckpt.save(1, {'step': np.zeros((), np.int32)}, record, {})
+  for step in steps:
+    ckpt.save(step, {'step': np.full((), step, np.int32)}, record, {})
   ckpt.close()
   return str(workdir)
 

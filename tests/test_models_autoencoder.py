@@ -169,6 +169,7 @@ def test_jit_and_chunked_decode(vae, images):
     vae.decode_chunked(vae.params, mean, 0)
 
 
+@pytest.mark.full  # A dtype variant (float32: the tests above).
 def test_bfloat16_compute(tiny_dir, vae, images):
   vae16 = vae_loading.load_vae(tiny_dir, dtype='bfloat16')
   mean, logvar = jax.jit(vae16.encode)(vae16.params, images)

@@ -126,6 +126,7 @@ def test_fully_masked_context_is_finite_and_ignores_context(variables):
   assert np.all(np.isfinite(grads)) and float(jnp.abs(grads).max()) == 0.0
 
 
+@pytest.mark.full  # Another compile of the U-Net (with dropout).
 def test_dropout_only_in_training(variables):
   config, args = make_config(dropout=0.5), inputs()
   train = jax.jit(lambda v, key, *a: UNet(config).apply(v, *a, train=True, rngs={'dropout': key}))

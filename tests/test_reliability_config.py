@@ -81,6 +81,7 @@ def test_train_py_refuses_a_batch_the_mesh_cannot_split_in_one_line(tmp_path):
   assert 'ValueError: data.global_batch_size=6' in open(tmp_path / 'w' / 'error.log').read()
 
 
+@pytest.mark.full  # Two train.py processes; the one-line refusal: the batch test above.
 def test_train_py_negative_learning_rate_and_verbose(tmp_path):
   args = ['--config=configs/shapes.py:tiny', f'--workdir={tmp_path / "w"}',
           '--config.optim.learning_rate=-0.001']

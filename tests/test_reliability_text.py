@@ -112,6 +112,7 @@ def test_only_exact_org_name_is_a_hub_id(tmp_path, monkeypatch, hub_calls, value
   assert hub_calls == []
 
 
+@pytest.mark.full  # A train.py process; the same refusal in-process: the test above.
 def test_train_cli_missing_pretrained_folder_is_one_error_line_before_training(tmp_path):
   assert not os.path.exists(os.path.join(ROOT, 'my_minilm'))
   env = dict(os.environ, JAX_PLATFORMS='cpu', HF_HUB_OFFLINE='1')  # Never the network.

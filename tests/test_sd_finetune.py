@@ -14,6 +14,7 @@ from tests import sd_runs
 from training import loop
 
 
+@pytest.mark.full  # Trains the shared SD run (~80 s, most of it compiling its step).
 def test_the_run_starts_from_the_folder_weights_and_samples(sd_run):
   """Both the U-Net and (text.finetune) the CLIP text encoder train from the folder's weights.
   The run: tests/conftest.py's `sd_run`, shared with the export tests."""

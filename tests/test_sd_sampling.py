@@ -128,6 +128,7 @@ def test_the_negative_prompt_is_what_the_unconditional_branch_encodes(loaded):
   assert gen.compiled_count() == 1  # The negative prompt is traced text, as the prompts are.
 
 
+@pytest.mark.full  # Another sampler compile.
 def test_given_latents_are_the_seeds_noise(loaded):
   gen = loaded.generator
   recipe = settings.overridden(loaded.settings.sampler, sampler='ddim', num_steps=2)

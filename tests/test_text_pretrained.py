@@ -111,13 +111,17 @@ def test_tokenize_pads_and_truncates_to_max_len(minilm):
     minilm.tokenize('a single string')
 
 
-def test_bfloat16_compute_and_param_axes(minilm):
+@pytest.mark.full  # A dtype variant (float32: the tests above).
+def test_bfloat16_compute(minilm):
   enc16 = pretrained.load_pretrained(MINILM, max_len=16, dtype='bfloat16')
   ids = enc16.tokenize(SENTENCES[:2])
   _, _, p16 = enc16.encode(enc16.params, ids, normalize=True)
   assert p16.dtype == jnp.float32
   _, _, p32 = minilm.encode(minilm.params, minilm.tokenize(SENTENCES[:2]), normalize=True)
   assert (np.asarray(p16) * np.asarray(p32)).sum(-1).min() > 0.98
+
+
+def test_param_axes(minilm):
   axes = param_axes(minilm)
   assert tuple(axes['word_embed']['embedding']) == ('vocab', 'text_embed')
   assert tuple(axes['layer_0']['query']['kernel']) == ('text_embed', 'heads', 'kv')

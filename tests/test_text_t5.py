@@ -166,6 +166,7 @@ def test_relative_position_bucket_matches_reference():
   assert b[rel == 300] == 31 and b[rel == -300] == 15  # Beyond max_distance: last bucket.
 
 
+@pytest.mark.full  # A dtype variant (the float32 encoder: the tests above).
 def test_t5_bfloat16_compute_close_to_float32(tmp_path):
   write_tiny_t5(str(tmp_path))
   e32 = pretrained.load_pretrained(str(tmp_path), max_len=8)

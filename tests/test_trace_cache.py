@@ -201,6 +201,7 @@ print(json.dumps({'loaded': program.loaded, 'sum': float(out.sum())}))
 """
 
 
+@pytest.mark.full  # Two processes (second starts from the caches); one process: the tests above.
 def test_a_second_process_loads_the_trace(tmp_path):
   env = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
   env['JAXDIFF_CACHE_DIR'] = str(tmp_path / 'xla')

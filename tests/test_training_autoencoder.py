@@ -114,10 +114,11 @@ def test_train_autoencoder_learns_and_saves(tmp_path):
 
 @pytest.mark.parametrize('args, message', [
     (['--steps=0'], 'steps=0 must be a positive int'),
-    (['--steps=abc'], "--steps"),
-    (['--channels=8,x'], '--channels='),
-    (['--channels=8,12', '--norm_num_groups=8'], 'norm_num_groups=8 must divide'),
-    (['--image_size=16', '--channels=8,8,8,8,8,8'], 'image_size=16 must be a multiple'),
+    *(pytest.param(*case, marks=pytest.mark.full) for case in [  # A process each.
+        (['--steps=abc'], "--steps"),
+        (['--channels=8,x'], '--channels='),
+        (['--channels=8,12', '--norm_num_groups=8'], 'norm_num_groups=8 must divide'),
+        (['--image_size=16', '--channels=8,8,8,8,8,8'], 'image_size=16 must be a multiple')]),
 ])
 def test_cli_errors_are_one_line(tmp_path, args, message):
   proc = subprocess.run(
