@@ -1,10 +1,11 @@
 """Test set-up: 8 simulated CPU devices, quiet TensorFlow, a compilation cache, the shared runs
 (tests/shared_runs.py: the tiny Shapes run, the tiny Stable Diffusion pipeline and its two runs).
 
-Tiers: `make test` runs every test not marked `full` (the default tier, a few minutes);
-`make test-full` runs the `full` ones (1-vs-8-device, bf16 and remat equivalence, multi-process,
-convergence orders and large-sample sampler statistics, second starts from the caches, FID in a
-run, benchmark scripts). CI runs both.
+Tiers: `make test` runs every test not marked `full` (the default tier, a few minutes; it trains
+no run); `make test-full` runs the `full` ones (the shared runs, 1-vs-8-device, bf16 and remat
+equivalence, multi-process, worker processes, command-line launches, convergence orders and
+large-sample sampler statistics, second starts from the caches, FID in a run, benchmark scripts).
+CI runs both.
 """
 import importlib
 import os

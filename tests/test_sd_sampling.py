@@ -135,8 +135,10 @@ def test_given_latents_are_the_seeds_noise(loaded):
   latents = gen.initial_noise([3])  # (The program of the test above, and one taking latents.)
   assert latents.shape == (1, 8, 8, 4)
   args = (loaded.unet_params, loaded.text_params, ['a cat'])
-  np.testing.assert_array_equal(gen(*args, seed=3, settings=recipe, latents=latents),
-                                gen(*args, seed=3, settings=recipe))
+  # Two programs (one takes the latents): equal up to how XLA fuses each (6.7e-6 seen with the
+  # tests' XLA flags); another seed's noise differs by O(1).
+  np.testing.assert_allclose(gen(*args, seed=3, settings=recipe, latents=latents),
+                             gen(*args, seed=3, settings=recipe), rtol=0, atol=1e-4)
   with pytest.raises(ValueError, match=r'latents of shape \(2, 8, 8, 4\): expected \(1, 8, 8, 4\)'):
     gen(*args, seed=3, settings=recipe, latents=np.concatenate([latents, latents]))
 
