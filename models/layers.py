@@ -89,14 +89,15 @@ def group_norm(channels: int, groups: int, dtype: Dtype, param_dtype: Dtype,
 
 class GroupNorm(nn.Module):
   """Group normalisation (Wu & He 2018): nn.GroupNorm's parameters ('scale', 'bias': [C], logical
-  axis 'norm'), float32 statistics and math, written for XLA:CPU's sake.
+  axis 'norm'), float32 statistics and math, written for XLA:CPU's sake in two forms.
 
-  The statistics are per-channel sums over the pixels first, then per group, and normalisation,
-  scale and bias fold into one multiply-add per (example, channel). Its gradient is written out
-  the same way (a `jax.custom_vjp`): per-channel sums of dy and dy * x over the pixels, then per
-  group, and dx as one multiply-add of dy and x per (example, channel). Differentiating the
-  forward form instead lays out worse on XLA:CPU (BENCHMARKS.md, issue 17). Values and gradients
-  agree with nn.GroupNorm's to float32 rounding (tests/test_models_layers.py).
+  Differentiated (training), it is nn.GroupNorm itself, gradients and all (a `jax.custom_jvp`
+  whose rule is flax's function). Evaluated without derivatives (sampling), it takes the
+  statistics as per-channel sums over the pixels first, then per group, and folds normalisation,
+  scale and bias into one multiply-add per (example, channel). XLA:CPU runs that form faster
+  (guided sampling at configs/base.py: 0.90-0.97x the time), but its backward pass lays out
+  worse, which is why training keeps flax's (BENCHMARKS.md, issue 17). The two forms agree to
+  float32 rounding (tests/test_models_layers.py).
   """
   num_groups: int
   epsilon: float = 1e-5
@@ -115,64 +116,32 @@ class GroupNorm(nn.Module):
     return _group_norm(x, scale, bias, self.num_groups, self.epsilon, self.dtype)
 
 
-def _channel_sums(v: jax.Array) -> jax.Array:
-  """[B, ..., C] -> [B, C]: sums over the pixels, the contiguous channel axis kept."""
-  return jnp.sum(v, axis=tuple(range(1, v.ndim - 1)))
+def _flax_group_norm(x, scale, bias, groups, epsilon, dtype):
+  module = nn.GroupNorm(num_groups=groups, epsilon=epsilon, dtype=dtype,
+                        param_dtype=scale.dtype, force_float32_reductions=True)
+  return module.apply({'params': {'scale': scale, 'bias': bias}}, x)
 
 
-def _per_pixel(v: jax.Array, ndim: int) -> jax.Array:
-  """[B, C] -> [B, 1, ..., 1, C], to broadcast over an ndim-dimensional [B, ..., C]."""
-  return v.reshape((v.shape[0],) + (1,) * (ndim - 2) + (v.shape[-1],))
-
-
-def _group_mean(v: jax.Array, groups: int, count: int) -> jax.Array:
-  """[B, C] channel sums -> [B, C]: each channel gets its group's mean (`count` values a group)."""
-  b, c = v.shape
-  means = jnp.sum(v.reshape(b, groups, c // groups), axis=-1) / count
-  return jnp.repeat(means, c // groups, axis=1)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5))
 def _group_norm(x, scale, bias, groups, epsilon, dtype):
-  return _group_norm_fwd(x, scale, bias, groups, epsilon, dtype)[0]
-
-
-def _group_norm_fwd(x, scale, bias, groups, epsilon, dtype):
+  """The statistics as channel sums first: [B, ..., C] -> [B, C] -> [B, G] (no derivatives)."""
+  b, c = x.shape[0], x.shape[-1]
   xf = x.astype(jnp.float32)
-  count = x.shape[-1] // groups * math.prod(x.shape[1:-1])
-  mean = _group_mean(_channel_sums(xf), groups, count)  # [B, C]
-  var = jnp.maximum(_group_mean(_channel_sums(jnp.square(xf)), groups, count) - jnp.square(mean),
-                    0.0)
-  rstd = jax.lax.rsqrt(var + epsilon)
-  gain = rstd * scale.astype(jnp.float32)
-  shift = bias.astype(jnp.float32) - mean * gain
-  y = (xf * _per_pixel(gain, x.ndim) + _per_pixel(shift, x.ndim)).astype(dtype)
-  return y, (x, scale, bias, mean, rstd)
+  pixels = tuple(range(1, x.ndim - 1))
+  count = c // groups * math.prod(x.shape[1:-1])
+  per_group = lambda s: jnp.sum(s.reshape(b, groups, c // groups), axis=-1) / count
+  mean = per_group(jnp.sum(xf, axis=pixels))
+  var = jnp.maximum(per_group(jnp.sum(jnp.square(xf), axis=pixels)) - jnp.square(mean), 0.0)
+  per_channel = lambda v: jnp.repeat(v, c // groups, axis=1)  # [B, G] -> [B, C]
+  gain = per_channel(jax.lax.rsqrt(var + epsilon)) * scale.astype(jnp.float32)
+  shift = bias.astype(jnp.float32) - per_channel(mean) * gain
+  expand = lambda v: v.reshape((b,) + (1,) * len(pixels) + (c,))
+  return (xf * expand(gain) + expand(shift)).astype(dtype)
 
 
-def _group_norm_bwd(groups, epsilon, dtype, residuals, dy):
-  """With xhat = (x - mean) * rstd and g = dy * scale: dscale = sum dy * xhat, dbias = sum dy,
-  dx = rstd * (g - mean_group(g) - xhat * mean_group(g * xhat))."""
-  del epsilon, dtype
-  x, scale, bias, mean, rstd = residuals
-  xf, dyf = x.astype(jnp.float32), dy.astype(jnp.float32)
-  count = x.shape[-1] // groups * math.prod(x.shape[1:-1])
-  sum_dy = _channel_sums(dyf)  # [B, C]
-  sum_dy_xhat = (_channel_sums(dyf * xf) - mean * sum_dy) * rstd
-  gamma = scale.astype(jnp.float32)
-  mean_g = _group_mean(sum_dy * gamma, groups, count)
-  mean_g_xhat = _group_mean(sum_dy_xhat * gamma, groups, count)
-  # dx = a * dy + b * x + c per (example, channel).
-  a = rstd * gamma
-  b = -rstd * rstd * mean_g_xhat
-  c = rstd * (mean * rstd * mean_g_xhat - mean_g)
-  nd = x.ndim
-  dx = dyf * _per_pixel(a, nd) + xf * _per_pixel(b, nd) + _per_pixel(c, nd)
-  return (dx.astype(x.dtype), jnp.sum(sum_dy_xhat, axis=0).astype(scale.dtype),
-          jnp.sum(sum_dy, axis=0).astype(bias.dtype))
-
-
-_group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
+@_group_norm.defjvp
+def _group_norm_jvp(groups, epsilon, dtype, primals, tangents):
+  return jax.jvp(lambda *a: _flax_group_norm(*a, groups, epsilon, dtype), primals, tangents)
 
 
 def layer_norm(dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
