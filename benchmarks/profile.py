@@ -122,9 +122,14 @@ def table(times: collections.Counter, index, runs: int, wall_s: float) -> str:
 
 def main(argv=None):
   args, overrides = _parse(sys.argv[1:] if argv is None else argv)
-  import jax  # pylint: disable=g-import-not-at-top
   from benchmarks import throughput  # pylint: disable=g-import-not-at-top
+  from runtime import host  # pylint: disable=g-import-not-at-top
   config = throughput._config(args.config, overrides)  # pylint: disable=protected-access
+  # As train.py and the throughput benchmark: CPU devices and malloc's setting before jax starts.
+  sizes = config.copy_and_resolve_references()
+  sizes.data.global_batch_size = args.batch
+  host_note = host.setup(sizes)
+  import jax  # pylint: disable=g-import-not-at-top
   if args.sampler:
     program = throughput.OursSampler(config, args.batch, args.sample_steps,
                                      throughput.initial_params(config))
@@ -145,7 +150,7 @@ def main(argv=None):
   what = (f'guided DPM-Solver++(2M), {args.sample_steps} steps, {args.batch} images'
           if args.sampler else f'train step, batch {args.batch}')
   print(f'# {args.config} {" ".join(overrides)}: {what}, {args.runs} profiled runs, '
-        f'{os.cpu_count()} cores, {time.strftime("%Y-%m-%d")}')
+        f'{os.cpu_count()} cores, {time.strftime("%Y-%m-%d")}; host: {host_note or "as it is"}')
   print(table(times, index, args.runs, wall_s))
   other = sum(events.values()) - sum(times.values())
   print(f'(Other profiler events on those threads, not counted: {other / args.runs / 1e6:.0f} ms '

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from models import conv as conv_lib
 from models import lora
 
 Dtype = Any
@@ -69,7 +70,8 @@ def conv(features: int, kernel: int, dtype: Dtype, param_dtype: Dtype, *, stride
   return nn.Conv(
       features, (kernel, kernel), strides=(strides, strides), padding='SAME', dtype=dtype,
       param_dtype=param_dtype, kernel_init=partitioned(kernel_init, CONV_AXES),
-      bias_init=partitioned(nn.initializers.zeros, ('conv_out',)), name=name)
+      bias_init=partitioned(nn.initializers.zeros, ('conv_out',)),
+      conv_general_dilated=conv_lib.conv_general_dilated, name=name)
 
 
 def dense(features: int, axes: tuple[str, str], dtype: Dtype, param_dtype: Dtype,
