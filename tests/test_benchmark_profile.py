@@ -58,7 +58,8 @@ def test_only_events_that_name_an_instruction_are_counted():
 
 @pytest.mark.full  # Two profiled programs (about a minute on 2 shared cores).
 @pytest.mark.parametrize('sampler', [False, True])
-def test_profile_of_the_tiny_config_adds_up(capsys, sampler):
+def test_profile_of_the_tiny_config_adds_up(capsys, monkeypatch, sampler):
+  monkeypatch.setenv('JAXDIFF_KEEP_MEMORY', 'off')  # main's host setup; not in a test worker.
   profile.main(['--config=configs/shapes.py:tiny', '--runs=1', '--top=3']
                + (['--sampler', '--batch=2', '--sample_steps=2'] if sampler else ['--batch=8']))
   out = capsys.readouterr().out
