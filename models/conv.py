@@ -3,8 +3,8 @@
 `conv_general_dilated` is `lax.conv_general_dilated` with one case rewritten for CPUs: a float32,
 stride-1, 'SAME' (or its explicit padding), undilated, ungrouped NHWC/HWIO convolution with an
 odd square kernel. Its forward pass and input gradient stay XLA's own convolutions. Its kernel
-gradient, which XLA:CPU lowers to a convolution whose window is the whole image (2-4x slower
-than products of the same size, up to 13x slower than PyTorch's; BENCHMARKS.md, issue 29), is
+gradient, which XLA:CPU lowers to a convolution whose window is the whole image (1.4-4.4x slower
+than products of the same size, up to 22x slower than PyTorch's; BENCHMARKS.md, issue 29), is
 k*k matrix products instead: dW[i, j] = sum over (b, h, w) of x_pad[b, h + i, w + j]^T dy[b, h, w].
 On other backends, and in every other case, it is lax's convolution unchanged. The kernel
 gradients agree to float32 rounding (tests/test_models_conv.py).
