@@ -307,6 +307,10 @@ def _start_watchdog(state: _State, settings: DistributedSpec) -> None:
 
   def excepthook(etype, value, tb):
     (state.previous_excepthook or sys.__excepthook__)(etype, value, tb)
+    if lost_connection(value):
+      # A collective broke because a peer vanished: the watchdog, still running, names the lost
+      # peer and exits with EXIT_PEER_FAILED once its heartbeat is overdue. Give it that long.
+      time.sleep(settings.heartbeat_timeout_s + 2 * settings.watchdog_interval_s)
     dog.stop(done=False)
     dog.publish_failure(f'{etype.__name__}: {value}')
     sys.stderr.write(f'jaxdiff.distributed: process {info.process_index} failed; told the other '
@@ -318,6 +322,14 @@ def _start_watchdog(state: _State, settings: DistributedSpec) -> None:
 
   sys.excepthook = excepthook
   atexit.register(_mark_done_at_exit)  # Registered after jax's own: runs before its shutdown.
+
+
+_LOST_CONNECTION = ('Connection reset by peer', 'Connection closed by peer', 'Broken pipe')
+
+
+def lost_connection(error: BaseException) -> bool:
+  """Whether `error` is a collective's transport failing under this process (a peer gone)."""
+  return any(text in str(error) for text in _LOST_CONNECTION)
 
 
 def _mark_done_at_exit() -> None:

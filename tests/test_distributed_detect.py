@@ -254,3 +254,12 @@ def test_watchdog_thread_exits_with_peer_failed_status():
   dog.stop()
   time.sleep(0.1)
   assert kv.store['jaxdiff_watchdog/done/0'] == '1'
+
+
+def test_a_collective_broken_by_a_lost_peer_is_told_from_a_failure_of_this_process():
+  """The survivor of a SIGKILLed peer can see gloo fail before the heartbeat is overdue; it then
+  waits for the watchdog to name the peer (EXIT_PEER_FAILED) rather than report itself failed."""
+  gloo = RuntimeError('UNKNOWN: Gloo all-reduce failed: [external/gloo/gloo/transport/tcp/'
+                      'pair.cc:538] Read error [127.0.0.1]:418: Connection reset by peer')
+  assert dist.lost_connection(gloo)
+  assert not dist.lost_connection(ValueError('loss is NaN at step 12'))
