@@ -123,12 +123,8 @@ def table(times: collections.Counter, index, runs: int, wall_s: float) -> str:
 def main(argv=None):
   args, overrides = _parse(sys.argv[1:] if argv is None else argv)
   from benchmarks import throughput  # pylint: disable=g-import-not-at-top
-  from runtime import host  # pylint: disable=g-import-not-at-top
   config = throughput._config(args.config, overrides)  # pylint: disable=protected-access
-  # As train.py and the throughput benchmark: CPU devices and malloc's setting before jax starts.
-  sizes = config.copy_and_resolve_references()
-  sizes.data.global_batch_size = args.batch
-  host_note = host.setup(sizes)
+  host_note = throughput.setup_host(config, args.batch)
   import jax  # pylint: disable=g-import-not-at-top
   if args.sampler:
     program = throughput.OursSampler(config, args.batch, args.sample_steps,

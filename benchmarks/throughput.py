@@ -246,14 +246,18 @@ def _peer_module():
                      'or drop --peer.') from None
 
 
+def setup_host(config, batch: int) -> str:
+  """As train.py, before jax starts: CPU devices for a global `batch`, and malloc's setting."""
+  from runtime import host  # pylint: disable=g-import-not-at-top
+  sizes = config.copy_and_resolve_references()
+  sizes.data.global_batch_size = batch
+  return host.setup(sizes)
+
+
 def main(argv=None):
   args, overrides = _parse(sys.argv[1:] if argv is None else argv)
   config = _config(args.config, overrides)
-  from runtime import host  # pylint: disable=g-import-not-at-top
-  # As train.py: before jax starts, the CPU devices (for every --batch) and malloc's setting.
-  sizes = config.copy_and_resolve_references()
-  sizes.data.global_batch_size = math.gcd(*(int(b) for b in args.batch.split(',')))
-  host_note = host.setup(sizes)
+  host_note = setup_host(config, math.gcd(*(int(b) for b in args.batch.split(','))))
   import jax  # pylint: disable=g-import-not-at-top
   from runtime import compile_cache  # pylint: disable=g-import-not-at-top
   compile_cache.enable()
