@@ -82,8 +82,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   _check_flags()  # Before anything is loaded.
+  prompts = _prompts()
   from runtime import host
-  host.setup()  # Before jax starts: malloc keeps freed memory on a CPU run.
+  # Before jax starts: malloc keeps freed memory on a CPU run, and a trained run's images split
+  # over one XLA device per core (as many as a program's batch splits over; weights per device).
+  host.setup(batch=None if _PRETRAINED.value else min(_BATCH.value, len(prompts) * _NUM.value))
   from runtime import console
   console.quiet_library_noise()
   if not _VERBOSE.value:  # The console: warnings, the progress bar and the summary.
@@ -92,7 +95,7 @@ def main(argv):
   compile_cache.enable()  # Before the first jit: a second call loads its programs from disk.
   # Bad flags, prompts or workdir, a damaged checkpoint: one `error:` line (no traceback).
   with compile_cache.CompileCounter() as compiles:
-    console.run_or_exit(_sample, verbose=_VERBOSE.value)
+    console.run_or_exit(lambda: _sample(prompts), verbose=_VERBOSE.value)
   logging.info('%s', compiles.summary())  # On the console with --verbose.
 
 
@@ -120,6 +123,10 @@ def _check_flags():
       problems.append(f'--guidance_interval={",".join(_INTERVAL.value)} must be lo,hi with lo <= '
                       'hi (log-SNR)')
   problems += _source_problems()
+  if _PROMPT_FILE.value and not os.path.isfile(_PROMPT_FILE.value):
+    problems.append(f'--prompt_file={_PROMPT_FILE.value}: no such file (one prompt per line)')
+  elif not problems and not _prompts():
+    problems.append('no prompts: pass --prompt (repeatable), --prompt_file or --shapes_benchmark')
   if problems:
     sys.exit('error: ' + '; '.join(problems) + '.')
 
@@ -152,6 +159,18 @@ def _source_problems() -> list[str]:
   return problems
 
 
+def _prompts() -> list[str]:
+  """--prompt's, then the Shapes benchmark's, then --prompt_file's lines (no jax)."""
+  prompts = list(_PROMPT.value)
+  if _BENCH.value:
+    from evaluation import shapes_scorer
+    prompts += shapes_scorer.benchmark_prompts()
+  if _PROMPT_FILE.value:
+    with open(_PROMPT_FILE.value) as f:
+      prompts += [line.strip() for line in f if line.strip()]
+  return prompts
+
+
 def _size():
   """--image_size (a side), or (--height, --width), or None (the model's own size)."""
   return _SIZE.value if _HEIGHT.value is None else (_HEIGHT.value, _WIDTH.value)
@@ -174,14 +193,9 @@ def _load():
   return from_pipeline.load(specs.build(config), image_size=_size(), sampling_grid=_GRID.value)
 
 
-def _sample():
+def _sample(prompts: list[str]):
   from diffusion import spec as settings
   from sampling import from_checkpoint
-  prompts = list(_PROMPT.value)
-  if _BENCH.value:
-    from evaluation import shapes_scorer
-    prompts += shapes_scorer.benchmark_prompts()
-  prompts = from_checkpoint.read_prompts(prompts, _PROMPT_FILE.value)
   out = _OUT.value or os.path.join(_WORKDIR.value, 'samples_cli')
   loaded = _load()
   recipe = settings.overridden(

@@ -158,17 +158,20 @@ def initial_params(config):
 
 
 class OursSampler:
-  """Our guided DPM-Solver++(2M) generator (sampling.generate) at one batch size."""
+  """Our guided DPM-Solver++(2M) generator (sampling.generate) at one batch size, on a
+  data-parallel mesh over all devices as sample.py's."""
 
   def __init__(self, config, batch_size: int, num_steps: int, params):
     from configs import specs  # pylint: disable=g-import-not-at-top
     from diffusion import spec as settings_lib  # pylint: disable=g-import-not-at-top
     from sampling import generate  # pylint: disable=g-import-not-at-top
-    from runtime import state as state_lib  # pylint: disable=g-import-not-at-top
+    from runtime import sharding, state as state_lib  # pylint: disable=g-import-not-at-top
+    from runtime.settings import MeshSpec  # pylint: disable=g-import-not-at-top
     run = specs.build(config)
     autoencoder = state_lib.build_autoencoder(run.autoencoder)
     unet, text = state_lib.build_networks(run, autoencoder=autoencoder)
-    self.gen = generate.Generator(unet, text, run.diffusion, run.data.image_size,
+    mesh = sharding.make_mesh(MeshSpec.data_parallel())
+    self.gen = generate.Generator(unet, text, run.diffusion, run.data.image_size, mesh,
                                   autoencoder=autoencoder,
                                   decode_chunk=run.autoencoder.decode_chunk)
     self.params = (params['unet'], params['text'] if text.trainable else text.init(None))

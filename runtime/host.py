@@ -19,8 +19,10 @@ Every core by default. A CPU run gets one XLA CPU device per core, up to the lar
 global batch splits over (`cpu_devices`): the train step runs data-parallel over them (0.80-0.88x
 the step time of one device with every thread on this 2-core machine, BENCHMARKS.md). A
 pretrained model keeps one device, since a data-parallel mesh copies the weights and optimiser
-to every device. Not applied when XLA_FLAGS already sets the device count, nor in a
-multi-process job (its launcher sets it).
+to every device. `sample.py` on a trained workdir does the same for the batch of its sampling
+program, which `sampling.generate` splits over the devices (0.55x the time of both devices
+sampling the whole batch, 0.67x of one device alone, BENCHMARKS.md). Not applied when XLA_FLAGS
+already sets the device count, nor in a multi-process job (its launcher sets it).
 """
 from __future__ import annotations
 
@@ -106,17 +108,22 @@ def _multi_process(environ) -> bool:
   return bool(environ.get(ENV_COORDINATOR)) or int(environ.get(ENV_NUM_PROCESSES) or 1) > 1
 
 
-def setup(config=None, environ=os.environ) -> str:
-  """Before jax starts: on a CPU-only run, keeps freed memory and, given a training `config`,
-  one XLA device per core as `cpu_devices` allows. A line for the log ('' if nothing applied)."""
+def setup(config=None, environ=os.environ, *, batch: int | None = None) -> str:
+  """Before jax starts: on a CPU-only run, keeps freed memory and, given a training `config` (or
+  the `batch` of a sampling program on a data-parallel mesh), one XLA device per core as
+  `cpu_devices` allows. A line for the log ('' if nothing applied)."""
   if not cpu_only(environ):
     return ''
   done = []
   if keep_freed_memory(environ):
     done.append('malloc keeps freed memory')
-  if config is not None and not _multi_process(environ) and not config.model.get('pretrained'):
+  n = None
+  if config is not None and not config.model.get('pretrained'):
     mesh = (config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     n = cpu_devices(cores(), config.data.global_batch_size, config.optim.grad_accum_steps, mesh)
+  elif config is None and batch is not None:
+    n = cpu_devices(cores(), batch)
+  if n is not None and not _multi_process(environ):
     if set_device_count(n, environ):
       done.append(f'{n} XLA CPU device{"s" * (n != 1)} on {cores()} cores')
   return ', '.join(done)

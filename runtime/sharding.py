@@ -123,9 +123,17 @@ def put_frozen(params: Any, mesh: Mesh) -> Any:
                       host, frozen_shardings(host, mesh))
 
 
+BATCH_AXES = ('data', 'fsdp')
+
+
 def batch_spec(ndim: int) -> P:
   """Batch arrays: leading axis over ('data', 'fsdp'), the rest replicated."""
-  return P(('data', 'fsdp'), *([None] * (ndim - 1)))
+  return P(BATCH_AXES, *([None] * (ndim - 1)))
+
+
+def batch_size_of(mesh: Mesh) -> int:
+  """How many ways `mesh` splits a batch (its batch axes' size)."""
+  return _axis_size(mesh, BATCH_AXES)
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

@@ -175,18 +175,6 @@ def check_fits(model_spec, image_size: int | tuple[int, int], vae_factor: int) -
     family.check_image_size(model_spec, side, name, vae_factor=vae_factor, attention=False)
 
 
-def read_prompts(prompts: Sequence[str], prompt_file: str | None) -> list[str]:
-  out = list(prompts or [])
-  if prompt_file:
-    if not os.path.isfile(prompt_file):
-      raise FileNotFoundError(f'--prompt_file={prompt_file!r}: no such file (one prompt per line).')
-    with open(prompt_file) as f:
-      out += [line.strip() for line in f if line.strip()]
-  if not out:
-    raise ValueError('No prompts: pass --prompt (repeatable) or --prompt_file.')
-  return out
-
-
 def sample_to_folder(loaded: Loaded, out_dir: str, prompts: Sequence[str],
                      recipe: SamplerSettings, *, seed=0, samples_per_prompt=1,
                      batch_size=64, progress: bool = False, negative_prompt: str = '') -> dict:

@@ -8,7 +8,9 @@ given initial latents are traced arguments, so changing them reuses the compiled
 sampler, its step count (the grid's length), thresholding on or off and the batch shape are what
 compile. Each program's trace is kept on disk as the train step's is (`runtime/trace_cache.py`),
 so a second process (`sample.py` on the same workdir, the eval grid of a resumed run) loads it
-instead of tracing the networks again; the outputs are the same, bit for bit.
+instead of tracing the networks again; the outputs are the same, bit for bit. Given a `mesh`, the
+batch is split over its batch axes ('data', 'fsdp'; padded with copies of its last example to a
+multiple of their size), so each device samples its share instead of all of them the whole batch.
 """
 
 import functools
@@ -24,7 +26,7 @@ from diffusion import guidance, samplers, schedules
 from diffusion.spec import DiffusionSpec, SamplerSettings
 from models import denoiser
 from text.encoders import NULL_CAPTION
-from runtime import compile_cache, trace_cache
+from runtime import compile_cache, sharding, trace_cache
 from runtime import state as state_lib
 
 
@@ -57,6 +59,7 @@ class Generator:
       self.image_shape = (height // f, width // f, c)  # The latent the sampler draws.
       self.vae_params = jax.device_put(
           autoencoder.params, NamedSharding(mesh, P()) if mesh is not None else None)
+    self.mesh = mesh
     self._out_sharding = NamedSharding(mesh, P()) if mesh is not None else None
     # What the traces read besides their arguments: with the static arguments, their key.
     self._key = {**state_lib.networks_key(unet, text_encoder, autoencoder), 'spec': spec,
@@ -72,13 +75,14 @@ class Generator:
 
   def _sample(self, unet_params, text_params, vae_params, ids, uncond_ids, logsnrs, seeds, noise,
               noise_scale, strengths, opts, *, sampler_name, thresholding):
+    ids, seeds, noise = (None if x is None else self._split(x) for x in (ids, seeds, noise))
     cond = _cond(self.text.encode, text_params, ids)
     uncond = _cond(self.text.encode, text_params, jnp.broadcast_to(uncond_ids, ids.shape))
     model_fn = denoiser.x0_model(self.unet, unet_params, self.spec)
     denoise_fn = guidance.guided_denoiser(model_fn, cond, uncond, strengths,
                                           thresholding=thresholding)
     if noise is None:
-      noise = self._draw_noise(seeds)
+      noise = self._split(self._draw_noise(seeds))
     rng_sampler = jax.random.fold_in(jax.random.PRNGKey(seeds[0]), 1)
     x0 = samplers.get_sampler(sampler_name)(denoise_fn, noise * noise_scale, logsnrs, rng_sampler,
                                             **opts)
@@ -86,6 +90,16 @@ class Generator:
       chunk = min(self.decode_chunk, x0.shape[0])
       x0 = self.vae.decode_chunked(vae_params, self.vae.from_latents(x0), chunk)
     return jnp.clip(x0, -1.0, 1.0)
+
+  def _split(self, x):
+    """`x` with its leading (batch) axis over the mesh's batch axes (traced; no mesh: as it is)."""
+    if self.mesh is None:
+      return x
+    return jax.lax.with_sharding_constraint(x, sharding.batch_sharding(self.mesh, x.ndim))
+
+  def _batch_multiple(self) -> int:
+    """The sampled batch is padded to a multiple of this: the mesh's batch-axis size."""
+    return 1 if self.mesh is None else sharding.batch_size_of(self.mesh)
 
   def __call__(self, unet_params, text_params, prompts: Sequence[str], *, seed,
                settings: SamplerSettings, negative_prompt: str = NULL_CAPTION,
@@ -108,7 +122,7 @@ class Generator:
     if program.start_seconds > seconds:
       logging.info('%s: ready in %.2f s (its trace, or the trace cache; then XLA, or its cache).',
                    program.name, program.start_seconds - seconds)
-    return np.asarray(jax.device_get(out))
+    return np.asarray(jax.device_get(out))[:len(prompts)]  # Without the padding.
 
   def _program(self, static: dict, latents_given: bool) -> trace_cache.Program:
     """The jitted sampler for these static arguments, its trace kept on disk (made once)."""
@@ -152,6 +166,9 @@ class Generator:
       if latents.shape != (len(ids),) + self.image_shape:
         raise ValueError(f'latents of shape {latents.shape}: expected '
                          f'{(len(ids),) + self.image_shape} (one N(0, I) array per prompt, NHWC).')
+    pad = -len(ids) % self._batch_multiple()  # Copies of the last example, dropped after.
+    ids, seeds, latents = (None if x is None else np.concatenate([x, np.repeat(x[-1:], pad, 0)])
+                           for x in (ids, seeds, latents))
     return ((unet_params, text_params, self.vae_params, ids, uncond_ids, logsnrs, seeds, latents,
              noise_scale, settings.guidance(), settings.sampler_kwargs()),
             {'sampler_name': settings.name, 'thresholding': settings.thresholding})

@@ -50,6 +50,18 @@ def test_setup_sets_the_device_count_unless_xla_flags_has_one(monkeypatch):
   assert mine['XLA_FLAGS'] == '--xla_force_host_platform_device_count=1'
 
 
+def test_setup_for_a_sampling_batch_takes_the_devices_it_splits_over(monkeypatch):
+  monkeypatch.setattr(host, 'keep_freed_memory', lambda environ: False)
+  monkeypatch.setattr(host, 'cores', lambda: 4)
+  for batch, want in ((8, 4), (6, 3), (1, 1)):
+    env = {'JAX_PLATFORMS': 'cpu'}
+    host.setup(batch=batch, environ=env)
+    assert env['XLA_FLAGS'] == f'--xla_force_host_platform_device_count={want}'
+  env = {'JAX_PLATFORMS': 'cpu'}
+  host.setup(environ=env)  # No batch (evaluate.py, sample.py --pretrained): jax's default.
+  assert 'XLA_FLAGS' not in env
+
+
 @pytest.mark.parametrize('env,changes', [
     ({'JAX_PLATFORMS': 'cuda'}, {}),                             # An accelerator: nothing.
     ({'JAX_PLATFORMS': 'cpu', 'JAXDIFF_NUM_PROCESSES': '2'}, {}),  # Its launcher decides.

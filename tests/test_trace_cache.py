@@ -245,7 +245,7 @@ def test_each_shape_gets_its_own_program_on_disk(cache_dir):
   _assert_same((state, out), (want_state, want))
 
 
-def _tiny_sampler():
+def tiny_sampler():
   """(A function making a new Generator of the tiny config's networks over all devices, as a new
   process would make it; random parameters placed as sample.py restores them; the sampler
   settings)."""
@@ -277,7 +277,7 @@ def test_the_sampler_loads_its_trace_and_gives_the_same_images(cache_dir, monkey
   monkeypatch.setattr(generate.Generator, '_sample',
                       lambda self, *a, **k: traces.append(k) or sample(self, *a, **k))
   prompts = ['a red square', 'a blue circle', 'a green triangle', 'a white square'] * 2
-  new, params, recipe = _tiny_sampler()
+  new, params, recipe = tiny_sampler()
   recipe = recipe.replace(name='ddim', num_steps=2, guidance_scale=2.0, thresholding=False)
 
   def draw():

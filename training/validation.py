@@ -56,7 +56,7 @@ class ValidationLoss:
     data, n = settings.data, settings.logging.val_examples
     held_out = sources.make(data, 'eval')
     source = held_out if held_out is not None else train_source
-    shards = mesh.shape['data'] * mesh.shape['fsdp']
+    shards = sharding.batch_size_of(mesh)
     n = min(n, len(source)) // shards * shards
     if n == 0:
       raise ValueError(f'logging.val_examples={settings.logging.val_examples}: the data has '
