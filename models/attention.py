@@ -11,7 +11,6 @@ than jax.nn's own XLA path (BENCHMARKS.md, issue 17). `attention_impl` names the
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -67,25 +66,12 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   chunk = shards * _cpu_chunk(batch // shards, q.shape[2] * q.shape[1] * k.shape[1] * 4)
   if chunk == batch:
     return _attend(q, k, v, mask)
-  return _chunked(q, k, v, mask, chunk)
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
-def _chunked(q, k, v, mask, chunk: int):
-  """`_attend` `chunk` examples at a time (XLA:CPU: the scores of the whole batch do not fit in
-  cache; a chunk's do), where nothing is differentiated (sampling). Differentiated (training),
-  the whole batch at once: its lax.map's backward made the train step slower (BENCHMARKS.md)."""
+  # XLA:CPU: the scores of the whole batch do not fit in cache; `chunk` examples at a time do.
   # Strided chunks (example i in chunk i % n) keep each chunk spread over the batch's shards.
-  n = q.shape[0] // chunk
+  n = batch // chunk
   split = lambda x: None if x is None else jnp.swapaxes(x.reshape((chunk, n) + x.shape[1:]), 0, 1)
   out = jax.lax.map(lambda a: _attend(*a), (split(q), split(k), split(v), split(mask)))
   return jnp.swapaxes(out, 0, 1).reshape(q.shape[:-1] + v.shape[-1:])
-
-
-@_chunked.defjvp
-def _chunked_jvp(chunk, primals, tangents):
-  del chunk
-  return jax.jvp(_attend, primals, tangents)
 
 
 # Largest scores tensor (float32 bytes) one XLA:CPU attention call keeps: ~ a core's share of cache.
