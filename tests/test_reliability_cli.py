@@ -53,6 +53,15 @@ def test_sample_names_a_missing_workdir(tmp_path):
   assert only_error_line(proc) == f'error: --workdir={tmp_path / "nowhere"}: no such folder.'
 
 
+def test_sample_names_a_missing_prompt_file_and_no_prompts(tmp_path):
+  proc = run('sample.py', f'--workdir={tmp_path}', f'--prompt_file={tmp_path / "p.txt"}')
+  assert only_error_line(proc) == (f'error: --prompt_file={tmp_path / "p.txt"}: no such file (one '
+                                   'prompt per line).')
+  (tmp_path / 'p.txt').write_text('\n  \n')
+  proc = run('sample.py', f'--workdir={tmp_path}', f'--prompt_file={tmp_path / "p.txt"}')
+  assert only_error_line(proc).startswith('error: no prompts: pass --prompt')
+
+
 def test_evaluate_names_a_folder_without_a_manifest(tmp_path):
   proc = run('evaluate.py', f'--samples={tmp_path}')
   assert only_error_line(proc).startswith(f'error: No manifest at {tmp_path}/manifest.jsonl')
