@@ -81,8 +81,7 @@ _ALLOW_SIZE = flags.DEFINE_bool('allow_other_resolution', None, 'Allow --image_s
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  _check_flags()  # Before anything is loaded.
-  prompts = _prompts()
+  prompts = _check_flags()  # Before anything is loaded.
   from runtime import host
   # Before jax starts: malloc keeps freed memory on a CPU run, and a trained run's images split
   # over one XLA device per core (as many as a program's batch splits over; weights per device).
@@ -99,8 +98,9 @@ def main(argv):
   logging.info('%s', compiles.summary())  # On the console with --verbose.
 
 
-def _check_flags():
-  """Flag values that can never work: one `error:` line at once, before anything is loaded."""
+def _check_flags() -> list[str]:
+  """Flag values that can never work: one `error:` line at once, before anything is loaded.
+  Returns the prompts (`_prompts`), read once here."""
   problems = []
   for flag, low in ((_NUM, 1), (_BATCH, 1), (_STEPS, 1), (_SIZE, 1), (_HEIGHT, 1), (_WIDTH, 1)):
     if flag.value is not None and flag.value < low:
@@ -123,12 +123,14 @@ def _check_flags():
       problems.append(f'--guidance_interval={",".join(_INTERVAL.value)} must be lo,hi with lo <= '
                       'hi (log-SNR)')
   problems += _source_problems()
+  prompts = []
   if _PROMPT_FILE.value and not os.path.isfile(_PROMPT_FILE.value):
     problems.append(f'--prompt_file={_PROMPT_FILE.value}: no such file (one prompt per line)')
-  elif not problems and not _prompts():
+  elif not problems and not (prompts := _prompts()):
     problems.append('no prompts: pass --prompt (repeatable), --prompt_file or --shapes_benchmark')
   if problems:
     sys.exit('error: ' + '; '.join(problems) + '.')
+  return prompts
 
 
 def _source_problems() -> list[str]:
